@@ -1,0 +1,20 @@
+//! Pure admission policy for sluice.
+//!
+//! Everything in this crate is deterministic bookkeeping: no I/O, no threads, no clock reads.
+//! Time is always passed in as a [`std::time::Instant`] argument, so every policy can be driven
+//! step by step from unit tests and property tests with synthetic instants.
+//!
+//! The proxy crate wraps these types in a mutex, turns their decisions into waiting, permits
+//! and HTTP responses, and owns all the timers.
+//!
+//! - [`pool`]: the admission pool, a set of backends each with a concurrency limit that can change
+//!   at runtime, and one bounded FIFO wait queue in front of them.
+
+#![forbid(unsafe_code)]
+
+pub mod pool;
+
+pub use pool::{
+    Acquire, AdmissionPool, BackendId, BackendSnapshot, BackendState, Grant, PoolSnapshot,
+    QueueFull, Ticket,
+};

@@ -1,0 +1,185 @@
+//! The command line: `sluice run`, `sluice check`, `sluice demo`.
+//!
+//! Flags override the file's values and go through the same validation (see
+//! [`crate::config::Overrides`]). Exit status: 0 on success, 2 for a configuration or usage
+//! error (one message naming the key, the value and the fix), 1 for a failure at run time.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Config, Overrides};
+
+/// Exit status for a configuration or usage error.
+pub const EXIT_CONFIG: i32 = 2;
+/// Exit status for a failure at run time.
+pub const EXIT_RUNTIME: i32 = 1;
+
+/// The reference configuration, embedded: `sluice run` with no file serves it in front of a
+/// demo backend.
+pub const EMBEDDED_CONFIG: &str = include_str!("../../conf/sluice.toml");
+
+/// sluice: an admission-control reverse proxy that holds a fragile legacy HTTP server at an
+/// exact concurrency cap, queues the rest, and answers 503 + Retry-After when it must.
+#[derive(Debug, Parser)]
+#[command(name = "sluice", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy. With neither --config nor --backend, serves the embedded reference config
+    /// in front of a built-in emulated legacy server, for a first look.
+    Run(RunArgs),
+    /// Validate a configuration, print the effective limits and what request N+1 will get.
+    Check(CheckArgs),
+    /// Show sluice at work: a surge of POS terminals against an emulated legacy server, first
+    /// directly, then through sluice.
+    Demo(crate::demo::DemoArgs),
+}
+
+/// Flags shared by `run` and `check`.
+#[derive(Debug, Args, Clone, Default)]
+pub struct ConfigArgs {
+    /// Configuration file (TOML). See conf/sluice.toml for every key.
+    #[arg(short = 'c', long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Listen address, e.g. 0.0.0.0:8080 (overrides proxy.listen).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Backend host:port (replaces every [[backend]] with this one).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub backend: Option<String>,
+    /// Concurrent requests allowed at the backend (overrides admission.max_inflight).
+    #[arg(long, value_name = "N")]
+    pub max_inflight: Option<u32>,
+    /// Requests allowed to wait (overrides admission.max_queue).
+    #[arg(long, value_name = "N")]
+    pub max_queue: Option<usize>,
+    /// Longest wait in the queue, e.g. 10s or 500ms (overrides admission.queue_timeout).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub queue_timeout: Option<Duration>,
+    /// Worker threads (overrides server.threads).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+}
+
+impl ConfigArgs {
+    /// The command-line overrides.
+    pub fn overrides(&self) -> Overrides {
+        Overrides {
+            listen: self.listen.clone(),
+            backend: self.backend.clone(),
+            max_inflight: self.max_inflight,
+            max_queue: self.max_queue,
+            queue_timeout: self.queue_timeout,
+            threads: self.threads,
+        }
+    }
+
+    /// Load the config file (or, with no file, build one from the flags alone).
+    pub fn load(&self) -> Result<Config, crate::config::LoadError> {
+        match &self.config {
+            Some(path) => Config::load(path, &self.overrides()),
+            None => Config::parse("", None, &self.overrides()),
+        }
+    }
+}
+
+/// `sluice run`
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Configuration and overrides.
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Take over the listening sockets of a running sluice (zero-downtime upgrade; send the old
+    /// process SIGQUIT within 5 seconds).
+    #[arg(short = 'u', long)]
+    pub upgrade: bool,
+    /// Run in the background.
+    #[arg(short = 'd', long)]
+    pub daemon: bool,
+}
+
+/// `sluice check`
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Configuration and overrides.
+    #[command(flatten)]
+    pub config: ConfigArgs,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("invalid duration {s:?} ({e}); write it like 10s or 250ms"))
+}
+
+/// A human summary of the effective configuration, for `sluice check`.
+pub fn describe(cfg: &Config) -> String {
+    use std::fmt::Write;
+    let d = |d: Duration| humantime::format_duration(d).to_string();
+    let mut s = String::new();
+    let _ = writeln!(s, "listen            {}", cfg.listen);
+    for b in &cfg.backends {
+        let _ = writeln!(
+            s,
+            "backend {:<9} {} (resolved {}), max_inflight {}{}",
+            b.name,
+            b.address,
+            b.addr,
+            b.max_inflight,
+            b.host
+                .as_deref()
+                .map(|h| format!(", Host: {h}"))
+                .unwrap_or_default()
+        );
+    }
+    let _ = writeln!(
+        s,
+        "queue             up to {} waiting, FIFO, each for at most {}",
+        cfg.max_queue,
+        d(cfg.queue_timeout)
+    );
+    let _ = writeln!(
+        s,
+        "rejections        503 with Retry-After: {} on a connection kept open",
+        cfg.retry_after.as_secs().max(1)
+    );
+    let _ = writeln!(
+        s,
+        "upstream          connect {}, idle {}, read {}, write {}",
+        d(cfg.upstream.connect_timeout),
+        d(cfg.upstream.idle_timeout),
+        d(cfg.upstream.read_timeout),
+        d(cfg.upstream.write_timeout)
+    );
+    let _ = writeln!(
+        s,
+        "process           {} threads, grace period {}, pid {}, upgrade socket {}",
+        cfg.server.threads,
+        d(cfg.server.grace_period),
+        cfg.server.pid_file,
+        cfg.server.upgrade_sock
+    );
+    let cap = cfg.total_inflight();
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "With {cap} requests already in flight, request {} waits in the queue (FIFO) for up to {}; \
+         with {} more waiting, request {} gets 503 at once.",
+        cap + 1,
+        d(cfg.queue_timeout),
+        cfg.max_queue,
+        cap + cfg.max_queue + 1
+    );
+    let _ = writeln!(
+        s,
+        "The backends never see more than {cap} concurrent requests, over at most {cap} TCP connections."
+    );
+    s
+}

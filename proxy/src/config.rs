@@ -1,0 +1,723 @@
+//! Configuration: the TOML file format, its defaults, and validation into [`Config`].
+//!
+//! Two layers, as the file format and the running proxy have different needs:
+//! - [`file`] holds the serde structs that mirror the file exactly. Unknown keys are rejected,
+//!   durations are written as `"10s"` / `"250ms"`, and every optional key falls back to a
+//!   named constant in [`defaults`].
+//! - [`Config`] is the validated form the proxy runs on: every limit is known to be usable,
+//!   every address resolved. It is built by [`Config::from_file`], which reports the first
+//!   problem as a [`ConfigError`] naming the key, the value and the fix.
+//!
+//! Command-line flags are applied to the file layer ([`Overrides`]) before validation, so a
+//! flag can never smuggle in a value the file would have refused.
+
+use std::fmt;
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Every default value, with its unit and the reason for it.
+pub mod defaults {
+    use std::time::Duration;
+
+    /// Address the proxy listens on when none is configured.
+    pub const LISTEN: &str = "0.0.0.0:8080";
+    /// Requests waiting for a backend slot, across all backends (requests).
+    pub const MAX_QUEUE: usize = 1000;
+    /// How long a request may wait in the queue before it is answered 503 (10 s).
+    pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(10);
+    /// `Retry-After` sent with every 503 sluice generates (2 s).
+    pub const RETRY_AFTER: Duration = Duration::from_secs(2);
+    /// Timeout for opening a TCP connection to a backend (2 s).
+    pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+    /// A pooled backend connection idle this long is closed (60 s). It must stay below the
+    /// backend's own keep-alive timeout (IIS: 120 s), so sluice never sends a request on a
+    /// socket the backend is about to close.
+    pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+    /// Longest wait for each read from a backend, including the response header (60 s).
+    pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
+    /// Longest wait for each write to a backend (30 s).
+    pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+    /// Longest wait for each write to a client (30 s). A client that reads slower than this
+    /// would otherwise keep a backend slot busy.
+    pub const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+    /// Read buffer per client connection (bytes). pingora's default is 64 KiB; POS requests are
+    /// small, and thousands of idle terminals each hold one buffer.
+    pub const CLIENT_READ_BUFFER_BYTES: usize = 8 * 1024;
+    /// Worker threads of the proxy service.
+    pub const THREADS: usize = 2;
+    /// After a stop or upgrade signal, in-flight requests get this long to finish (10 s;
+    /// pingora's own default of 300 s is longer than any POS terminal waits).
+    pub const GRACE_PERIOD: Duration = Duration::from_secs(10);
+    /// After the grace period, the runtime gets this long to wind down (5 s).
+    pub const GRACEFUL_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+    /// PID file, used by upgrades and the systemd unit.
+    pub const PID_FILE: &str = "/tmp/sluice.pid";
+    /// Unix socket over which listening sockets are handed to a new process on upgrade.
+    pub const UPGRADE_SOCK: &str = "/tmp/sluice_upgrade.sock";
+    /// Upper bound for `max_inflight`, far above what any legacy server takes; a larger value is
+    /// almost certainly a typo.
+    pub const MAX_INFLIGHT_CEILING: u32 = 100_000;
+}
+
+/// The serde structs that mirror the configuration file.
+pub mod file {
+    use super::*;
+
+    /// The whole file.
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct FileConfig {
+        /// `[proxy]`: the client-facing side.
+        #[serde(default)]
+        pub proxy: ProxySection,
+        /// `[admission]`: limits and the queue.
+        #[serde(default)]
+        pub admission: AdmissionSection,
+        /// `[upstream]`: how sluice talks to backends.
+        #[serde(default)]
+        pub upstream: UpstreamSection,
+        /// `[[backend]]`: the legacy servers.
+        #[serde(default, rename = "backend")]
+        pub backends: Vec<BackendSection>,
+        /// `[server]`: process settings passed to pingora.
+        #[serde(default)]
+        pub server: ServerSection,
+    }
+
+    /// `[proxy]`
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct ProxySection {
+        /// `listen = "0.0.0.0:8080"`
+        pub listen: Option<String>,
+        /// `client_read_buffer_bytes = 8192`
+        pub client_read_buffer_bytes: Option<usize>,
+        /// `client_write_timeout = "30s"`
+        #[serde(default, with = "opt_duration")]
+        pub client_write_timeout: Option<Duration>,
+    }
+
+    /// `[admission]`
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct AdmissionSection {
+        /// `max_inflight = 50`: per backend, unless the backend sets its own.
+        pub max_inflight: Option<i64>,
+        /// `max_queue = 1000`
+        pub max_queue: Option<i64>,
+        /// `queue_timeout = "10s"`
+        #[serde(default, with = "opt_duration")]
+        pub queue_timeout: Option<Duration>,
+        /// `retry_after = "2s"`
+        #[serde(default, with = "opt_duration")]
+        pub retry_after: Option<Duration>,
+    }
+
+    /// `[upstream]`
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct UpstreamSection {
+        /// `connect_timeout = "2s"`
+        #[serde(default, with = "opt_duration")]
+        pub connect_timeout: Option<Duration>,
+        /// `idle_timeout = "60s"`
+        #[serde(default, with = "opt_duration")]
+        pub idle_timeout: Option<Duration>,
+        /// `read_timeout = "60s"`
+        #[serde(default, with = "opt_duration")]
+        pub read_timeout: Option<Duration>,
+        /// `write_timeout = "30s"`
+        #[serde(default, with = "opt_duration")]
+        pub write_timeout: Option<Duration>,
+    }
+
+    /// One `[[backend]]` entry.
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct BackendSection {
+        /// `name = "iis-1"` (defaults to the address)
+        pub name: Option<String>,
+        /// `address = "10.0.0.5:80"`
+        pub address: Option<String>,
+        /// `host = "pos.example.com"`: Host header sent to this backend.
+        pub host: Option<String>,
+        /// `max_inflight = 50`: overrides `[admission] max_inflight`.
+        pub max_inflight: Option<i64>,
+    }
+
+    /// `[server]`
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct ServerSection {
+        /// `threads = 2`
+        pub threads: Option<i64>,
+        /// `grace_period = "10s"`
+        #[serde(default, with = "opt_duration")]
+        pub grace_period: Option<Duration>,
+        /// `graceful_shutdown_timeout = "5s"`
+        #[serde(default, with = "opt_duration")]
+        pub graceful_shutdown_timeout: Option<Duration>,
+        /// `pid_file = "/run/sluice/sluice.pid"`
+        pub pid_file: Option<String>,
+        /// `upgrade_sock = "/run/sluice/upgrade.sock"`
+        pub upgrade_sock: Option<String>,
+        /// `error_log = "/var/log/sluice/error.log"` (daemon mode only)
+        pub error_log: Option<String>,
+    }
+
+    /// `Option<Duration>` written as a humantime string such as `"10s"` or `"250ms"`.
+    mod opt_duration {
+        use serde::{Deserialize, Deserializer};
+        use std::time::Duration;
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+            let s = String::deserialize(d)?;
+            humantime::parse_duration(&s).map(Some).map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "invalid duration {s:?} ({e}); write it like \"10s\", \"250ms\" or \"1m 30s\""
+                ))
+            })
+        }
+    }
+}
+
+/// A configuration problem: which key, what value, and how to fix it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Dotted key, e.g. `admission.max_inflight`.
+    pub key: String,
+    /// The offending value as written (empty when the key is missing).
+    pub value: String,
+    /// What is wrong and how to fix it.
+    pub fix: String,
+}
+
+impl ConfigError {
+    fn new(key: impl Into<String>, value: impl fmt::Display, fix: impl Into<String>) -> Self {
+        ConfigError {
+            key: key.into(),
+            value: value.to_string(),
+            fix: fix.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.value.is_empty() {
+            write!(f, "`{}`: {}", self.key, self.fix)
+        } else {
+            write!(f, "`{} = {}`: {}", self.key, self.value, self.fix)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, has an unknown key, or a value of the wrong type.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, which names the key and its line.
+        message: String,
+    },
+    /// A value is out of range or unusable.
+    #[error("config{}: {error}", path.as_ref().map(|p| format!(" file {}", p.display())).unwrap_or_default())]
+    Invalid {
+        /// The file, when the value came from one.
+        path: Option<PathBuf>,
+        /// The problem.
+        error: ConfigError,
+    },
+}
+
+/// Values given on the command line; each replaces the file's value.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--listen`
+    pub listen: Option<String>,
+    /// `--backend` (replaces every `[[backend]]` with this one)
+    pub backend: Option<String>,
+    /// `--max-inflight`
+    pub max_inflight: Option<u32>,
+    /// `--max-queue`
+    pub max_queue: Option<usize>,
+    /// `--queue-timeout`
+    pub queue_timeout: Option<Duration>,
+    /// `--threads`
+    pub threads: Option<usize>,
+}
+
+/// Validated configuration the proxy runs on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Client-facing listener.
+    pub listen: SocketAddr,
+    /// Read buffer per client connection, bytes.
+    pub client_read_buffer_bytes: usize,
+    /// Per-write timeout toward clients.
+    pub client_write_timeout: Duration,
+    /// Queue bound, across all backends.
+    pub max_queue: usize,
+    /// Longest wait in the queue.
+    pub queue_timeout: Duration,
+    /// `Retry-After` on generated 503s.
+    pub retry_after: Duration,
+    /// Upstream connection settings.
+    pub upstream: Upstream,
+    /// The backends, in order; never empty.
+    pub backends: Vec<Backend>,
+    /// Process settings.
+    pub server: ServerSettings,
+}
+
+/// How sluice talks to backends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// Idle pooled connections are closed after this.
+    pub idle_timeout: Duration,
+    /// Per-read timeout, including the wait for the response header.
+    pub read_timeout: Duration,
+    /// Per-write timeout.
+    pub write_timeout: Duration,
+}
+
+/// One legacy server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    /// Name used in logs and status output.
+    pub name: String,
+    /// Address as written (kept for messages).
+    pub address: String,
+    /// Resolved address.
+    pub addr: SocketAddr,
+    /// Host header override.
+    pub host: Option<String>,
+    /// Concurrency cap: requests in flight, and so TCP connections, at this backend.
+    pub max_inflight: u32,
+}
+
+/// Process settings handed to pingora.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSettings {
+    /// Worker threads of the proxy service.
+    pub threads: usize,
+    /// Drain time after a stop or upgrade signal.
+    pub grace_period: Duration,
+    /// Runtime wind-down after the grace period.
+    pub graceful_shutdown_timeout: Duration,
+    /// PID file.
+    pub pid_file: String,
+    /// Upgrade socket.
+    pub upgrade_sock: String,
+    /// Error log file (daemon mode).
+    pub error_log: Option<String>,
+}
+
+impl Config {
+    /// Read, parse and validate a configuration file, then apply command-line overrides.
+    pub fn load(path: &Path, overrides: &Overrides) -> Result<Config, LoadError> {
+        let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, Some(path), overrides)
+    }
+
+    /// Parse and validate configuration text. `path` only labels error messages.
+    pub fn parse(
+        text: &str,
+        path: Option<&Path>,
+        overrides: &Overrides,
+    ) -> Result<Config, LoadError> {
+        let file: file::FileConfig = toml::from_str(text).map_err(|e| LoadError::Parse {
+            path: path.map(Path::to_owned).unwrap_or_else(|| "<inline>".into()),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        Self::from_file(file, overrides).map_err(|error| LoadError::Invalid {
+            path: path.map(Path::to_owned),
+            error,
+        })
+    }
+
+    /// Validate the file layer with overrides applied.
+    pub fn from_file(mut f: file::FileConfig, o: &Overrides) -> Result<Config, ConfigError> {
+        if let Some(listen) = &o.listen {
+            f.proxy.listen = Some(listen.clone());
+        }
+        if let Some(backend) = &o.backend {
+            f.backends = vec![file::BackendSection {
+                address: Some(backend.clone()),
+                ..Default::default()
+            }];
+        }
+        if let Some(n) = o.max_inflight {
+            f.admission.max_inflight = Some(n.into());
+            // The flag is the cap for the quick start's single backend.
+            for b in &mut f.backends {
+                b.max_inflight = None;
+            }
+        }
+        if let Some(n) = o.max_queue {
+            f.admission.max_queue = Some(n.try_into().unwrap_or(i64::MAX));
+        }
+        if let Some(d) = o.queue_timeout {
+            f.admission.queue_timeout = Some(d);
+        }
+        if let Some(n) = o.threads {
+            f.server.threads = Some(n.try_into().unwrap_or(i64::MAX));
+        }
+
+        let listen_text = f.proxy.listen.as_deref().unwrap_or(defaults::LISTEN);
+        let listen: SocketAddr = listen_text.parse().map_err(|_| {
+            ConfigError::new(
+                "proxy.listen",
+                format!("{listen_text:?}"),
+                "not an IP:port address; write it like \"0.0.0.0:8080\" or \"[::]:8080\"",
+            )
+        })?;
+
+        let client_read_buffer_bytes = f
+            .proxy
+            .client_read_buffer_bytes
+            .unwrap_or(defaults::CLIENT_READ_BUFFER_BYTES);
+        if !(1024..=1024 * 1024).contains(&client_read_buffer_bytes) {
+            return Err(ConfigError::new(
+                "proxy.client_read_buffer_bytes",
+                client_read_buffer_bytes,
+                "must be between 1024 and 1048576 bytes (default 8192)",
+            ));
+        }
+        let client_write_timeout = positive(
+            "proxy.client_write_timeout",
+            f.proxy.client_write_timeout,
+            defaults::CLIENT_WRITE_TIMEOUT,
+        )?;
+
+        let default_inflight = match f.admission.max_inflight {
+            Some(n) => Some(limit("admission.max_inflight", n)?),
+            None => None,
+        };
+        let max_queue = match f.admission.max_queue {
+            None => defaults::MAX_QUEUE,
+            Some(n) if (0..=1_000_000).contains(&n) => n as usize,
+            Some(n) => {
+                return Err(ConfigError::new(
+                    "admission.max_queue",
+                    n,
+                    "must be between 0 (no queue: reject when the backend is full) and 1000000",
+                ))
+            }
+        };
+        let queue_timeout = positive(
+            "admission.queue_timeout",
+            f.admission.queue_timeout,
+            defaults::QUEUE_TIMEOUT,
+        )?;
+        let retry_after = f.admission.retry_after.unwrap_or(defaults::RETRY_AFTER);
+
+        let upstream = Upstream {
+            connect_timeout: positive(
+                "upstream.connect_timeout",
+                f.upstream.connect_timeout,
+                defaults::CONNECT_TIMEOUT,
+            )?,
+            idle_timeout: positive(
+                "upstream.idle_timeout",
+                f.upstream.idle_timeout,
+                defaults::IDLE_TIMEOUT,
+            )?,
+            read_timeout: positive(
+                "upstream.read_timeout",
+                f.upstream.read_timeout,
+                defaults::READ_TIMEOUT,
+            )?,
+            write_timeout: positive(
+                "upstream.write_timeout",
+                f.upstream.write_timeout,
+                defaults::WRITE_TIMEOUT,
+            )?,
+        };
+
+        if f.backends.is_empty() {
+            return Err(ConfigError::new(
+                "backend",
+                "",
+                "no backend configured; add a [[backend]] section with `address = \"host:port\"` \
+                 (or pass --backend host:port)",
+            ));
+        }
+        let mut backends: Vec<Backend> = Vec::with_capacity(f.backends.len());
+        for (i, b) in f.backends.iter().enumerate() {
+            let key = |k: &str| format!("backend[{i}].{k}");
+            let address = b.address.clone().ok_or_else(|| {
+                ConfigError::new(key("address"), "", "missing; set it to the backend's \"host:port\"")
+            })?;
+            let addr = resolve(&address).map_err(|why| {
+                ConfigError::new(key("address"), format!("{address:?}"), why)
+            })?;
+            let max_inflight = match (b.max_inflight, default_inflight) {
+                (Some(n), _) => limit(&key("max_inflight"), n)?,
+                (None, Some(n)) => n,
+                (None, None) => {
+                    return Err(ConfigError::new(
+                        "admission.max_inflight",
+                        "",
+                        "missing; set it to the number of concurrent requests the backend can \
+                         take (for example 50), or set max_inflight on every [[backend]]",
+                    ))
+                }
+            };
+            let name = b.name.clone().unwrap_or_else(|| address.clone());
+            if name.is_empty() || name.contains(char::is_whitespace) {
+                return Err(ConfigError::new(
+                    key("name"),
+                    format!("{name:?}"),
+                    "must be a non-empty word without spaces",
+                ));
+            }
+            if backends.iter().any(|o| o.name == name) {
+                return Err(ConfigError::new(
+                    key("name"),
+                    format!("{name:?}"),
+                    "another backend has this name; give each backend a unique name",
+                ));
+            }
+            if let Some(h) = &b.host {
+                if h.is_empty() || h.bytes().any(|c| c.is_ascii_control() || c == b' ') {
+                    return Err(ConfigError::new(
+                        key("host"),
+                        format!("{h:?}"),
+                        "must be a host name without spaces or control characters",
+                    ));
+                }
+            }
+            backends.push(Backend {
+                name,
+                address,
+                addr,
+                host: b.host.clone(),
+                max_inflight,
+            });
+        }
+
+        let threads = match f.server.threads {
+            None => defaults::THREADS,
+            Some(n) if (1..=256).contains(&n) => n as usize,
+            Some(n) => {
+                return Err(ConfigError::new(
+                    "server.threads",
+                    n,
+                    "must be between 1 and 256 (one or two per core is plenty)",
+                ))
+            }
+        };
+        let server = ServerSettings {
+            threads,
+            grace_period: f.server.grace_period.unwrap_or(defaults::GRACE_PERIOD),
+            graceful_shutdown_timeout: f
+                .server
+                .graceful_shutdown_timeout
+                .unwrap_or(defaults::GRACEFUL_SHUTDOWN_TIMEOUT),
+            pid_file: f.server.pid_file.unwrap_or_else(|| defaults::PID_FILE.into()),
+            upgrade_sock: f
+                .server
+                .upgrade_sock
+                .unwrap_or_else(|| defaults::UPGRADE_SOCK.into()),
+            error_log: f.server.error_log,
+        };
+
+        Ok(Config {
+            listen,
+            client_read_buffer_bytes,
+            client_write_timeout,
+            max_queue,
+            queue_timeout,
+            retry_after,
+            upstream,
+            backends,
+            server,
+        })
+    }
+
+    /// Check that the listen address can be bound now, so a port in use fails at once with a
+    /// clear message (pingora alone retries for 30 s and then fails inside its service task).
+    pub fn preflight_bind(&self) -> Result<(), ConfigError> {
+        TcpListener::bind(self.listen).map(drop).map_err(|e| {
+            let fix = match e.kind() {
+                std::io::ErrorKind::AddrInUse => {
+                    "the address is already in use by another process; stop it or choose another port"
+                        .to_string()
+                }
+                std::io::ErrorKind::PermissionDenied => {
+                    "permission denied; ports below 1024 need root or CAP_NET_BIND_SERVICE".into()
+                }
+                std::io::ErrorKind::AddrNotAvailable => {
+                    "this machine has no such address; use 0.0.0.0 or one of its own IPs".into()
+                }
+                _ => format!("cannot listen there: {e}"),
+            };
+            ConfigError::new("proxy.listen", format!("{:?}", self.listen.to_string()), fix)
+        })
+    }
+
+    /// Sum of every backend's cap: the most upstream connections sluice will ever hold.
+    pub fn total_inflight(&self) -> usize {
+        self.backends.iter().map(|b| b.max_inflight as usize).sum()
+    }
+}
+
+fn limit(key: &str, n: i64) -> Result<u32, ConfigError> {
+    if n < 1 || n > i64::from(defaults::MAX_INFLIGHT_CEILING) {
+        return Err(ConfigError::new(
+            key,
+            n,
+            format!(
+                "must be between 1 and {}: the number of concurrent requests the backend can take",
+                defaults::MAX_INFLIGHT_CEILING
+            ),
+        ));
+    }
+    Ok(n as u32)
+}
+
+fn positive(key: &str, value: Option<Duration>, default: Duration) -> Result<Duration, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(d) if d.is_zero() => Err(ConfigError::new(
+            key,
+            "\"0s\"",
+            format!(
+                "must be longer than zero (default {})",
+                humantime::format_duration(default)
+            ),
+        )),
+        Some(d) => Ok(d),
+    }
+}
+
+fn resolve(address: &str) -> Result<SocketAddr, String> {
+    match address.to_socket_addrs() {
+        Ok(mut addrs) => addrs
+            .next()
+            .ok_or_else(|| "resolves to no address; use an IP:port".to_string()),
+        Err(e) => Err(format!(
+            "not a usable host:port ({e}); write it like \"10.0.0.5:80\""
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, LoadError> {
+        Config::parse(text, None, &Overrides::default())
+    }
+
+    const MINIMAL: &str = "[admission]\nmax_inflight = 16\n[[backend]]\naddress = \"127.0.0.1:9\"\n";
+
+    #[test]
+    fn minimal_file_gets_documented_defaults() {
+        let c = parse(MINIMAL).expect("valid");
+        assert_eq!(c.backends[0].max_inflight, 16);
+        assert_eq!(c.backends[0].name, "127.0.0.1:9");
+        assert_eq!(c.max_queue, defaults::MAX_QUEUE);
+        assert_eq!(c.queue_timeout, defaults::QUEUE_TIMEOUT);
+        assert_eq!(c.upstream.idle_timeout, defaults::IDLE_TIMEOUT);
+        assert!(c.upstream.idle_timeout < Duration::from_secs(120));
+        assert_eq!(c.server.grace_period, defaults::GRACE_PERIOD);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = parse(&format!("{MINIMAL}[server]\nthreadz = 4\n")).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("threadz"), "{msg}");
+    }
+
+    #[test]
+    fn zero_limit_is_named_with_fix() {
+        let e = parse("[admission]\nmax_inflight = 0\n[[backend]]\naddress = \"127.0.0.1:9\"\n")
+            .unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("admission.max_inflight = 0"), "{msg}");
+        assert!(msg.contains("between 1 and"), "{msg}");
+    }
+
+    #[test]
+    fn bad_duration_is_named() {
+        let e = parse(&format!("{MINIMAL}queue_timeout = \"ten seconds\"\n")).unwrap_err();
+        // The key lands in [[backend]] here, which has no such key: move it to [admission].
+        assert!(e.to_string().contains("queue_timeout"), "{e}");
+        let e = parse(
+            "[admission]\nmax_inflight = 4\nqueue_timeout = \"ten seconds\"\n[[backend]]\naddress = \"127.0.0.1:9\"\n",
+        )
+        .unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("queue_timeout") && msg.contains("\"10s\""), "{msg}");
+    }
+
+    #[test]
+    fn overrides_replace_file_values() {
+        let o = Overrides {
+            backend: Some("127.0.0.1:7".into()),
+            max_inflight: Some(3),
+            queue_timeout: Some(Duration::from_millis(250)),
+            ..Default::default()
+        };
+        let c = Config::parse(MINIMAL, None, &o).expect("valid");
+        assert_eq!(c.backends.len(), 1);
+        assert_eq!(c.backends[0].addr.port(), 7);
+        assert_eq!(c.backends[0].max_inflight, 3);
+        assert_eq!(c.queue_timeout, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn missing_backend_and_missing_limit_explain_the_fix() {
+        let e = parse("[admission]\nmax_inflight = 4\n").unwrap_err();
+        assert!(e.to_string().contains("[[backend]]"), "{e}");
+        let e = parse("[[backend]]\naddress = \"127.0.0.1:9\"\n").unwrap_err();
+        assert!(e.to_string().contains("admission.max_inflight"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_backend_names_are_refused() {
+        let e = parse(
+            "[admission]\nmax_inflight = 4\n[[backend]]\nname=\"a\"\naddress = \"127.0.0.1:9\"\n[[backend]]\nname=\"a\"\naddress = \"127.0.0.1:8\"\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("backend[1].name"), "{e}");
+    }
+
+    #[test]
+    fn listen_in_use_is_reported_at_once() {
+        let held = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = held.local_addr().expect("addr").port();
+        let o = Overrides {
+            listen: Some(format!("127.0.0.1:{port}")),
+            ..Default::default()
+        };
+        let c = Config::parse(MINIMAL, None, &o).expect("valid");
+        let e = c.preflight_bind().unwrap_err();
+        assert_eq!(e.key, "proxy.listen");
+        assert!(e.fix.contains("already in use"), "{e}");
+    }
+}

@@ -1,0 +1,19 @@
+//! sluice: an admission-control reverse proxy for a fragile legacy HTTP backend.
+//!
+//! This crate is the only one that touches pingora. It holds the `ProxyHttp` service
+//! ([`service`]), the async admission adapter around the pure policy of `sluice-plugins`
+//! ([`admission`]), configuration ([`config`]), the command line ([`cli`]) and the in-process
+//! runner used by the demo and the end-to-end tests ([`run`]).
+
+#![forbid(unsafe_code)]
+
+pub mod admission;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod run;
+pub mod service;
+
+pub use admission::{Admission, Permit, Shed};
+pub use config::{Config, ConfigError, LoadError, Overrides};
+pub use run::{build_server, RunningProxy};

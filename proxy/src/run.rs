@@ -1,0 +1,204 @@
+//! Assembling the pingora server from a [`Config`], and running it in-process.
+//!
+//! [`build_server`] is what `sluice run` uses. [`RunningProxy`] runs the same server on a
+//! background thread with a shutdown handle: the demo and the end-to-end tests use it, so they
+//! exercise exactly the production assembly.
+
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora::apps::HttpServerOptions;
+use pingora::connectors::ConnectorOptions;
+use pingora::listeners::{ListenerConfig, TcpSocketOptions};
+use pingora::protocols::l4::stream::L4BufferSettings;
+use pingora::protocols::TcpKeepalive;
+use pingora::proxy::ProxyServiceBuilder;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use tokio::sync::watch;
+
+use crate::admission::Admission;
+use crate::config::{Config, ConfigError};
+use crate::service::Sluice;
+
+/// Write buffer per client connection, bytes (one TCP segment; responses are small).
+const CLIENT_WRITE_BUFFER_BYTES: usize = 1460;
+
+fn whole_seconds_rounded_up(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// pingora's process settings, taken from our `[server]` section.
+pub fn server_conf(cfg: &Config) -> ServerConf {
+    let mut conf = ServerConf {
+        threads: cfg.server.threads,
+        grace_period_seconds: Some(whole_seconds_rounded_up(cfg.server.grace_period)),
+        graceful_shutdown_timeout_seconds: Some(whole_seconds_rounded_up(
+            cfg.server.graceful_shutdown_timeout,
+        )),
+        pid_file: cfg.server.pid_file.clone(),
+        upgrade_sock: cfg.server.upgrade_sock.clone(),
+        error_log: cfg.server.error_log.clone(),
+        ..ServerConf::default()
+    };
+    // Retries happen only where pingora judges them safe (idempotent requests on a reused
+    // connection that closed before answering); keep that safety net small.
+    conf.max_retries = 2;
+    conf
+}
+
+/// Build the pingora server for `cfg`. Returns the server and the admission state it uses.
+///
+/// `opt` carries pingora's process flags (`upgrade`, `daemon`); `None` for a plain start.
+pub fn build_server(cfg: &Config, opt: Option<Opt>) -> (Server, Arc<Admission>) {
+    let conf = server_conf(cfg);
+    let limits: Vec<u32> = cfg.backends.iter().map(|b| b.max_inflight).collect();
+    let admission = Admission::new(&limits, cfg.max_queue, cfg.queue_timeout);
+
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    let conf = server.configuration.clone();
+
+    // Idle upstream connections are kept in one LRU shared by all backends. Size it to hold
+    // every permitted connection, so no idle socket is evicted and reopened under load.
+    let mut client = ConnectorOptions::from_server_conf(&conf);
+    client.keepalive_pool_size = cfg.total_inflight().max(1);
+
+    let server_options = HttpServerOptions::default();
+
+    let mut service = ProxyServiceBuilder::new(&conf, Sluice::new(cfg, admission.clone()))
+        .name("sluice")
+        .client_options(client)
+        .server_options(server_options)
+        .build();
+    let mut socket = TcpSocketOptions::default();
+    // Detect terminals that vanished without a FIN (power loss, NAT timeouts).
+    socket.tcp_keepalive = Some(TcpKeepalive {
+            idle: Duration::from_secs(60),
+            interval: Duration::from_secs(10),
+            count: 5,
+            #[cfg(target_os = "linux")]
+            user_timeout: Duration::from_secs(0),
+    });
+    service.add_listener(
+        ListenerConfig::tcp(cfg.listen.to_string())
+            .l4_buffer(L4BufferSettings::new(
+                cfg.client_read_buffer_bytes,
+                CLIENT_WRITE_BUFFER_BYTES,
+            ))
+            .tcp_socket_options(socket),
+    );
+    server.add_service(service);
+    (server, admission)
+}
+
+/// Shutdown trigger for an in-process server.
+struct ChannelSignal(watch::Receiver<bool>);
+
+#[async_trait]
+impl ShutdownSignalWatch for ChannelSignal {
+    async fn recv(&self) -> ShutdownSignal {
+        let mut rx = self.0.clone();
+        // Err means the sender is gone: the handle was dropped, so stop as well.
+        let _ = rx.wait_for(|stop| *stop).await;
+        ShutdownSignal::FastShutdown
+    }
+}
+
+/// Why an in-process proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration cannot be served (for example, the port is taken).
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    /// The listener did not accept connections in time.
+    #[error("sluice did not start listening on {0} within {1:?}")]
+    NotListening(SocketAddr, Duration),
+}
+
+/// A sluice server running on a background thread. Dropping it stops the server.
+pub struct RunningProxy {
+    addr: SocketAddr,
+    admission: Arc<Admission>,
+    stop: watch::Sender<bool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl RunningProxy {
+    /// How long [`RunningProxy::start`] waits for the listener.
+    pub const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// Start sluice for `cfg` and wait until its listener accepts connections.
+    pub fn start(cfg: &Config) -> Result<RunningProxy, StartError> {
+        cfg.preflight_bind()?;
+        let (mut server, admission) = build_server(cfg, None);
+        server.bootstrap();
+        let (stop, rx) = watch::channel(false);
+        let thread = std::thread::Builder::new()
+            .name("sluice-server".into())
+            .spawn(move || {
+                server.run(RunArgs {
+                    shutdown_signal: Box::new(ChannelSignal(rx)),
+                })
+            })
+            .map_err(|e| {
+                StartError::Config(ConfigError {
+                    key: "server.threads".into(),
+                    value: String::new(),
+                    fix: format!("cannot start the server thread: {e}"),
+                })
+            })?;
+        let running = RunningProxy {
+            addr: cfg.listen,
+            admission,
+            stop,
+            thread: Some(thread),
+        };
+        // pingora exposes no "listening" event; probe the port, bounded in time.
+        let started = Instant::now();
+        while TcpStream::connect_timeout(&running.addr, Duration::from_millis(200)).is_err() {
+            if started.elapsed() > Self::START_TIMEOUT {
+                return Err(StartError::NotListening(running.addr, Self::START_TIMEOUT));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(running)
+    }
+
+    /// The client-facing address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The live admission state (limits, in-flight counts, queue).
+    pub fn admission(&self) -> &Arc<Admission> {
+        &self.admission
+    }
+
+    /// Stop the server and wait for its thread.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for RunningProxy {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// A free port on 127.0.0.1, for tests and the demo. The port is released before returning,
+/// so another process could take it first; [`RunningProxy::start`] then fails clearly.
+pub fn free_local_addr() -> std::io::Result<SocketAddr> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    l.local_addr()
+}

@@ -1,0 +1,260 @@
+//! The pingora `ProxyHttp` service: where admission meets the request lifecycle.
+//!
+//! Per request, in pingora's phase order:
+//! 1. `request_filter`: wait for a backend slot ([`Admission::acquire`]). While a body-less
+//!    request waits, the client socket is watched, so a terminal that hangs up leaves the queue
+//!    and its request never reaches the backend. A request that is not admitted gets a 503 with
+//!    `Retry-After` on a connection that stays open (pingora's `respond_error` would close it
+//!    and turn every rejection into a reconnect).
+//! 2. `upstream_peer`: the admitted backend's prebuilt `HttpPeer`. The same peer value for every
+//!    request of a backend is what lets pingora reuse pooled connections.
+//! 3. `logging`: runs when the response has been fully delivered (or the request failed); the
+//!    [`Permit`] is dropped there. pingora returns the upstream connection to its pool before
+//!    `logging`, so the backend never holds more connections than permits. If `logging` never
+//!    runs (panic, shutdown), dropping the context drops the permit all the same.
+//!
+//! After admission the client's abort no longer cuts the upstream request short
+//! (`set_abort_on_close(false)`): a payment the backend is already processing keeps its slot
+//! until the backend answers, so the cap counts the work really at the backend.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use pingora::prelude::*;
+use pingora::proxy::FailToProxy;
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{ErrorSource, ErrorType};
+
+use crate::admission::{Admission, Permit, Shed};
+use crate::config::Config;
+
+/// Per-request state.
+#[derive(Debug, Default)]
+pub struct RequestCtx {
+    /// The backend slot, held from admission until the response is delivered.
+    permit: Option<Permit>,
+    /// When the request entered admission.
+    arrived: Option<Instant>,
+    /// How long it waited for a slot.
+    queue_wait: Duration,
+    /// Why it was refused, if it was.
+    shed: Option<Shed>,
+}
+
+/// A backend as the service sees it.
+#[derive(Debug)]
+struct Upstream {
+    peer: HttpPeer,
+    host: Option<String>,
+}
+
+/// The admission-control proxy.
+pub struct Sluice {
+    admission: Arc<Admission>,
+    upstreams: Vec<Upstream>,
+    retry_after_secs: u64,
+    client_write_timeout: Duration,
+}
+
+impl Sluice {
+    /// Build the service for a validated config, sharing `admission` with the caller.
+    pub fn new(cfg: &Config, admission: Arc<Admission>) -> Self {
+        let upstreams = cfg
+            .backends
+            .iter()
+            .map(|b| {
+                let mut peer = HttpPeer::new(b.addr, false, String::new());
+                let o = &mut peer.options;
+                o.connection_timeout = Some(cfg.upstream.connect_timeout);
+                o.idle_timeout = Some(cfg.upstream.idle_timeout);
+                o.read_timeout = Some(cfg.upstream.read_timeout);
+                o.write_timeout = Some(cfg.upstream.write_timeout);
+                Upstream {
+                    peer,
+                    host: b.host.clone(),
+                }
+            })
+            .collect();
+        Sluice {
+            admission,
+            upstreams,
+            // Retry-After takes whole seconds; never advertise 0 (an immediate retry storm).
+            retry_after_secs: cfg.retry_after.as_secs().max(1),
+            client_write_timeout: cfg.client_write_timeout,
+        }
+    }
+
+    /// Write a 503 with `Retry-After` and keep the client connection open.
+    async fn reject(&self, session: &mut Session, shed: Shed) -> Result<()> {
+        let body = Bytes::from(match shed {
+            Shed::QueueFull => "503 service busy: queue full, retry later\n",
+            Shed::QueueTimeout => "503 service busy: waited too long in the queue, retry later\n",
+        });
+        let mut h = ResponseHeader::build(503, Some(4))?;
+        h.insert_header("Retry-After", self.retry_after_secs.to_string())?;
+        h.insert_header("Content-Type", "text/plain")?;
+        h.insert_header("Content-Length", body.len().to_string())?;
+        h.insert_header("Cache-Control", "no-store")?;
+        session.write_response_header(Box::new(h), false).await?;
+        session.write_response_body(Some(body), true).await?;
+        Ok(())
+    }
+}
+
+/// The error returned when the client closed its connection while waiting.
+fn client_gone() -> Box<Error> {
+    Error::create(
+        ErrorType::ConnectionClosed,
+        ErrorSource::Downstream,
+        Some("client closed the connection while queued".into()),
+        None,
+    )
+}
+
+#[async_trait]
+impl ProxyHttp for Sluice {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::default()
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let arrived = Instant::now();
+        ctx.arrived = Some(arrived);
+        let downstream = session.as_downstream_mut();
+        let admitted = if downstream.is_body_empty() {
+            // Nothing left to read from this request, so any readable event on the socket means
+            // the client hung up (or broke protocol): stop waiting for it.
+            let acquire = self.admission.acquire();
+            tokio::pin!(acquire);
+            tokio::select! {
+                biased;
+                r = &mut acquire => r,
+                _ = downstream.read_body_or_idle(true) => return Err(client_gone()),
+            }
+        } else {
+            // Watching the socket would consume body bytes; the deadline still bounds the wait.
+            self.admission.acquire().await
+        };
+        ctx.queue_wait = arrived.elapsed();
+        match admitted {
+            Ok(permit) => {
+                ctx.permit = Some(permit);
+                let downstream = session.as_downstream_mut();
+                // From here on the backend may be working on this request: keep its slot until
+                // the backend answers, even if the client leaves.
+                downstream.set_abort_on_close(false);
+                downstream.set_write_timeout(Some(self.client_write_timeout));
+                Ok(false)
+            }
+            Err(shed) => {
+                ctx.shed = Some(shed);
+                self.reject(session, shed).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        let backend = ctx.permit.as_ref().map(Permit::backend).ok_or_else(|| {
+            Error::explain(
+                ErrorType::InternalError,
+                "upstream_peer reached without an admission permit",
+            )
+        })?;
+        let up = self.upstreams.get(backend.0).ok_or_else(|| {
+            Error::explain(ErrorType::InternalError, "permit for an unknown backend")
+        })?;
+        Ok(Box::new(up.peer.clone()))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let host = ctx
+            .permit
+            .as_ref()
+            .and_then(|p| self.upstreams.get(p.backend().0))
+            .and_then(|u| u.host.as_deref());
+        if let Some(host) = host {
+            upstream_request.insert_header("Host", host)?;
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        _ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let code = match e.etype() {
+            ErrorType::HTTPStatus(code) => *code,
+            _ => match e.esource() {
+                ErrorSource::Upstream => match e.etype() {
+                    ErrorType::ReadTimedout | ErrorType::ConnectTimedout => 504,
+                    _ => 502,
+                },
+                ErrorSource::Downstream => match e.etype() {
+                    ErrorType::WriteError
+                    | ErrorType::ReadError
+                    | ErrorType::ConnectionClosed
+                    | ErrorType::WriteTimedout
+                    | ErrorType::ReadTimedout => 0,
+                    _ => 400,
+                },
+                ErrorSource::Internal | ErrorSource::Unset => 500,
+            },
+        };
+        // Nothing can be sent once the response has started, or to a client that is gone.
+        if code > 0 && session.response_written().is_none() {
+            if let Err(err) = write_error(session, code, self.retry_after_secs).await {
+                log::debug!("could not send {code} to the client: {err}");
+            }
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, _session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        // Release the backend slot: the response has been delivered or the request is over.
+        drop(ctx.permit.take());
+    }
+}
+
+/// An error response after the request was admitted. The connection is closed afterwards: its
+/// state toward the backend is unknown.
+async fn write_error(session: &mut Session, code: u16, retry_after_secs: u64) -> Result<()> {
+    let reason = match code {
+        502 => "bad gateway: the backend failed to answer",
+        503 => "service unavailable",
+        504 => "gateway timeout: the backend did not answer in time",
+        400 => "bad request",
+        _ => "error",
+    };
+    let body = Bytes::from(format!("{code} {reason}\n"));
+    let mut h = ResponseHeader::build(code, Some(4))?;
+    if code >= 500 {
+        h.insert_header("Retry-After", retry_after_secs.to_string())?;
+    }
+    h.insert_header("Content-Type", "text/plain")?;
+    h.insert_header("Content-Length", body.len().to_string())?;
+    h.insert_header("Cache-Control", "no-store")?;
+    session.as_downstream_mut().set_keepalive(None);
+    session.write_response_header(Box::new(h), false).await?;
+    session.write_response_body(Some(body), true).await?;
+    Ok(())
+}
