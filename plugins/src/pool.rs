@@ -320,12 +320,21 @@ mod tests {
         let now = t0();
         let deadline = now + Duration::from_secs(1);
         let mut pool = AdmissionPool::new(&[2], 1);
-        assert_eq!(pool.acquire(now, deadline, 'a'), Acquire::Admitted(BackendId(0)));
-        assert_eq!(pool.acquire(now, deadline, 'b'), Acquire::Admitted(BackendId(0)));
+        assert_eq!(
+            pool.acquire(now, deadline, 'a'),
+            Acquire::Admitted(BackendId(0))
+        );
+        assert_eq!(
+            pool.acquire(now, deadline, 'b'),
+            Acquire::Admitted(BackendId(0))
+        );
         let Acquire::Queued(t) = pool.acquire(now, deadline, 'c') else {
             panic!("third request must queue")
         };
-        assert_eq!(pool.acquire(now, deadline, 'd'), Acquire::Rejected(QueueFull));
+        assert_eq!(
+            pool.acquire(now, deadline, 'd'),
+            Acquire::Rejected(QueueFull)
+        );
         let grants = pool.release(BackendId(0), now);
         assert_eq!(
             grants,
@@ -415,7 +424,9 @@ mod tests {
         let now = t0();
         let d = now + Duration::from_secs(1);
         let mut pool = AdmissionPool::new(&[2, 4, 4], 10);
-        assert!(pool.set_state(BackendId(2), BackendState::Draining, now).is_empty());
+        assert!(pool
+            .set_state(BackendId(2), BackendState::Draining, now)
+            .is_empty());
         let picks: Vec<BackendId> = (0..6)
             .map(|_| match pool.acquire(now, d, ()) {
                 Acquire::Admitted(b) => b,
@@ -436,7 +447,9 @@ mod tests {
         let now = t0();
         let d = now + Duration::from_secs(1);
         let mut pool = AdmissionPool::new(&[2], 10);
-        assert!(pool.set_state(BackendId(0), BackendState::Down, now).is_empty());
+        assert!(pool
+            .set_state(BackendId(0), BackendState::Down, now)
+            .is_empty());
         assert!(matches!(pool.acquire(now, d, ()), Acquire::Queued(_)));
         assert_eq!(pool.set_state(BackendId(0), BackendState::Up, now).len(), 1);
     }

@@ -65,15 +65,12 @@ impl Admission {
     ///
     /// Cancel-safe: dropping the returned future leaves the queue and leaks nothing.
     pub async fn acquire(self: &Arc<Self>) -> Result<Permit, Shed> {
-        let timeout = *self
-            .queue_timeout
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let timeout = *self.queue_timeout.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         let deadline = now + timeout;
         let (tx, rx) = oneshot::channel();
         let ticket = match self.pool().acquire(now.into_std(), deadline.into_std(), tx) {
-            Acquire::Admitted(backend) => return Ok(self.permit(backend)),
+            Acquire::Admitted(backend) => return Ok(self.permit(backend, false)),
             Acquire::Rejected(_) => return Err(Shed::QueueFull),
             Acquire::Queued(ticket) => ticket,
         };
@@ -89,21 +86,22 @@ impl Admission {
         match granted {
             Ok(Ok(backend)) => {
                 waiting.rx = None;
-                Ok(self.permit(backend))
+                Ok(self.permit(backend, true))
             }
             // The deadline passed, or the sender vanished (cannot happen while we are queued,
             // but treat it the same): leave the queue, unless a grant raced the deadline.
             Ok(Err(_)) | Err(_) => match waiting.leave() {
-                Some(backend) => Ok(self.permit(backend)),
+                Some(backend) => Ok(self.permit(backend, true)),
                 None => Err(Shed::QueueTimeout),
             },
         }
     }
 
-    fn permit(self: &Arc<Self>, backend: BackendId) -> Permit {
+    fn permit(self: &Arc<Self>, backend: BackendId, queued: bool) -> Permit {
         Permit {
             admission: self.clone(),
             backend,
+            queued,
         }
     }
 
@@ -124,10 +122,7 @@ impl Admission {
     /// Change the queue bound and the queue deadline for new arrivals.
     pub fn set_queue(&self, max_queue: usize, queue_timeout: Duration) {
         self.pool().set_max_queue(max_queue);
-        *self
-            .queue_timeout
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = queue_timeout;
+        *self.queue_timeout.lock().unwrap_or_else(|p| p.into_inner()) = queue_timeout;
     }
 
     /// A consistent view of limits, in-flight counts and the queue.
@@ -184,12 +179,18 @@ impl Drop for Waiting {
 pub struct Permit {
     admission: Arc<Admission>,
     backend: BackendId,
+    queued: bool,
 }
 
 impl Permit {
     /// The backend this request was admitted to.
     pub fn backend(&self) -> BackendId {
         self.backend
+    }
+
+    /// Whether the request waited in the queue before it was admitted.
+    pub fn was_queued(&self) -> bool {
+        self.queued
     }
 }
 
@@ -215,7 +216,10 @@ mod tests {
         let waiter = tokio::spawn(async move { a2.acquire().await.map(|_| ()) });
         tokio::task::yield_now().await;
         assert_eq!(a.snapshot().queued, 1);
-        assert_eq!(a.acquire().await.unwrap_err(), Shed::QueueFull);
+        assert_eq!(
+            a.acquire().await.expect_err("must be rejected"),
+            Shed::QueueFull
+        );
         // Paused time: the waiter's deadline passes without any real sleep.
         assert_eq!(waiter.await.expect("join"), Err(Shed::QueueTimeout));
         assert_eq!(a.snapshot().queued, 0);
@@ -232,7 +236,11 @@ mod tests {
         tokio::task::yield_now().await;
         drop(p);
         assert_eq!(waiter.await.expect("join"), Ok(BackendId(0)));
-        assert_eq!(inflight(&a), 0, "the waiter's permit was dropped in its task");
+        assert_eq!(
+            inflight(&a),
+            0,
+            "the waiter's permit was dropped in its task"
+        );
     }
 
     #[tokio::test(start_paused = true)]

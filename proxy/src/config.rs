@@ -348,8 +348,10 @@ impl Config {
         overrides: &Overrides,
     ) -> Result<Config, LoadError> {
         let file: file::FileConfig = toml::from_str(text).map_err(|e| LoadError::Parse {
-            path: path.map(Path::to_owned).unwrap_or_else(|| "<inline>".into()),
-            message: e.to_string().trim_end().to_owned(),
+            path: path
+                .map(Path::to_owned)
+                .unwrap_or_else(|| "<inline>".into()),
+            message: one_line_toml_error(text, &e),
         })?;
         Self::from_file(file, overrides).map_err(|error| LoadError::Invalid {
             path: path.map(Path::to_owned),
@@ -468,11 +470,14 @@ impl Config {
         for (i, b) in f.backends.iter().enumerate() {
             let key = |k: &str| format!("backend[{i}].{k}");
             let address = b.address.clone().ok_or_else(|| {
-                ConfigError::new(key("address"), "", "missing; set it to the backend's \"host:port\"")
+                ConfigError::new(
+                    key("address"),
+                    "",
+                    "missing; set it to the backend's \"host:port\"",
+                )
             })?;
-            let addr = resolve(&address).map_err(|why| {
-                ConfigError::new(key("address"), format!("{address:?}"), why)
-            })?;
+            let addr = resolve(&address)
+                .map_err(|why| ConfigError::new(key("address"), format!("{address:?}"), why))?;
             let max_inflight = match (b.max_inflight, default_inflight) {
                 (Some(n), _) => limit(&key("max_inflight"), n)?,
                 (None, Some(n)) => n,
@@ -536,7 +541,10 @@ impl Config {
                 .server
                 .graceful_shutdown_timeout
                 .unwrap_or(defaults::GRACEFUL_SHUTDOWN_TIMEOUT),
-            pid_file: f.server.pid_file.unwrap_or_else(|| defaults::PID_FILE.into()),
+            pid_file: f
+                .server
+                .pid_file
+                .unwrap_or_else(|| defaults::PID_FILE.into()),
             upgrade_sock: f
                 .server
                 .upgrade_sock
@@ -584,6 +592,33 @@ impl Config {
     }
 }
 
+/// The parser's message on one line, with the line number and the enclosing `[section]`.
+fn one_line_toml_error(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim().replace('\n', " ");
+    let Some(span) = e.span() else {
+        return message;
+    };
+    let before = &text[..span.start.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let section = before
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| format!(" in {l}"))
+        .unwrap_or_default();
+    // The whole line names both the key and its value: `queue_timeout = "ten"`.
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let key = text[line_start..]
+        .lines()
+        .next()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && l.len() <= 100 && !l.starts_with('['))
+        .map(|l| format!(", `{l}`"))
+        .unwrap_or_default();
+    format!("line {line}{section}{key}: {message}")
+}
+
 fn limit(key: &str, n: i64) -> Result<u32, ConfigError> {
     if n < 1 || n > i64::from(defaults::MAX_INFLIGHT_CEILING) {
         return Err(ConfigError::new(
@@ -598,7 +633,11 @@ fn limit(key: &str, n: i64) -> Result<u32, ConfigError> {
     Ok(n as u32)
 }
 
-fn positive(key: &str, value: Option<Duration>, default: Duration) -> Result<Duration, ConfigError> {
+fn positive(
+    key: &str,
+    value: Option<Duration>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
     match value {
         None => Ok(default),
         Some(d) if d.is_zero() => Err(ConfigError::new(
@@ -632,7 +671,8 @@ mod tests {
         Config::parse(text, None, &Overrides::default())
     }
 
-    const MINIMAL: &str = "[admission]\nmax_inflight = 16\n[[backend]]\naddress = \"127.0.0.1:9\"\n";
+    const MINIMAL: &str =
+        "[admission]\nmax_inflight = 16\n[[backend]]\naddress = \"127.0.0.1:9\"\n";
 
     #[test]
     fn minimal_file_gets_documented_defaults() {
@@ -648,7 +688,7 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named() {
-        let e = parse(&format!("{MINIMAL}[server]\nthreadz = 4\n")).unwrap_err();
+        let e = parse(&format!("{MINIMAL}[server]\nthreadz = 4\n")).expect_err("must be rejected");
         let msg = e.to_string();
         assert!(msg.contains("threadz"), "{msg}");
     }
@@ -656,7 +696,7 @@ mod tests {
     #[test]
     fn zero_limit_is_named_with_fix() {
         let e = parse("[admission]\nmax_inflight = 0\n[[backend]]\naddress = \"127.0.0.1:9\"\n")
-            .unwrap_err();
+            .expect_err("must be rejected");
         let msg = e.to_string();
         assert!(msg.contains("admission.max_inflight = 0"), "{msg}");
         assert!(msg.contains("between 1 and"), "{msg}");
@@ -664,15 +704,19 @@ mod tests {
 
     #[test]
     fn bad_duration_is_named() {
-        let e = parse(&format!("{MINIMAL}queue_timeout = \"ten seconds\"\n")).unwrap_err();
+        let e = parse(&format!("{MINIMAL}queue_timeout = \"ten seconds\"\n"))
+            .expect_err("must be rejected");
         // The key lands in [[backend]] here, which has no such key: move it to [admission].
         assert!(e.to_string().contains("queue_timeout"), "{e}");
         let e = parse(
             "[admission]\nmax_inflight = 4\nqueue_timeout = \"ten seconds\"\n[[backend]]\naddress = \"127.0.0.1:9\"\n",
         )
-        .unwrap_err();
+        .expect_err("must be rejected");
         let msg = e.to_string();
-        assert!(msg.contains("queue_timeout") && msg.contains("\"10s\""), "{msg}");
+        assert!(
+            msg.contains("queue_timeout") && msg.contains("\"10s\""),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -692,9 +736,9 @@ mod tests {
 
     #[test]
     fn missing_backend_and_missing_limit_explain_the_fix() {
-        let e = parse("[admission]\nmax_inflight = 4\n").unwrap_err();
+        let e = parse("[admission]\nmax_inflight = 4\n").expect_err("must be rejected");
         assert!(e.to_string().contains("[[backend]]"), "{e}");
-        let e = parse("[[backend]]\naddress = \"127.0.0.1:9\"\n").unwrap_err();
+        let e = parse("[[backend]]\naddress = \"127.0.0.1:9\"\n").expect_err("must be rejected");
         assert!(e.to_string().contains("admission.max_inflight"), "{e}");
     }
 
@@ -703,7 +747,7 @@ mod tests {
         let e = parse(
             "[admission]\nmax_inflight = 4\n[[backend]]\nname=\"a\"\naddress = \"127.0.0.1:9\"\n[[backend]]\nname=\"a\"\naddress = \"127.0.0.1:8\"\n",
         )
-        .unwrap_err();
+        .expect_err("must be rejected");
         assert!(e.to_string().contains("backend[1].name"), "{e}");
     }
 
@@ -716,7 +760,7 @@ mod tests {
             ..Default::default()
         };
         let c = Config::parse(MINIMAL, None, &o).expect("valid");
-        let e = c.preflight_bind().unwrap_err();
+        let e = c.preflight_bind().expect_err("must be rejected");
         assert_eq!(e.key, "proxy.listen");
         assert!(e.fix.contains("already in use"), "{e}");
     }

@@ -65,7 +65,11 @@ fn run(args: cli::RunArgs) -> ExitCode {
         let mut o: Overrides = args.config.overrides();
         o.backend = Some(emu.addr().to_string());
         o.listen = o.listen.or_else(|| Some("127.0.0.1:8080".into()));
-        match Config::parse(cli::EMBEDDED_CONFIG, Some("<embedded conf/sluice.toml>".as_ref()), &o) {
+        match Config::parse(
+            cli::EMBEDDED_CONFIG,
+            Some("<embedded conf/sluice.toml>".as_ref()),
+            &o,
+        ) {
             Ok(cfg) => {
                 eprintln!(
                     "sluice: no --config or --backend given: serving the embedded conf/sluice.toml \

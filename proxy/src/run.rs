@@ -76,11 +76,11 @@ pub fn build_server(cfg: &Config, opt: Option<Opt>) -> (Server, Arc<Admission>) 
     let mut socket = TcpSocketOptions::default();
     // Detect terminals that vanished without a FIN (power loss, NAT timeouts).
     socket.tcp_keepalive = Some(TcpKeepalive {
-            idle: Duration::from_secs(60),
-            interval: Duration::from_secs(10),
-            count: 5,
-            #[cfg(target_os = "linux")]
-            user_timeout: Duration::from_secs(0),
+        idle: Duration::from_secs(60),
+        interval: Duration::from_secs(10),
+        count: 5,
+        #[cfg(target_os = "linux")]
+        user_timeout: Duration::from_secs(0),
     });
     service.add_listener(
         ListenerConfig::tcp(cfg.listen.to_string())

@@ -143,8 +143,21 @@ impl ProxyHttp for Sluice {
         ctx.queue_wait = arrived.elapsed();
         match admitted {
             Ok(permit) => {
-                ctx.permit = Some(permit);
                 let downstream = session.as_downstream_mut();
+                // A slot granted in the very instant the client hung up: look once more before
+                // the request is forwarded, so a leaver's payment never reaches the backend.
+                if permit.was_queued() && downstream.is_body_empty() {
+                    let gone = tokio::select! {
+                        biased;
+                        _ = downstream.read_body_or_idle(true) => true,
+                        _ = std::future::ready(()) => false,
+                    };
+                    if gone {
+                        drop(permit);
+                        return Err(client_gone());
+                    }
+                }
+                ctx.permit = Some(permit);
                 // From here on the backend may be working on this request: keep its slot until
                 // the backend answers, even if the client leaves.
                 downstream.set_abort_on_close(false);

@@ -1,0 +1,1661 @@
+//! An emulator of the fragile legacy HTTP server (an old IIS) that sluice
+//! protects.
+//!
+//! The model:
+//!
+//! * A request is **inside** the server from the moment its head has been read
+//!   until its response has been written (or it was dropped by a fault).
+//!   [`Stats::max_inside`] is the number tests assert as "backend max
+//!   concurrency".
+//! * At most [`EmulatorConfig::workers`] requests are **served** at once; the
+//!   others wait inside for a worker, first come first served. A worker spends
+//!   [`EmulatorConfig::service_time`] on each request (overridable per request
+//!   with `X-Service-Time: 250ms`).
+//! * When more than [`EmulatorConfig::lockup_above`] requests are inside, the
+//!   server **locks up**: for [`EmulatorConfig::lockup_duration`] it answers
+//!   nothing (requests that finish their service time stall before writing
+//!   their response, so their workers stay busy too), then recovers. A new
+//!   episode starts only when a request enters while the count is above the
+//!   limit and the server is not already locked up.
+//! * After a start or [`EmulatorHandle::restart`], capacity can ramp up from a
+//!   fraction of the workers ([`ColdStart`]), like an app pool warming up.
+//! * Idle keep-alive connections are closed after
+//!   [`EmulatorConfig::keepalive_timeout`].
+//!
+//! Each response is `200`, `text/plain`, body `ok <id>\n`, with the request's
+//! transaction id (header `X-Txn-Id`, else query parameter `txn=`) echoed in
+//! `X-Txn-Id`. Faults are injected per request with `X-Fault`: see [`Fault`].
+//! `GET /__emu/stats` (the [`Stats`] as JSON) and `POST /__emu/reset` are
+//! answered at once and counted nowhere (their TCP connection is, however,
+//! counted as accepted).
+//!
+//! Run it on the current tokio runtime with [`Emulator`], or on a dedicated
+//! runtime usable from synchronous code with [`EmulatorThread`]. Both
+//! dereference to an [`EmulatorHandle`], a cheap clonable handle with the
+//! query and control API.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::ops::Deref;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::{Handle, Runtime};
+use tokio::sync::{oneshot, watch, Notify, Semaphore};
+use tokio::task::{AbortHandle, JoinHandle, JoinSet};
+use tokio::time::Instant;
+
+use crate::wire::{self, Framing, Wire};
+
+/// Bound on how long reading a request body or writing a response may take.
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on how long [`EmulatorHandle::stop`] waits for connections to close.
+const STOP_WAIT: Duration = Duration::from_secs(5);
+/// Longest a `X-Fault: hang` request is held if the peer never closes.
+const HANG_MAX: Duration = Duration::from_secs(600);
+/// Requests served on one connection before the emulator closes it.
+const MAX_REQUESTS_PER_CONN: u64 = 1_000_000;
+/// Pause after a failed `accept` (e.g. out of file descriptors), to not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+/// Number of capacity increments during a cold start.
+const RAMP_STEPS: u32 = 50;
+
+/// Configuration of the emulated server.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmulatorConfig {
+    /// Number of worker threads: at most this many requests are served at
+    /// once; further requests wait inside, FIFO.
+    pub workers: usize,
+    /// Time a worker spends on each request.
+    pub service_time: Duration,
+    /// Lock up when more than this many requests are inside (waiting or
+    /// being served). `None` never locks up.
+    pub lockup_above: Option<usize>,
+    /// How long a lock-up lasts.
+    pub lockup_duration: Duration,
+    /// Idle keep-alive timeout per connection (IIS default: 120 s).
+    pub keepalive_timeout: Duration,
+    /// Capacity ramp after a start or restart; `None` starts at full capacity.
+    pub cold_start: Option<ColdStart>,
+}
+
+impl Default for EmulatorConfig {
+    fn default() -> Self {
+        EmulatorConfig {
+            workers: 256,
+            service_time: Duration::from_millis(20),
+            lockup_above: None,
+            lockup_duration: Duration::from_secs(5),
+            keepalive_timeout: Duration::from_secs(120),
+            cold_start: None,
+        }
+    }
+}
+
+/// Capacity ramp after a start or restart.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ColdStart {
+    /// Fraction of [`EmulatorConfig::workers`] available at once (0.0–1.0,
+    /// rounded down).
+    pub initial_fraction: f64,
+    /// Time to ramp linearly from there to all workers.
+    pub duration: Duration,
+}
+
+/// A snapshot of the emulator's counters.
+///
+/// Concurrency levels (`*_now`, `max_*`, `workers_now`) are `usize`, like the
+/// configuration; event totals are `u64`, like the load generator's report.
+///
+/// Maxima and totals cover the time since start or the last
+/// [`EmulatorHandle::reset_stats`]; they survive [`EmulatorHandle::stop`] and
+/// [`EmulatorHandle::restart`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Requests answered with a full response (counted as the response is
+    /// written; faulted ones excluded, except `X-Fault: close`).
+    pub requests: u64,
+    /// Requests inside now (head read, response not yet written).
+    pub inside_now: usize,
+    /// Maximum number of requests inside at once: the backend's observed
+    /// concurrency.
+    pub max_inside: usize,
+    /// Requests being served by a worker now.
+    pub serving_now: usize,
+    /// Maximum number of requests served at once.
+    pub max_serving: usize,
+    /// Total TCP connections accepted.
+    pub accepted_connections: u64,
+    /// TCP connections open now.
+    pub open_connections: usize,
+    /// Maximum number of TCP connections open at once.
+    pub max_open_connections: usize,
+    /// Number of lock-up episodes.
+    pub lockups: u64,
+    /// Whether the server is locked up now.
+    pub locked: bool,
+    /// Requests rejected as malformed (answered `400` and closed).
+    pub bad_requests: u64,
+    /// Requests that carried an `X-Fault` header.
+    pub faults: u64,
+    /// Workers available now (below `workers` during a cold start).
+    pub workers_now: usize,
+}
+
+/// A fault injected with the `X-Fault` request header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// `reset`: after the service time, abort the connection (TCP RST)
+    /// without answering.
+    Reset,
+    /// `hang`: take a worker and never answer; hold until the peer closes the
+    /// connection or the emulator stops (at most 10 minutes).
+    Hang,
+    /// `truncate`: announce a `Content-Length` larger than the body sent,
+    /// then close.
+    Truncate,
+    /// `malformed`: send a garbage status line, then close.
+    Malformed,
+    /// `close`: answer normally with `Connection: close`, then close.
+    Close,
+}
+
+impl FromStr for Fault {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "reset" => Ok(Fault::Reset),
+            "hang" => Ok(Fault::Hang),
+            "truncate" => Ok(Fault::Truncate),
+            "malformed" => Ok(Fault::Malformed),
+            "close" => Ok(Fault::Close),
+            other => Err(format!("unknown fault {other:?}")),
+        }
+    }
+}
+
+/// Counters, all updated with relaxed atomics.
+#[derive(Debug, Default)]
+struct Counters {
+    requests: AtomicU64,
+    inside_now: AtomicUsize,
+    max_inside: AtomicUsize,
+    serving_now: AtomicUsize,
+    max_serving: AtomicUsize,
+    accepted: AtomicU64,
+    open_now: AtomicUsize,
+    max_open: AtomicUsize,
+    lockups: AtomicU64,
+    bad_requests: AtomicU64,
+    faults: AtomicU64,
+    workers_now: AtomicUsize,
+}
+
+/// What stalls responses: a lock-up, or a test's [`EmulatorHandle::hold`].
+#[derive(Debug, Clone, Copy, Default)]
+struct Gate {
+    locked: bool,
+    held: bool,
+}
+
+/// State shared by the accept loop, the connection tasks and the handles.
+#[derive(Debug)]
+struct Shared {
+    cfg: EmulatorConfig,
+    service_time_ns: AtomicU64,
+    counters: Counters,
+    transactions: Mutex<Vec<String>>,
+    gate: watch::Sender<Gate>,
+    unlock_task: Mutex<Option<AbortHandle>>,
+    /// Woken on every counter change, for [`EmulatorHandle::wait_for`].
+    changed: Notify,
+}
+
+/// Locks a mutex, ignoring poisoning (the data stays usable for stats).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    fn touch(&self) {
+        self.changed.notify_waiters();
+    }
+
+    fn service_time(&self) -> Duration {
+        Duration::from_nanos(self.service_time_ns.load(Ordering::Relaxed))
+    }
+
+    fn record_txn(&self, id: &str) {
+        lock(&self.transactions).push(id.to_string());
+    }
+
+    /// Starts a lock-up episode unless one is running.
+    fn trigger_lockup(self: &Arc<Self>) {
+        // Counted inside the gate update, and `snapshot` reads the gate
+        // first: a snapshot that sees `locked` also sees the episode counted.
+        let started = self.gate.send_if_modified(|g| {
+            if g.locked {
+                false
+            } else {
+                self.counters.lockups.fetch_add(1, Ordering::Relaxed);
+                g.locked = true;
+                true
+            }
+        });
+        if !started {
+            return;
+        }
+        let shared = Arc::clone(self);
+        let task = tokio::spawn(async move {
+            tokio::time::sleep(shared.cfg.lockup_duration).await;
+            shared.gate.send_modify(|g| g.locked = false);
+            shared.touch();
+        });
+        if let Some(old) = lock(&self.unlock_task).replace(task.abort_handle()) {
+            old.abort();
+        }
+        self.touch();
+    }
+
+    /// Ends any lock-up at once (used when the server is stopped).
+    fn clear_lockup(&self) {
+        if let Some(task) = lock(&self.unlock_task).take() {
+            task.abort();
+        }
+        self.gate.send_modify(|g| g.locked = false);
+        self.touch();
+    }
+
+    /// Waits until responses may be written (not locked up, not held).
+    async fn gate_open(&self) {
+        let mut rx = self.gate.subscribe();
+        // The sender lives in `self`, so this only ends by the gate opening
+        // (or the task being aborted by a stop).
+        let _ = rx.wait_for(|g| !g.locked && !g.held).await;
+    }
+
+    fn snapshot(&self) -> Stats {
+        let locked = self.gate.borrow().locked;
+        let c = &self.counters;
+        let total = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let level = |a: &AtomicUsize| a.load(Ordering::Relaxed);
+        Stats {
+            requests: total(&c.requests),
+            inside_now: level(&c.inside_now),
+            max_inside: level(&c.max_inside),
+            serving_now: level(&c.serving_now),
+            max_serving: level(&c.max_serving),
+            accepted_connections: total(&c.accepted),
+            open_connections: level(&c.open_now),
+            max_open_connections: level(&c.max_open),
+            lockups: total(&c.lockups),
+            locked,
+            bad_requests: total(&c.bad_requests),
+            faults: total(&c.faults),
+            workers_now: level(&c.workers_now),
+        }
+    }
+
+    fn reset(&self) {
+        let c = &self.counters;
+        for a in [
+            &c.requests,
+            &c.accepted,
+            &c.lockups,
+            &c.bad_requests,
+            &c.faults,
+        ] {
+            a.store(0, Ordering::Relaxed);
+        }
+        c.max_inside
+            .store(c.inside_now.load(Ordering::Relaxed), Ordering::Relaxed);
+        c.max_serving
+            .store(c.serving_now.load(Ordering::Relaxed), Ordering::Relaxed);
+        c.max_open
+            .store(c.open_now.load(Ordering::Relaxed), Ordering::Relaxed);
+        lock(&self.transactions).clear();
+        self.touch();
+    }
+}
+
+/// Increments a gauge and its maximum; decrements the gauge on drop.
+struct GaugeGuard<'a> {
+    shared: &'a Shared,
+    gauge: &'a AtomicUsize,
+}
+
+impl<'a> GaugeGuard<'a> {
+    fn new(shared: &'a Shared, gauge: &'a AtomicUsize, max: &'a AtomicUsize) -> (Self, usize) {
+        let now = gauge.fetch_add(1, Ordering::Relaxed) + 1;
+        max.fetch_max(now, Ordering::Relaxed);
+        (GaugeGuard { shared, gauge }, now)
+    }
+}
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.gauge.fetch_sub(1, Ordering::Relaxed);
+        self.shared.touch();
+    }
+}
+
+/// Counts one open connection for as long as it lives (owned, movable into
+/// the connection task).
+struct OpenConn(Arc<Shared>);
+
+impl OpenConn {
+    fn new(shared: &Arc<Shared>) -> Self {
+        let c = &shared.counters;
+        c.accepted.fetch_add(1, Ordering::Relaxed);
+        let now = c.open_now.fetch_add(1, Ordering::Relaxed) + 1;
+        c.max_open.fetch_max(now, Ordering::Relaxed);
+        shared.touch();
+        OpenConn(Arc::clone(shared))
+    }
+}
+
+impl Drop for OpenConn {
+    fn drop(&mut self) {
+        self.0.counters.open_now.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
+    }
+}
+
+/// One listening period, between a start and a stop.
+#[derive(Debug)]
+struct Generation {
+    stop_tx: oneshot::Sender<()>,
+    accept: JoinHandle<()>,
+    ramp: Option<JoinHandle<()>>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    rt: Handle,
+    running: Mutex<Option<Generation>>,
+    /// Set when the owning [`Emulator`] is dropped: no more restarts.
+    dropped: AtomicBool,
+}
+
+/// A cheap, clonable, thread-safe handle on a running emulator: queries and
+/// controls. Obtained from [`Emulator`] or [`EmulatorThread`] (both
+/// dereference to it).
+#[derive(Debug, Clone)]
+pub struct EmulatorHandle {
+    inner: Arc<Inner>,
+}
+
+impl EmulatorHandle {
+    /// The address the emulator listens on (kept across restarts).
+    pub fn addr(&self) -> SocketAddr {
+        self.inner.addr
+    }
+
+    /// The configuration it was started with.
+    pub fn config(&self) -> &EmulatorConfig {
+        &self.inner.shared.cfg
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> Stats {
+        self.inner.shared.snapshot()
+    }
+
+    /// Requests inside now (one atomic read; cheap enough for sampling).
+    pub fn inside_now(&self) -> usize {
+        self.inner
+            .shared
+            .counters
+            .inside_now
+            .load(Ordering::Relaxed)
+    }
+
+    /// Every transaction id that got inside, in order of arrival, duplicates
+    /// kept (faulted requests included).
+    pub fn transactions(&self) -> Vec<String> {
+        lock(&self.inner.shared.transactions).clone()
+    }
+
+    /// Resets totals, maxima (to the current gauges) and the transaction list.
+    pub fn reset_stats(&self) {
+        self.inner.shared.reset();
+    }
+
+    /// Changes the service time of requests that start service from now on.
+    pub fn set_service_time(&self, d: Duration) {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.inner
+            .shared
+            .service_time_ns
+            .store(ns, Ordering::Relaxed);
+    }
+
+    /// The current default service time.
+    pub fn service_time(&self) -> Duration {
+        self.inner.shared.service_time()
+    }
+
+    /// Test control: requests that finish their service time stall (keeping
+    /// their worker) until [`EmulatorHandle::release`]. Makes concurrency
+    /// assertions deterministic: hold, send N requests, wait for
+    /// `inside_now == N`, release.
+    pub fn hold(&self) {
+        self.inner.shared.gate.send_modify(|g| g.held = true);
+    }
+
+    /// Ends a [`EmulatorHandle::hold`].
+    pub fn release(&self) {
+        self.inner.shared.gate.send_modify(|g| g.held = false);
+        self.inner.shared.touch();
+    }
+
+    /// Whether the emulator is listening (not stopped).
+    pub fn is_running(&self) -> bool {
+        lock(&self.inner.running).is_some()
+    }
+
+    /// Waits until `pred` holds for the stats, re-checking on every change.
+    /// Returns `Ok(stats)` once it holds, or `Err(last stats)` after
+    /// `timeout`. Works from any tokio runtime.
+    pub async fn wait_for(
+        &self,
+        timeout: Duration,
+        mut pred: impl FnMut(&Stats) -> bool,
+    ) -> Result<Stats, Stats> {
+        let deadline = Instant::now() + timeout;
+        let shared = &self.inner.shared;
+        // Bounded in time by the deadline; each pass needs a change.
+        loop {
+            let notified = shared.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let stats = shared.snapshot();
+            if pred(&stats) {
+                return Ok(stats);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                let stats = shared.snapshot();
+                return if pred(&stats) { Ok(stats) } else { Err(stats) };
+            }
+        }
+    }
+
+    /// Stops like a crashed server: closes the listener and every open
+    /// connection at once (counters are kept). Returns once they are closed
+    /// (bounded by a few seconds). Does nothing if already stopped.
+    pub async fn stop(&self) {
+        let generation = lock(&self.inner.running).take();
+        if let Some(mut generation) = generation {
+            if let Some(ramp) = generation.ramp.take() {
+                ramp.abort();
+            }
+            let _ = generation.stop_tx.send(());
+            if tokio::time::timeout(STOP_WAIT, &mut generation.accept)
+                .await
+                .is_err()
+            {
+                generation.accept.abort();
+            }
+        }
+        self.inner.shared.clear_lockup();
+    }
+
+    /// Listens again on the same address (stopping first if running),
+    /// applying the cold start if configured.
+    pub async fn restart(&self) -> io::Result<()> {
+        self.stop().await;
+        self.launch(None)
+    }
+
+    /// Binds (unless given a bound listener) and spawns the accept loop.
+    fn launch(&self, bound: Option<std::net::TcpListener>) -> io::Result<()> {
+        let inner = &self.inner;
+        if inner.dropped.load(Ordering::Relaxed) {
+            return Err(io::Error::other("the emulator was dropped"));
+        }
+        let mut running = lock(&inner.running);
+        if running.is_some() {
+            return Ok(());
+        }
+        // std's bind sets SO_REUSEADDR on Unix, so the port can be rebound
+        // right after a stop despite connections in TIME_WAIT.
+        let std_listener = match bound {
+            Some(l) => l,
+            None => std::net::TcpListener::bind(inner.addr)?,
+        };
+        std_listener.set_nonblocking(true)?;
+        let _enter = inner.rt.enter();
+        let listener = TcpListener::from_std(std_listener)?;
+
+        let shared = &inner.shared;
+        let workers = shared.cfg.workers;
+        let initial = match shared.cfg.cold_start {
+            Some(cs) => {
+                let f = if cs.initial_fraction.is_nan() {
+                    0.0
+                } else {
+                    cs.initial_fraction.clamp(0.0, 1.0)
+                };
+                // Truncation intended: rounded down, then clamped.
+                ((workers as f64 * f).floor() as usize).min(workers)
+            }
+            None => workers,
+        };
+        let sem = Arc::new(Semaphore::new(initial));
+        shared
+            .counters
+            .workers_now
+            .store(initial, Ordering::Relaxed);
+        let ramp = match shared.cfg.cold_start {
+            Some(cs) if initial < workers => Some(inner.rt.spawn(ramp_up(
+                Arc::clone(&sem),
+                Arc::clone(shared),
+                initial,
+                cs.duration,
+            ))),
+            _ => None,
+        };
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let accept = inner
+            .rt
+            .spawn(accept_loop(listener, Arc::clone(shared), sem, stop_rx));
+        *running = Some(Generation {
+            stop_tx,
+            accept,
+            ramp,
+        });
+        shared.touch();
+        Ok(())
+    }
+
+    /// Aborts every task at once, without waiting (for `Drop`).
+    fn abort_all(&self) {
+        self.inner.dropped.store(true, Ordering::Relaxed);
+        if let Some(generation) = lock(&self.inner.running).take() {
+            if let Some(ramp) = generation.ramp {
+                ramp.abort();
+            }
+            // Dropping the accept task drops its JoinSet, which aborts every
+            // connection task.
+            generation.accept.abort();
+        }
+        if let Some(task) = lock(&self.inner.shared.unlock_task).take() {
+            task.abort();
+        }
+    }
+
+    /// Creates the shared state, binds `addr` and starts listening.
+    fn start(cfg: EmulatorConfig, addr: SocketAddr, rt: Handle) -> io::Result<Self> {
+        if cfg.workers == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "workers must be at least 1",
+            ));
+        }
+        let listener = std::net::TcpListener::bind(addr)?;
+        let addr = listener.local_addr()?;
+        let (gate, _) = watch::channel(Gate::default());
+        let service_time_ns =
+            AtomicU64::new(u64::try_from(cfg.service_time.as_nanos()).unwrap_or(u64::MAX));
+        let shared = Arc::new(Shared {
+            cfg,
+            service_time_ns,
+            counters: Counters::default(),
+            transactions: Mutex::new(Vec::new()),
+            gate,
+            unlock_task: Mutex::new(None),
+            changed: Notify::new(),
+        });
+        let handle = EmulatorHandle {
+            inner: Arc::new(Inner {
+                shared,
+                addr,
+                rt,
+                running: Mutex::new(None),
+                dropped: AtomicBool::new(false),
+            }),
+        };
+        handle.launch(Some(listener))?;
+        Ok(handle)
+    }
+}
+
+/// The emulator running on the current tokio runtime. Stops (abruptly) when
+/// dropped. Dereferences to [`EmulatorHandle`] for queries and control.
+#[derive(Debug)]
+pub struct Emulator {
+    handle: EmulatorHandle,
+}
+
+impl Emulator {
+    /// Starts on `127.0.0.1:0` (a free port) on the current tokio runtime.
+    pub async fn start(cfg: EmulatorConfig) -> io::Result<Emulator> {
+        Emulator::start_on(cfg, SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// Starts on `addr` on the current tokio runtime.
+    pub async fn start_on(cfg: EmulatorConfig, addr: SocketAddr) -> io::Result<Emulator> {
+        let handle = EmulatorHandle::start(cfg, addr, Handle::current())?;
+        Ok(Emulator { handle })
+    }
+
+    /// A clonable handle, usable after moving it to other tasks or threads.
+    pub fn handle(&self) -> EmulatorHandle {
+        self.handle.clone()
+    }
+}
+
+impl Deref for Emulator {
+    type Target = EmulatorHandle;
+
+    fn deref(&self) -> &EmulatorHandle {
+        &self.handle
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        self.handle.abort_all();
+    }
+}
+
+/// The emulator on its own dedicated tokio runtime (two worker threads), for
+/// synchronous code and for tests whose own runtime must stay free (e.g. one
+/// running pingora). The runtime is shut down when this is dropped.
+/// Dereferences to [`EmulatorHandle`].
+#[derive(Debug)]
+pub struct EmulatorThread {
+    handle: EmulatorHandle,
+    emulator: Option<Emulator>,
+    runtime: Option<Runtime>,
+}
+
+impl EmulatorThread {
+    /// Starts on `127.0.0.1:0` on a new dedicated runtime.
+    pub fn start(cfg: EmulatorConfig) -> io::Result<EmulatorThread> {
+        EmulatorThread::start_on(cfg, SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    /// Starts on `addr` on a new dedicated runtime.
+    pub fn start_on(cfg: EmulatorConfig, addr: SocketAddr) -> io::Result<EmulatorThread> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("legacy-emu")
+            .enable_all()
+            .build()?;
+        let handle = EmulatorHandle::start(cfg, addr, runtime.handle().clone())?;
+        Ok(EmulatorThread {
+            handle: handle.clone(),
+            emulator: Some(Emulator { handle }),
+            runtime: Some(runtime),
+        })
+    }
+
+    /// A clonable handle, usable from other threads.
+    pub fn handle(&self) -> EmulatorHandle {
+        self.handle.clone()
+    }
+
+    /// The dedicated runtime's handle (to spawn helpers next to the emulator).
+    pub fn runtime(&self) -> Option<Handle> {
+        self.runtime.as_ref().map(|r| r.handle().clone())
+    }
+
+    /// Runs `fut` on the dedicated runtime and blocks for its result
+    /// (bounded by `limit`). Safe to call from inside another runtime.
+    fn block_on<T: Send + 'static>(
+        &self,
+        limit: Duration,
+        fut: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> Option<T> {
+        let rt = self.runtime.as_ref()?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        rt.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        rx.recv_timeout(limit).ok()
+    }
+
+    /// Blocking [`EmulatorHandle::stop`].
+    pub fn stop(&self) {
+        let h = self.handle();
+        let _ = self.block_on(
+            STOP_WAIT + Duration::from_secs(1),
+            async move { h.stop().await },
+        );
+    }
+
+    /// Blocking [`EmulatorHandle::restart`].
+    pub fn restart(&self) -> io::Result<()> {
+        let h = self.handle();
+        self.block_on(STOP_WAIT + Duration::from_secs(1), async move {
+            h.restart().await
+        })
+        .unwrap_or_else(|| Err(io::Error::other("restart did not finish in time")))
+    }
+
+    /// Blocking [`EmulatorHandle::wait_for`].
+    pub fn wait_for_blocking(
+        &self,
+        timeout: Duration,
+        pred: impl FnMut(&Stats) -> bool + Send + 'static,
+    ) -> Result<Stats, Stats> {
+        let h = self.handle();
+        self.block_on(timeout + Duration::from_secs(1), async move {
+            h.wait_for(timeout, pred).await
+        })
+        .unwrap_or_else(|| Err(self.stats()))
+    }
+}
+
+impl Deref for EmulatorThread {
+    type Target = EmulatorHandle;
+
+    fn deref(&self) -> &EmulatorHandle {
+        &self.handle
+    }
+}
+
+impl Drop for EmulatorThread {
+    fn drop(&mut self) {
+        drop(self.emulator.take());
+        if let Some(rt) = self.runtime.take() {
+            // Unlike dropping a runtime, this is allowed inside async code.
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Adds workers linearly until all are available.
+async fn ramp_up(sem: Arc<Semaphore>, shared: Arc<Shared>, initial: usize, duration: Duration) {
+    let start = Instant::now();
+    let extra = shared.cfg.workers - initial;
+    let mut added = 0usize;
+    for k in 1..=RAMP_STEPS {
+        tokio::time::sleep_until(start + duration * k / RAMP_STEPS).await;
+        // u32 -> usize is lossless; target <= extra.
+        let target = extra * k as usize / RAMP_STEPS as usize;
+        if target > added {
+            sem.add_permits(target - added);
+            added = target;
+            shared
+                .counters
+                .workers_now
+                .store(initial + added, Ordering::Relaxed);
+            shared.touch();
+        }
+    }
+}
+
+/// Accepts connections until told to stop, then closes all of them.
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    sem: Arc<Semaphore>,
+    mut stop_rx: oneshot::Receiver<()>,
+) {
+    let mut conns = JoinSet::new();
+    // Runs for the life of the server; ends on stop (or the handle's drop).
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut stop_rx => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let open = OpenConn::new(&shared);
+                    conns.spawn(serve_conn(Arc::clone(&shared), Arc::clone(&sem), stream, open));
+                }
+                // E.g. EMFILE: back off briefly rather than spin.
+                Err(_) => tokio::time::sleep(ACCEPT_BACKOFF).await,
+            },
+        }
+    }
+    drop(listener);
+    conns.shutdown().await;
+}
+
+/// A parsed request head.
+#[derive(Debug)]
+struct ReqHead {
+    method: String,
+    path: String,
+    version: u8,
+    headers: Vec<(String, String)>,
+}
+
+/// Parses a request head from `buf`, if complete.
+fn parse_request_head(buf: &[u8]) -> io::Result<Option<(ReqHead, usize)>> {
+    let mut headers = [httparse::EMPTY_HEADER; wire::MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => {
+            let head = ReqHead {
+                method: req.method.unwrap_or("").to_string(),
+                path: req.path.unwrap_or("").to_string(),
+                version: req.version.unwrap_or(1),
+                headers: wire::owned_headers(req.headers),
+            };
+            Ok(Some((head, len)))
+        }
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(e) => Err(wire::invalid(format!("malformed request: {e}"))),
+    }
+}
+
+/// What to do with the connection after a request.
+enum Next {
+    KeepAlive,
+    Close,
+}
+
+/// Serves the requests of one connection.
+async fn serve_conn(shared: Arc<Shared>, sem: Arc<Semaphore>, stream: TcpStream, _open: OpenConn) {
+    let _ = stream.set_nodelay(true);
+    let mut wire = Wire::new(stream);
+    for _ in 0..MAX_REQUESTS_PER_CONN {
+        let idle_deadline = Instant::now() + shared.cfg.keepalive_timeout;
+        let head = match wire.read_head(idle_deadline, parse_request_head).await {
+            Ok(Some(head)) => head,
+            // Peer closed, idle timeout, reset, or EOF in a head: just close.
+            Ok(None) => return,
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                bad_request(&shared, &mut wire, &e.to_string()).await;
+                return;
+            }
+            Err(_) => return,
+        };
+        match handle_request(&shared, &sem, &mut wire, head).await {
+            Next::KeepAlive => {}
+            Next::Close => return,
+        }
+    }
+}
+
+/// Counts a bad request and answers `400` with `Connection: close`.
+async fn bad_request(shared: &Shared, wire: &mut Wire, why: &str) {
+    shared.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
+    shared.touch();
+    let body = format!("bad request: {why}\n");
+    let reply = Reply {
+        status: 400,
+        reason: "Bad Request",
+        ..Reply::ok(1, None, false, body.as_bytes())
+    };
+    let _ = write(wire, &reply.encode()).await;
+}
+
+/// Writes all bytes, bounded by [`IO_TIMEOUT`].
+async fn write(wire: &mut Wire, bytes: &[u8]) -> io::Result<()> {
+    tokio::time::timeout(IO_TIMEOUT, wire.stream.write_all(bytes))
+        .await
+        .map_err(|_| wire::timed_out("writing response"))?
+}
+
+/// A response to serialise.
+struct Reply<'a> {
+    version: u8,
+    status: u16,
+    reason: &'a str,
+    content_type: &'a str,
+    txn: Option<&'a str>,
+    keep_alive: bool,
+    body: &'a [u8],
+}
+
+impl Reply<'_> {
+    /// A `200 OK` `text/plain` reply.
+    fn ok<'a>(version: u8, txn: Option<&'a str>, keep_alive: bool, body: &'a [u8]) -> Reply<'a> {
+        Reply {
+            version,
+            status: 200,
+            reason: "OK",
+            content_type: "text/plain",
+            txn,
+            keep_alive,
+            body,
+        }
+    }
+
+    /// Serialises the reply, announcing `content_length` (normally the body
+    /// length; larger for the `truncate` fault).
+    fn encode_with_length(&self, content_length: usize) -> Vec<u8> {
+        let mut head = format!(
+            "HTTP/1.{} {} {}\r\nServer: legacy-emu\r\nContent-Type: {}\r\nContent-Length: {content_length}\r\n",
+            self.version, self.status, self.reason, self.content_type
+        );
+        if let Some(id) = self.txn {
+            head.push_str(&format!("X-Txn-Id: {id}\r\n"));
+        }
+        match (self.version, self.keep_alive) {
+            (_, false) => head.push_str("Connection: close\r\n"),
+            (0, true) => head.push_str("Connection: keep-alive\r\n"),
+            _ => {}
+        }
+        head.push_str("\r\n");
+        let mut bytes = head.into_bytes();
+        bytes.extend_from_slice(self.body);
+        bytes
+    }
+
+    /// Serialises the reply.
+    fn encode(&self) -> Vec<u8> {
+        self.encode_with_length(self.body.len())
+    }
+}
+
+/// The transaction id: header `X-Txn-Id`, else query parameter `txn`.
+fn txn_id(head: &ReqHead) -> Option<String> {
+    if let Some(id) = wire::find_header(&head.headers, "x-txn-id") {
+        return Some(id.trim().to_string());
+    }
+    let (_, query) = head.path.split_once('?')?;
+    query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("txn="))
+        .map(str::to_string)
+}
+
+/// Reads a request body as framed; the content is discarded.
+async fn read_body(wire: &mut Wire, framing: Framing) -> io::Result<()> {
+    let deadline = Instant::now() + IO_TIMEOUT;
+    match framing {
+        Framing::None | Framing::UntilClose => {}
+        Framing::Sized(n) => {
+            wire.read_sized(n, deadline).await?;
+        }
+        Framing::Chunked => {
+            wire.read_chunked(deadline).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Answers the special `/__emu/*` paths; `None` if `head` is not one.
+async fn control_request(
+    shared: &Shared,
+    wire: &mut Wire,
+    head: &ReqHead,
+    framing: Framing,
+    keep_alive: bool,
+) -> Option<Next> {
+    let path = head.path.split('?').next().unwrap_or("");
+    if !path.starts_with("/__emu/") {
+        return None;
+    }
+    if read_body(wire, framing).await.is_err() {
+        return Some(Next::Close);
+    }
+    let (status, reason, ctype, body) = match (head.method.as_str(), path) {
+        ("GET", "/__emu/stats") => match serde_json::to_vec(&shared.snapshot()) {
+            Ok(json) => (200, "OK", "application/json", json),
+            Err(e) => (
+                500,
+                "Internal Server Error",
+                "text/plain",
+                e.to_string().into_bytes(),
+            ),
+        },
+        ("POST", "/__emu/reset") => {
+            shared.reset();
+            (200, "OK", "text/plain", b"reset\n".to_vec())
+        }
+        (_, "/__emu/stats" | "/__emu/reset") => (
+            405,
+            "Method Not Allowed",
+            "text/plain",
+            b"method not allowed\n".to_vec(),
+        ),
+        _ => (404, "Not Found", "text/plain", b"not found\n".to_vec()),
+    };
+    let reply = Reply {
+        status,
+        reason,
+        content_type: ctype,
+        ..Reply::ok(head.version, None, keep_alive, &body)
+    };
+    Some(match write(wire, &reply.encode()).await {
+        Ok(()) if keep_alive => Next::KeepAlive,
+        _ => Next::Close,
+    })
+}
+
+/// Handles one request whose head has been read.
+async fn handle_request(
+    shared: &Arc<Shared>,
+    sem: &Semaphore,
+    wire: &mut Wire,
+    head: ReqHead,
+) -> Next {
+    let keep_alive = if head.version >= 1 {
+        !wire::has_token(&head.headers, "connection", "close")
+    } else {
+        wire::has_token(&head.headers, "connection", "keep-alive")
+    };
+    let framing = match wire::framing(&head.headers, Framing::None) {
+        Ok(f) => f,
+        Err(e) => {
+            bad_request(shared, wire, &e.to_string()).await;
+            return Next::Close;
+        }
+    };
+    if let Some(next) = control_request(shared, wire, &head, framing, keep_alive).await {
+        return next;
+    }
+    let fault = match wire::find_header(&head.headers, "x-fault").map(Fault::from_str) {
+        None => None,
+        Some(Ok(f)) => Some(f),
+        Some(Err(e)) => {
+            bad_request(shared, wire, &e).await;
+            return Next::Close;
+        }
+    };
+    let service_time = match wire::find_header(&head.headers, "x-service-time") {
+        None => shared.service_time(),
+        Some(v) => match humantime::parse_duration(v.trim()) {
+            Ok(d) => d,
+            Err(e) => {
+                bad_request(shared, wire, &format!("bad X-Service-Time {v:?}: {e}")).await;
+                return Next::Close;
+            }
+        },
+    };
+    let txn = txn_id(&head);
+
+    // Inside from here until the response is written (guard dropped).
+    let c = &shared.counters;
+    let (_inside, inside_now) = GaugeGuard::new(shared, &c.inside_now, &c.max_inside);
+    if let Some(id) = &txn {
+        shared.record_txn(id);
+    }
+    if fault.is_some() {
+        c.faults.fetch_add(1, Ordering::Relaxed);
+    }
+    if let Some(limit) = shared.cfg.lockup_above {
+        if inside_now > limit {
+            shared.trigger_lockup();
+        }
+    }
+    shared.touch();
+
+    if head.version >= 1
+        && framing != Framing::None
+        && wire::has_token(&head.headers, "expect", "100-continue")
+        && write(wire, b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err()
+    {
+        return Next::Close;
+    }
+    if let Err(e) = read_body(wire, framing).await {
+        if e.kind() == io::ErrorKind::InvalidData {
+            bad_request(shared, wire, &e.to_string()).await;
+        }
+        return Next::Close;
+    }
+
+    // Wait for a worker (FIFO: tokio's semaphore is fair), then serve.
+    let Ok(_permit) = sem.acquire().await else {
+        return Next::Close;
+    };
+    let (_serving, _) = GaugeGuard::new(shared, &c.serving_now, &c.max_serving);
+    shared.touch();
+    tokio::time::sleep(service_time).await;
+
+    if fault == Some(Fault::Hang) {
+        hold_until_closed(wire).await;
+        return Next::Close;
+    }
+    shared.gate_open().await;
+
+    let id = txn.as_deref();
+    let body = match id {
+        Some(id) => format!("ok {id}\n"),
+        None => "ok\n".to_string(),
+    };
+    match fault {
+        Some(Fault::Reset) => {
+            // Abortive close: the connection is reset when the socket drops.
+            let _ = wire.stream.set_zero_linger();
+            Next::Close
+        }
+        Some(Fault::Truncate) => {
+            let reply = Reply::ok(head.version, id, false, body.as_bytes());
+            let _ = write(wire, &reply.encode_with_length(body.len() + 64)).await;
+            Next::Close
+        }
+        Some(Fault::Malformed) => {
+            let _ = write(wire, b"HTTP/1.1 OOPS\x01 legacy server garbage\r\n\r\n").await;
+            Next::Close
+        }
+        Some(Fault::Hang) | Some(Fault::Close) | None => {
+            let keep = keep_alive && fault.is_none();
+            // A HEAD response announces the body's length but carries none.
+            let sent_body: &[u8] = if head.method.eq_ignore_ascii_case("HEAD") {
+                b""
+            } else {
+                body.as_bytes()
+            };
+            let reply = Reply::ok(head.version, id, keep, sent_body);
+            // Counted before the write, so a client that has its response
+            // already sees it in the stats.
+            c.requests.fetch_add(1, Ordering::Relaxed);
+            if write(wire, &reply.encode_with_length(body.len()))
+                .await
+                .is_err()
+            {
+                return Next::Close;
+            }
+            if keep {
+                Next::KeepAlive
+            } else {
+                Next::Close
+            }
+        }
+    }
+}
+
+/// Holds a hung request: reads and discards until the peer closes, the
+/// connection fails, or [`HANG_MAX`] passes.
+async fn hold_until_closed(wire: &mut Wire) {
+    let deadline = Instant::now() + HANG_MAX;
+    // Bounded by the deadline; each pass needs bytes from the peer.
+    loop {
+        match wire.fill(deadline).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => wire.buf.clear(),
+        }
+    }
+}
+
+impl fmt::Display for Stats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "requests {} | inside {} (max {}) | serving {} (max {}) | conns accepted {} open {} (max {}) | lockups {}{} | bad {} | faults {} | workers {}",
+            self.requests,
+            self.inside_now,
+            self.max_inside,
+            self.serving_now,
+            self.max_serving,
+            self.accepted_connections,
+            self.open_connections,
+            self.max_open_connections,
+            self.lockups,
+            if self.locked { " (locked now)" } else { "" },
+            self.bad_requests,
+            self.faults,
+            self.workers_now,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::{request, Conn, Request};
+
+    /// Generous bound for anything that should happen "at once".
+    const SOON: Duration = Duration::from_secs(5);
+
+    fn cfg() -> EmulatorConfig {
+        EmulatorConfig {
+            service_time: Duration::from_millis(5),
+            ..EmulatorConfig::default()
+        }
+    }
+
+    /// Sends `n` concurrent one-shot requests with ids `<prefix><i>`.
+    fn spawn_requests(
+        addr: SocketAddr,
+        n: usize,
+        prefix: &str,
+    ) -> Vec<tokio::task::JoinHandle<io::Result<crate::client::Response>>> {
+        (0..n)
+            .map(|i| {
+                let req = Request::get("/pay").txn(format!("{prefix}{i}"));
+                tokio::spawn(async move { request(addr, &req).await })
+            })
+            .collect()
+    }
+
+    async fn join_ok(handles: Vec<tokio::task::JoinHandle<io::Result<crate::client::Response>>>) {
+        for h in handles {
+            let resp = h.await.expect("task").expect("response");
+            assert_eq!(resp.status, 200);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn max_inside_counts_concurrent_clients_below_workers() {
+        let emu = Emulator::start(cfg()).await.expect("start");
+        emu.hold();
+        let handles = spawn_requests(emu.addr(), 10, "c");
+        emu.wait_for(SOON, |s| s.inside_now == 10)
+            .await
+            .expect("10 inside");
+        emu.release();
+        join_ok(handles).await;
+        let s = emu
+            .wait_for(SOON, |s| s.inside_now == 0)
+            .await
+            .expect("all out");
+        assert_eq!(s.max_inside, 10);
+        assert_eq!(s.max_serving, 10);
+        assert_eq!(s.requests, 10);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn workers_bound_serving_and_the_rest_wait_inside() {
+        let emu = Emulator::start(EmulatorConfig {
+            workers: 2,
+            service_time: Duration::from_millis(50),
+            ..EmulatorConfig::default()
+        })
+        .await
+        .expect("start");
+        emu.hold();
+        let handles = spawn_requests(emu.addr(), 6, "w");
+        emu.wait_for(SOON, |s| s.inside_now == 6 && s.serving_now == 2)
+            .await
+            .expect("6 inside, 2 served");
+        emu.release();
+        join_ok(handles).await;
+        let s = emu.stats();
+        assert_eq!(s.max_serving, 2);
+        assert_eq!(s.max_inside, 6);
+        assert_eq!(s.requests, 6);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn lockup_stalls_everyone_then_recovers() {
+        let emu = Emulator::start(EmulatorConfig {
+            lockup_above: Some(3),
+            lockup_duration: Duration::from_millis(800),
+            ..cfg()
+        })
+        .await
+        .expect("start");
+        emu.hold();
+        let handles = spawn_requests(emu.addr(), 4, "l");
+        let s = emu
+            .wait_for(SOON, |s| s.inside_now == 4 && s.locked)
+            .await
+            .expect("4 inside, locked up");
+        assert_eq!(s.lockups, 1);
+        assert!(s.locked);
+        emu.release();
+        // Locked up: nobody gets an answer for a while.
+        let mut handles = handles;
+        let first = tokio::time::timeout(Duration::from_millis(200), &mut handles[0]).await;
+        assert!(first.is_err(), "answered during a lock-up");
+        assert_eq!(emu.stats().requests, 0);
+        // Then it recovers and answers everyone.
+        join_ok(handles).await;
+        let s = emu.stats();
+        assert_eq!(s.lockups, 1);
+        assert!(!s.locked);
+        assert_eq!(s.requests, 4);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn records_transaction_ids_including_faulted_and_query_ids() {
+        let emu = Emulator::start(cfg()).await.expect("start");
+        let addr = emu.addr();
+        let resp = request(addr, &Request::get("/pay").txn("a1"))
+            .await
+            .expect("a1");
+        assert_eq!(resp.txn_id(), Some("a1"));
+        assert_eq!(resp.text(), "ok a1\n");
+        assert_eq!(resp.header("content-type"), Some("text/plain"));
+        let resp = request(addr, &Request::get("/pay?x=1&txn=q2"))
+            .await
+            .expect("q2");
+        assert_eq!(resp.txn_id(), Some("q2"));
+        let err = request(
+            addr,
+            &Request::get("/pay").txn("f3").header("X-Fault", "reset"),
+        )
+        .await
+        .expect_err("reset");
+        assert!(matches!(
+            err.kind(),
+            io::ErrorKind::ConnectionReset | io::ErrorKind::UnexpectedEof
+        ));
+        request(addr, &Request::get("/pay").txn("a1"))
+            .await
+            .expect("a1 again");
+        assert_eq!(emu.transactions(), ["a1", "q2", "f3", "a1"]);
+        let s = emu.stats();
+        assert_eq!(s.requests, 3);
+        assert_eq!(s.faults, 1);
+        emu.reset_stats();
+        assert!(emu.transactions().is_empty());
+        assert_eq!(emu.stats().requests, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn faults_truncate_malformed_close_and_service_time() {
+        let emu = Emulator::start(cfg()).await.expect("start");
+        let addr = emu.addr();
+        let err = request(
+            addr,
+            &Request::get("/").txn("t").header("X-Fault", "truncate"),
+        )
+        .await
+        .expect_err("truncated");
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        let err = request(
+            addr,
+            &Request::get("/").txn("m").header("X-Fault", "malformed"),
+        )
+        .await
+        .expect_err("malformed");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+
+        let mut conn = Conn::connect(addr).await.expect("connect");
+        let resp = conn
+            .send(&Request::get("/").txn("c").header("X-Fault", "close"))
+            .await
+            .expect("close fault answers");
+        assert_eq!(resp.status, 200);
+        assert_eq!(resp.header("connection"), Some("close"));
+        assert!(conn.is_closed_by_peer().await);
+
+        let started = Instant::now();
+        let resp = request(
+            addr,
+            &Request::get("/").txn("s").header("X-Service-Time", "150ms"),
+        )
+        .await
+        .expect("slow");
+        assert_eq!(resp.status, 200);
+        assert!(started.elapsed() >= Duration::from_millis(150));
+
+        let resp = request(addr, &Request::get("/").header("X-Fault", "bogus"))
+            .await
+            .expect("400");
+        assert_eq!(resp.status, 400);
+        assert_eq!(emu.stats().bad_requests, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn hang_holds_a_worker_until_the_client_goes_away() {
+        let emu = Emulator::start(EmulatorConfig {
+            workers: 1,
+            ..cfg()
+        })
+        .await
+        .expect("start");
+        let mut hung = Conn::connect(emu.addr()).await.expect("connect");
+        hung.send_raw(
+            &Request::get("/")
+                .txn("h")
+                .header("X-Fault", "hang")
+                .encode("x"),
+        )
+        .await
+        .expect("send");
+        emu.wait_for(SOON, |s| s.serving_now == 1)
+            .await
+            .expect("hang being served");
+        assert!(
+            !hung
+                .is_closed_by_peer_within(Duration::from_millis(100))
+                .await
+        );
+        drop(hung);
+        emu.wait_for(SOON, |s| s.inside_now == 0 && s.serving_now == 0)
+            .await
+            .expect("hang released");
+        let resp = request(emu.addr(), &Request::get("/").txn("after"))
+            .await
+            .expect("worker free again");
+        assert_eq!(resp.status, 200);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn keep_alive_reuses_one_connection() {
+        let emu = Emulator::start(cfg()).await.expect("start");
+        let mut conn = Conn::connect(emu.addr()).await.expect("connect");
+        for i in 0..5 {
+            let id = format!("k{i}");
+            let resp = conn
+                .send(&Request::get("/pay").txn(&id))
+                .await
+                .expect("send");
+            assert_eq!(resp.txn_id(), Some(id.as_str()));
+            assert!(resp.keep_alive());
+        }
+        // A POST with a chunked body on the same connection.
+        let resp = conn
+            .send(
+                &Request::new("POST", "/pay")
+                    .txn("k5")
+                    .header("Transfer-Encoding", "chunked")
+                    .body("4\r\nab=1\r\n0\r\n\r\n"),
+            )
+            .await
+            .expect("chunked post");
+        assert_eq!(resp.txn_id(), Some("k5"));
+        let resp = conn
+            .send(&Request::new("HEAD", "/pay").txn("k6"))
+            .await
+            .expect("head");
+        assert_eq!(resp.header("content-length"), Some("6"));
+        assert!(resp.body.is_empty());
+        let resp = conn
+            .send(&Request::get("/pay").txn("k7"))
+            .await
+            .expect("after head");
+        assert_eq!(resp.text(), "ok k7\n");
+        let s = emu.stats();
+        assert_eq!(s.accepted_connections, 1);
+        assert_eq!(s.requests, 8);
+        assert_eq!(s.open_connections, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn http10_closes_unless_keep_alive() {
+        let emu = Emulator::start(cfg()).await.expect("start");
+        let mut conn = Conn::connect(emu.addr()).await.expect("connect");
+        let resp = conn
+            .send(&Request::get("/").http10().txn("a"))
+            .await
+            .expect("send");
+        assert_eq!(resp.version, 0);
+        assert!(!resp.keep_alive());
+        assert!(conn.is_closed_by_peer().await);
+
+        let mut conn = Conn::connect(emu.addr()).await.expect("connect");
+        for id in ["b", "c"] {
+            let resp = conn
+                .send(
+                    &Request::get("/")
+                        .http10()
+                        .txn(id)
+                        .header("Connection", "keep-alive"),
+                )
+                .await
+                .expect("send");
+            assert_eq!(resp.header("connection"), Some("keep-alive"));
+        }
+        assert!(
+            !conn
+                .is_closed_by_peer_within(Duration::from_millis(50))
+                .await
+        );
+        assert_eq!(emu.stats().accepted_connections, 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn idle_keep_alive_connections_time_out() {
+        let emu = Emulator::start(EmulatorConfig {
+            keepalive_timeout: Duration::from_millis(100),
+            ..cfg()
+        })
+        .await
+        .expect("start");
+        let mut conn = Conn::connect(emu.addr()).await.expect("connect");
+        conn.send(&Request::get("/").txn("i")).await.expect("send");
+        assert!(conn.is_closed_by_peer_within(SOON).await);
+        emu.wait_for(SOON, |s| s.open_connections == 0)
+            .await
+            .expect("closed");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn stop_and_restart_on_the_same_port() {
+        let emu = Emulator::start(cfg()).await.expect("start");
+        let addr = emu.addr();
+        let mut kept = Conn::connect(addr).await.expect("connect");
+        kept.send(&Request::get("/").txn("before"))
+            .await
+            .expect("send");
+        emu.stop().await;
+        assert!(!emu.is_running());
+        assert!(kept.is_closed_by_peer().await);
+        assert!(request(addr, &Request::get("/").txn("down")).await.is_err());
+        assert_eq!(emu.stats().open_connections, 0);
+
+        emu.restart().await.expect("restart");
+        assert_eq!(emu.addr(), addr);
+        let resp = request(addr, &Request::get("/").txn("after"))
+            .await
+            .expect("after restart");
+        assert_eq!(resp.status, 200);
+        assert_eq!(emu.transactions(), ["before", "after"]);
+        // Restarting while running is a stop + start.
+        emu.restart().await.expect("restart again");
+        request(addr, &Request::get("/").txn("again"))
+            .await
+            .expect("after second restart");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn cold_start_ramps_capacity() {
+        let emu = Emulator::start(EmulatorConfig {
+            workers: 10,
+            cold_start: Some(ColdStart {
+                initial_fraction: 0.2,
+                duration: Duration::from_secs(30),
+            }),
+            ..cfg()
+        })
+        .await
+        .expect("start");
+        // The first increment is 0.6 s away: capacity is 2 for now.
+        assert_eq!(emu.stats().workers_now, 2);
+        emu.hold();
+        let handles = spawn_requests(emu.addr(), 5, "cs");
+        emu.wait_for(SOON, |s| s.inside_now == 5)
+            .await
+            .expect("5 inside");
+        assert_eq!(emu.stats().serving_now, 2);
+        emu.release();
+        join_ok(handles).await;
+        assert_eq!(emu.stats().max_serving, 2);
+        drop(emu);
+
+        let emu = Emulator::start(EmulatorConfig {
+            workers: 10,
+            cold_start: Some(ColdStart {
+                initial_fraction: 0.0,
+                duration: Duration::from_millis(200),
+            }),
+            ..cfg()
+        })
+        .await
+        .expect("start");
+        // Even with no worker at first, requests get served once it ramps.
+        let resp = request(emu.addr(), &Request::get("/").txn("z"))
+            .await
+            .expect("served after ramp");
+        assert_eq!(resp.status, 200);
+        emu.wait_for(SOON, |s| s.workers_now == 10)
+            .await
+            .expect("fully ramped");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn control_paths_are_not_counted() {
+        let emu = Emulator::start(cfg()).await.expect("start");
+        let mut conn = Conn::connect(emu.addr()).await.expect("connect");
+        conn.send(&Request::get("/").txn("x")).await.expect("send");
+        let resp = conn
+            .send(&Request::get("/__emu/stats"))
+            .await
+            .expect("stats");
+        assert_eq!(resp.status, 200);
+        let stats: Stats = serde_json::from_slice(&resp.body).expect("json");
+        assert_eq!(stats.requests, 1);
+        assert_eq!(stats.inside_now, 0);
+        let resp = conn
+            .send(&Request::post("/__emu/reset", ""))
+            .await
+            .expect("reset");
+        assert_eq!(resp.status, 200);
+        let s = emu.stats();
+        assert_eq!(s.requests, 0);
+        assert_eq!(s.max_inside, 0);
+        assert!(emu.transactions().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn garbage_is_a_bad_request() {
+        let emu = Emulator::start(cfg()).await.expect("start");
+        let mut conn = Conn::connect(emu.addr()).await.expect("connect");
+        conn.send_raw(b"\x01\x02 nonsense\r\n\r\n")
+            .await
+            .expect("send");
+        let resp = conn.read_response().await.expect("400");
+        assert_eq!(resp.status, 400);
+        assert!(conn.is_closed_by_peer().await);
+        let s = emu.stats();
+        assert_eq!(s.bad_requests, 1);
+        assert_eq!(s.max_inside, 0);
+    }
+
+    #[test]
+    fn emulator_thread_works_from_sync_code() {
+        let emu = EmulatorThread::start(cfg()).expect("start");
+        let report = crate::terminals::run_blocking(crate::terminals::LoadConfig {
+            terminals: 3,
+            transactions_per_terminal: Some(4),
+            ..crate::terminals::LoadConfig::new(emu.addr())
+        });
+        assert_eq!(report.ok, 12);
+        let s = emu
+            .wait_for_blocking(SOON, |s| s.requests == 12)
+            .expect("12 requests");
+        assert_eq!(s.accepted_connections, 3);
+        emu.stop();
+        assert!(!emu.is_running());
+        emu.restart().expect("restart");
+        let report = crate::terminals::run_blocking(crate::terminals::LoadConfig {
+            terminals: 1,
+            transactions_per_terminal: Some(1),
+            ..crate::terminals::LoadConfig::new(emu.addr())
+        });
+        assert_eq!(report.ok, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn emulator_thread_can_be_used_and_dropped_inside_async_code() {
+        let emu = EmulatorThread::start(cfg()).expect("start");
+        let resp = request(emu.addr(), &Request::get("/").txn("in-async"))
+            .await
+            .expect("response");
+        assert_eq!(resp.status, 200);
+        emu.stop();
+        emu.restart().expect("restart");
+        drop(emu);
+    }
+}

@@ -1,0 +1,58 @@
+//! Shared harness for the end-to-end tests: start sluice in-process in front of an emulator,
+//! and wait for conditions with bounded polling (never a bare sleep).
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use sluice::run::{free_local_addr, RunningProxy};
+use sluice::{Config, Overrides};
+
+/// A config for one backend at `backend`, listening on a free loopback port.
+pub fn config(
+    backend: SocketAddr,
+    max_inflight: u32,
+    max_queue: usize,
+    queue_timeout: Duration,
+) -> Config {
+    let listen = free_local_addr().expect("free port");
+    let o = Overrides {
+        listen: Some(listen.to_string()),
+        backend: Some(backend.to_string()),
+        max_inflight: Some(max_inflight),
+        max_queue: Some(max_queue),
+        queue_timeout: Some(queue_timeout),
+        threads: Some(2),
+    };
+    Config::parse("", None, &o).expect("test config is valid")
+}
+
+/// Start sluice; retried once on the rare race where another test took the free port.
+pub fn start(cfg: &Config) -> RunningProxy {
+    match RunningProxy::start(cfg) {
+        Ok(p) => p,
+        Err(_) => {
+            let mut cfg = cfg.clone();
+            cfg.listen = free_local_addr().expect("free port");
+            RunningProxy::start(&cfg).expect("sluice starts")
+        }
+    }
+}
+
+/// Poll `cond` until it holds, at most `within`; panics with `what` otherwise.
+pub async fn eventually(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let started = Instant::now();
+    loop {
+        if cond() {
+            return;
+        }
+        assert!(started.elapsed() < within, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Raise the open-files soft limit: these tests hold thousands of sockets in one process.
+pub fn raise_fd_limit() {
+    sluice_tests::raise_fd_limit();
+}
