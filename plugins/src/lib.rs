@@ -12,7 +12,10 @@
 
 #![forbid(unsafe_code)]
 
+pub mod health;
 pub mod pool;
+pub mod slow_start;
+pub mod token_bucket;
 
 pub use pool::{
     Acquire, AdmissionPool, BackendId, BackendSnapshot, BackendState, Grant, PoolSnapshot,

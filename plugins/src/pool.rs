@@ -19,13 +19,49 @@
 //!    granted a slot in the meantime, and the caller must use or release that slot.
 //! 4. [`expire`](AdmissionPool::expire) removes every waiter whose deadline has passed.
 //!
+//! Each backend may also carry a token bucket ([`crate::token_bucket`]) and a slow-start ramp
+//! ([`crate::slow_start`]). A backend can take a request when it is up, has a slot free under
+//! its *effective* limit (the ramp's value at `now`), and has a token at `now`. Tokens are taken
+//! only at the moment a request is admitted. When the queue is not empty but no backend can take
+//! its head for lack of a token or of ramp progress, [`next_wakeup`](AdmissionPool::next_wakeup)
+//! says when that changes, and [`poll`](AdmissionPool::poll) then admits.
+//!
 //! Invariant (checked by the property tests at the bottom of this file): after every operation,
 //! each backend's in-flight count is at most its limit, unless the limit was lowered below the
 //! work already in flight, in which case nothing more is admitted until it drains below the new
 //! limit.
 
 use std::collections::BTreeMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use crate::slow_start::{SlowStart, SlowStartConfig};
+use crate::token_bucket::{RateLimit, TokenBucket};
+
+/// Admission policy of one backend.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BackendPolicy {
+    /// Full concurrency limit.
+    pub max_inflight: u32,
+    /// Optional request rate limit (scaled by the ramp while it runs).
+    pub rate: Option<RateLimit>,
+    /// Optional slow-start ramp (runs from construction, on recovery and on command).
+    pub slow_start: Option<SlowStartConfig>,
+}
+
+impl BackendPolicy {
+    /// A plain concurrency limit with no rate limit and no ramp.
+    pub fn limit(max_inflight: u32) -> Self {
+        BackendPolicy {
+            max_inflight,
+            rate: None,
+            slow_start: None,
+        }
+    }
+}
+
+/// Tickets queued normally count up from the middle of the range; requeued requests (which
+/// keep their priority) count down from it, so they sort ahead of every normal ticket.
+const TICKET_BASE: u64 = 1 << 63;
 
 /// Index of a backend inside an [`AdmissionPool`], in configuration order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -82,13 +118,61 @@ struct Slot {
     limit: u32,
     inflight: u32,
     state: BackendState,
+    bucket: Option<TokenBucket>,
+    ramp: Option<SlowStart>,
+    ramp_cfg: Option<SlowStartConfig>,
 }
 
 impl Slot {
+    fn new(policy: &BackendPolicy, now: Instant) -> Self {
+        Slot {
+            limit: policy.max_inflight,
+            inflight: 0,
+            state: BackendState::Up,
+            bucket: policy.rate.map(|r| TokenBucket::new(r, now)),
+            ramp: policy.slow_start.map(|c| SlowStart::new(c, now)),
+            ramp_cfg: policy.slow_start,
+        }
+    }
+
+    /// The limit in force: the ramp's value while it runs, else the full limit.
+    fn effective_limit(&self) -> u32 {
+        match &self.ramp {
+            Some(r) => r.limit(self.limit).min(self.limit),
+            None => self.limit,
+        }
+    }
+
+    /// Rate scale: the ramp's share of the full limit.
+    fn rate_scale(&self) -> f64 {
+        match &self.ramp {
+            Some(r) if r.active() && self.limit > 0 => {
+                f64::from(r.limit(self.limit)) / f64::from(self.limit)
+            }
+            _ => 1.0,
+        }
+    }
+
+    /// Slots free under the effective limit, if the backend takes new work.
     fn free(&self) -> u32 {
         match self.state {
-            BackendState::Up => self.limit.saturating_sub(self.inflight),
+            BackendState::Up => self.effective_limit().saturating_sub(self.inflight),
             BackendState::Down | BackendState::Draining => 0,
+        }
+    }
+
+    fn has_token(&self, now: Instant) -> bool {
+        self.bucket
+            .as_ref()
+            .is_none_or(|b| b.ready(now, self.rate_scale()))
+    }
+
+    fn restart_ramp(&mut self, now: Instant) {
+        if let Some(cfg) = self.ramp_cfg {
+            match &mut self.ramp {
+                Some(r) => r.restart(now),
+                None => self.ramp = Some(SlowStart::new(cfg, now)),
+            }
         }
     }
 }
@@ -100,11 +184,19 @@ struct Waiter<W> {
 }
 
 /// Read-only view of one backend, for status output and metrics.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct BackendSnapshot {
-    /// The current concurrency limit.
+    /// The full concurrency limit.
     pub limit: u32,
+    /// The limit in force now (below `limit` while the slow-start ramp runs).
+    pub effective_limit: u32,
+    /// Ramp progress, 0.0 to 1.0 (1.0 when no ramp runs).
+    pub ramp: f64,
+    /// Whether the ramp is held by its error-rate or latency gate.
+    pub ramp_gated: bool,
+    /// Tokens available now, if the backend has a rate limit.
+    pub tokens: Option<u32>,
     /// Requests admitted to this backend and not yet released.
     pub inflight: u32,
     /// Whether it takes new requests.
@@ -112,7 +204,7 @@ pub struct BackendSnapshot {
 }
 
 /// Read-only view of the whole pool.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct PoolSnapshot {
     /// One entry per backend, in [`BackendId`] order.
@@ -132,35 +224,61 @@ pub struct AdmissionPool<W> {
     queue: BTreeMap<Ticket, Waiter<W>>,
     max_queue: usize,
     next_ticket: u64,
+    next_front_ticket: u64,
 }
 
 impl<W> AdmissionPool<W> {
-    /// A pool with one backend per entry of `limits` (all [`BackendState::Up`]) and a queue
-    /// holding at most `max_queue` waiters (0 means: reject whenever no slot is free).
+    /// A pool with one backend per entry of `limits` (all [`BackendState::Up`], no rate limit,
+    /// no ramp) and a queue holding at most `max_queue` waiters (0: reject when full).
     pub fn new(limits: &[u32], max_queue: usize) -> Self {
+        let policies: Vec<BackendPolicy> = limits.iter().map(|&l| BackendPolicy::limit(l)).collect();
+        // No ramp and no bucket: the instant is never used.
+        Self::with_policies(&policies, max_queue, Instant::now())
+    }
+
+    /// A pool with one backend per policy, all up; ramps start at `now`.
+    pub fn with_policies(policies: &[BackendPolicy], max_queue: usize, now: Instant) -> Self {
         AdmissionPool {
-            slots: limits
-                .iter()
-                .map(|&limit| Slot {
-                    limit,
-                    inflight: 0,
-                    state: BackendState::Up,
-                })
-                .collect(),
+            slots: policies.iter().map(|p| Slot::new(p, now)).collect(),
             queue: BTreeMap::new(),
             max_queue,
-            next_ticket: 0,
+            next_ticket: TICKET_BASE,
+            next_front_ticket: TICKET_BASE - 1,
         }
+    }
+
+    /// Replace backend `backend`'s policy (hot reload). In-flight work and state are kept; a
+    /// running ramp keeps its progress; a changed rate starts from a full bucket.
+    pub fn set_policy(&mut self, backend: BackendId, policy: BackendPolicy, now: Instant) -> Vec<Grant<W>> {
+        self.tick(now);
+        if let Some(slot) = self.slots.get_mut(backend.0) {
+            slot.limit = policy.max_inflight;
+            if slot.bucket.as_ref().map(TokenBucket::limit) != policy.rate {
+                slot.bucket = policy.rate.map(|r| TokenBucket::new(r, now));
+            }
+            slot.ramp_cfg = policy.slow_start;
+            if policy.slow_start.is_none() {
+                slot.ramp = None;
+            }
+        }
+        self.dispatch(now)
+    }
+
+    /// Add a backend (hot reload); it starts up, with its ramp.
+    pub fn add_backend(&mut self, policy: BackendPolicy, now: Instant) -> BackendId {
+        self.slots.push(Slot::new(&policy, now));
+        BackendId(self.slots.len() - 1)
     }
 
     /// Admit a request now, queue it until `deadline`, or refuse it.
     ///
     /// A request is admitted at once only if nobody is queued (FIFO: no overtaking) and some
     /// backend that is up has a free slot; it goes to the backend with the most free slots.
-    pub fn acquire(&mut self, _now: Instant, deadline: Instant, waiter: W) -> Acquire {
+    pub fn acquire(&mut self, now: Instant, deadline: Instant, waiter: W) -> Acquire {
+        self.tick(now);
         if self.queue.is_empty() {
-            if let Some(backend) = self.pick() {
-                self.slots[backend.0].inflight += 1;
+            if let Some(backend) = self.pick(now) {
+                self.admit(backend, now);
                 return Acquire::Admitted(backend);
             }
         }
@@ -179,11 +297,90 @@ impl<W> AdmissionPool<W> {
         Acquire::Queued(ticket)
     }
 
+    /// Queue a request again *ahead of* every normal waiter, keeping its deadline: for a
+    /// request whose admission was undone before anything reached the backend (a refused
+    /// connection). Never rejected for a full queue, since it already held its place.
+    pub fn requeue(&mut self, now: Instant, deadline: Instant, waiter: W) -> Acquire {
+        self.tick(now);
+        let front_is_free = self.queue.keys().next().is_none_or(|t| t.0 >= TICKET_BASE);
+        if front_is_free && self.queue.is_empty() {
+            if let Some(backend) = self.pick(now) {
+                self.admit(backend, now);
+                return Acquire::Admitted(backend);
+            }
+        }
+        let ticket = Ticket(self.next_front_ticket);
+        self.next_front_ticket = self.next_front_ticket.saturating_sub(1);
+        self.queue.insert(
+            ticket,
+            Waiter {
+                deadline,
+                value: waiter,
+            },
+        );
+        Acquire::Queued(ticket)
+    }
+
+    /// Take a slot on `backend` for a health probe, whatever its state, if a slot is free
+    /// under its effective limit. No token is taken. Release it with [`release`](Self::release).
+    pub fn acquire_probe(&mut self, backend: BackendId, now: Instant) -> bool {
+        self.tick(now);
+        match self.slots.get_mut(backend.0) {
+            Some(slot) if slot.inflight < slot.effective_limit().max(1) => {
+                slot.inflight += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Feed a completed request to the backend's ramp gate.
+    pub fn record(&mut self, backend: BackendId, failed: bool, latency: Duration) {
+        if let Some(ramp) = self.slots.get_mut(backend.0).and_then(|s| s.ramp.as_mut()) {
+            ramp.record(failed, latency);
+        }
+    }
+
+    /// Restart a backend's slow-start ramp (operator command). Lowers its effective limit.
+    pub fn restart_ramp(&mut self, backend: BackendId, now: Instant) {
+        self.tick(now);
+        if let Some(slot) = self.slots.get_mut(backend.0) {
+            slot.restart_ramp(now);
+        }
+    }
+
+    /// Admit whatever time alone has made possible (tokens refilled, ramp grown).
+    pub fn poll(&mut self, now: Instant) -> Vec<Grant<W>> {
+        self.tick(now);
+        self.dispatch(now)
+    }
+
+    /// When [`poll`](Self::poll) may next admit a waiter because of time alone: the next token,
+    /// or the next step of a ramp, on a backend that is up. `None` when nobody waits or only a
+    /// release or a state change can help.
+    pub fn next_wakeup(&self, now: Instant) -> Option<Instant> {
+        if self.queue.is_empty() {
+            return None;
+        }
+        self.slots
+            .iter()
+            .filter(|s| s.state == BackendState::Up)
+            .filter_map(|s| {
+                if s.free() > 0 {
+                    s.bucket.as_ref().map(|b| b.next_available(s.rate_scale()))
+                } else {
+                    s.ramp.as_ref().and_then(|r| r.next_step(s.limit, now))
+                }
+            })
+            .min()
+    }
+
     /// Give back a slot of `backend` and admit queued waiters into the capacity now free.
     ///
     /// Releasing a backend with nothing in flight is a caller bug; it is ignored rather than
     /// allowed to corrupt the count.
     pub fn release(&mut self, backend: BackendId, now: Instant) -> Vec<Grant<W>> {
+        self.tick(now);
         if let Some(slot) = self.slots.get_mut(backend.0) {
             debug_assert!(slot.inflight > 0, "release without a matching admit");
             slot.inflight = slot.inflight.saturating_sub(1);
@@ -219,6 +416,7 @@ impl<W> AdmissionPool<W> {
     /// Change a backend's concurrency limit. Raising it admits waiters at once; lowering it
     /// below the work in flight admits nothing more until that work drains below the new limit.
     pub fn set_limit(&mut self, backend: BackendId, limit: u32, now: Instant) -> Vec<Grant<W>> {
+        self.tick(now);
         if let Some(slot) = self.slots.get_mut(backend.0) {
             slot.limit = limit;
         }
@@ -226,16 +424,26 @@ impl<W> AdmissionPool<W> {
     }
 
     /// Change whether a backend takes new requests. In-flight requests are not affected.
+    /// A backend that comes back up (from down or draining) restarts its slow-start ramp.
     pub fn set_state(
         &mut self,
         backend: BackendId,
         state: BackendState,
         now: Instant,
     ) -> Vec<Grant<W>> {
+        self.tick(now);
         if let Some(slot) = self.slots.get_mut(backend.0) {
+            if state == BackendState::Up && slot.state != BackendState::Up {
+                slot.restart_ramp(now);
+            }
             slot.state = state;
         }
         self.dispatch(now)
+    }
+
+    /// A backend's state (`None` for an unknown backend).
+    pub fn state(&self, backend: BackendId) -> Option<BackendState> {
+        self.slots.get(backend.0).map(|s| s.state)
     }
 
     /// Number of backends.
@@ -254,15 +462,25 @@ impl<W> AdmissionPool<W> {
     }
 
     /// A read-only view for status output and metrics.
-    pub fn snapshot(&self) -> PoolSnapshot {
+    pub fn snapshot(&self, now: Instant) -> PoolSnapshot {
         PoolSnapshot {
             backends: self
                 .slots
                 .iter()
-                .map(|s| BackendSnapshot {
-                    limit: s.limit,
-                    inflight: s.inflight,
-                    state: s.state,
+                .map(|s| {
+                    let mut ramp = s.ramp.clone();
+                    if let Some(r) = ramp.as_mut() {
+                        r.advance(now);
+                    }
+                    BackendSnapshot {
+                        limit: s.limit,
+                        effective_limit: ramp.as_ref().map_or(s.limit, |r| r.limit(s.limit).min(s.limit)),
+                        ramp: ramp.as_ref().map_or(1.0, SlowStart::fraction),
+                        ramp_gated: ramp.as_ref().is_some_and(|r| r.active() && r.gated()),
+                        tokens: s.bucket.as_ref().map(|b| b.available(now, s.rate_scale())),
+                        inflight: s.inflight,
+                        state: s.state,
+                    }
                 })
                 .collect(),
             queued: self.queue.len(),
@@ -275,27 +493,47 @@ impl<W> AdmissionPool<W> {
         self.max_queue = max_queue;
     }
 
-    /// The backend that is up and has the most free slots (lowest index on a tie).
-    fn pick(&self) -> Option<BackendId> {
+    /// Move every ramp's clock to `now`.
+    fn tick(&mut self, now: Instant) {
+        for slot in &mut self.slots {
+            if let Some(r) = slot.ramp.as_mut() {
+                r.advance(now);
+            }
+        }
+    }
+
+    /// The backend that is up, has a token, and has the most free slots (lowest index on a tie).
+    fn pick(&self, now: Instant) -> Option<BackendId> {
         let mut best: Option<(usize, u32)> = None;
         for (i, slot) in self.slots.iter().enumerate() {
             let free = slot.free();
-            if free > 0 && best.is_none_or(|(_, f)| free > f) {
+            if free > 0 && best.is_none_or(|(_, f)| free > f) && slot.has_token(now) {
                 best = Some((i, free));
             }
         }
         best.map(|(i, _)| BackendId(i))
     }
 
-    /// Admit waiters from the head of the queue while some backend has a free slot.
-    fn dispatch(&mut self, _now: Instant) -> Vec<Grant<W>> {
+    /// Count a request in flight at `backend` and take its token.
+    fn admit(&mut self, backend: BackendId, now: Instant) {
+        let slot = &mut self.slots[backend.0];
+        slot.inflight += 1;
+        let scale = slot.rate_scale();
+        if let Some(b) = slot.bucket.as_mut() {
+            let took = b.try_take(now, scale);
+            debug_assert!(took, "picked a backend without a token");
+        }
+    }
+
+    /// Admit waiters from the head of the queue while some backend can take one.
+    fn dispatch(&mut self, now: Instant) -> Vec<Grant<W>> {
         let mut grants = Vec::new();
         while !self.queue.is_empty() {
-            let Some(backend) = self.pick() else { break };
+            let Some(backend) = self.pick(now) else { break };
             let Some((ticket, waiter)) = self.queue.pop_first() else {
                 break;
             };
-            self.slots[backend.0].inflight += 1;
+            self.admit(backend, now);
             grants.push(Grant {
                 ticket,
                 backend,
@@ -309,7 +547,8 @@ impl<W> AdmissionPool<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+    use crate::slow_start::SlowStartConfig;
+    use crate::token_bucket::RateLimit;
 
     fn t0() -> Instant {
         Instant::now()
@@ -454,6 +693,99 @@ mod tests {
         assert_eq!(pool.set_state(BackendId(0), BackendState::Up, now).len(), 1);
     }
 
+    fn policy(max: u32, rate: Option<(f64, u32)>, ramp: Option<(u32, u64)>) -> BackendPolicy {
+        BackendPolicy {
+            max_inflight: max,
+            rate: rate.map(|(per_second, burst)| RateLimit { per_second, burst }),
+            slow_start: ramp.map(|(initial, secs)| SlowStartConfig {
+                initial,
+                duration: Duration::from_secs(secs),
+                max_error_rate: None,
+                max_latency: None,
+            }),
+        }
+    }
+
+    #[test]
+    fn waiter_without_token_is_admitted_at_next_wakeup() {
+        let now = t0();
+        let d = now + Duration::from_secs(10);
+        let mut pool = AdmissionPool::with_policies(&[policy(10, Some((10.0, 2)), None)], 10, now);
+        assert!(matches!(pool.acquire(now, d, 0), Acquire::Admitted(_)));
+        assert!(matches!(pool.acquire(now, d, 1), Acquire::Admitted(_)));
+        // Burst spent: the third waits although slots are free, and is never rejected for it.
+        assert!(matches!(pool.acquire(now, d, 2), Acquire::Queued(_)));
+        let wake = pool.next_wakeup(now).expect("a token is coming");
+        assert_eq!(wake, now + Duration::from_millis(100));
+        assert!(pool.poll(wake - Duration::from_nanos(1)).is_empty());
+        let grants = pool.poll(wake);
+        assert_eq!(grants.len(), 1);
+        assert_eq!(grants[0].waiter, 2);
+        assert_eq!(pool.next_wakeup(wake), None, "nobody waits");
+    }
+
+    #[test]
+    fn ramp_limits_admission_and_grows_with_time() {
+        let now = t0();
+        let d = now + Duration::from_secs(100);
+        let mut pool = AdmissionPool::with_policies(&[policy(10, None, Some((2, 8)))], 100, now);
+        let admitted = (0..10)
+            .filter(|&i| matches!(pool.acquire(now, d, i), Acquire::Admitted(_)))
+            .count();
+        assert_eq!(admitted, 2, "the ramp starts at its initial limit");
+        // Limit grows by one every second (8 more slots over 8 s).
+        let wake = pool.next_wakeup(now).expect("ramp step");
+        assert_eq!(wake, now + Duration::from_secs(1));
+        assert_eq!(pool.poll(wake).len(), 1);
+        let later = now + Duration::from_secs(8);
+        assert_eq!(pool.poll(later).len(), 7);
+        assert_eq!(pool.snapshot(later).backends[0].effective_limit, 10);
+        assert_eq!(pool.next_wakeup(later), None, "ramp over, backend full");
+    }
+
+    #[test]
+    fn recovery_restarts_the_ramp() {
+        let now = t0();
+        let mut pool: AdmissionPool<()> =
+            AdmissionPool::with_policies(&[policy(10, None, Some((1, 10)))], 10, now);
+        let later = now + Duration::from_secs(20);
+        assert_eq!(pool.snapshot(later).backends[0].effective_limit, 10);
+        let _ = pool.set_state(BackendId(0), BackendState::Down, later);
+        let _ = pool.set_state(BackendId(0), BackendState::Up, later);
+        assert_eq!(pool.snapshot(later).backends[0].effective_limit, 1);
+        let _ = pool.set_state(BackendId(0), BackendState::Draining, later);
+        let back = later + Duration::from_secs(20);
+        let _ = pool.set_state(BackendId(0), BackendState::Up, back);
+        assert_eq!(pool.snapshot(back).backends[0].effective_limit, 1);
+    }
+
+    #[test]
+    fn requeued_request_goes_ahead_of_the_queue() {
+        let now = t0();
+        let d = now + Duration::from_secs(10);
+        let mut pool = AdmissionPool::new(&[1], 1);
+        let _ = pool.acquire(now, d, 'a');
+        assert!(matches!(pool.acquire(now, d, 'b'), Acquire::Queued(_)));
+        // 'a' could not connect: its slot is released and it is requeued ahead of 'b',
+        // even though the queue is full.
+        let grants = pool.release(BackendId(0), now);
+        assert_eq!(grants[0].waiter, 'b');
+        assert!(matches!(pool.requeue(now, d, 'a'), Acquire::Queued(_)));
+        let grants = pool.release(BackendId(0), now);
+        assert_eq!(grants[0].waiter, 'a');
+    }
+
+    #[test]
+    fn probe_takes_a_slot_on_a_down_backend() {
+        let now = t0();
+        let mut pool: AdmissionPool<()> = AdmissionPool::new(&[1], 1);
+        let _ = pool.set_state(BackendId(0), BackendState::Down, now);
+        assert!(pool.acquire_probe(BackendId(0), now));
+        assert!(!pool.acquire_probe(BackendId(0), now), "probes respect the cap too");
+        let _ = pool.release(BackendId(0), now);
+        assert_eq!(pool.inflight(BackendId(0)), 0);
+    }
+
     mod properties {
         use super::*;
         use proptest::prelude::*;
@@ -485,14 +817,22 @@ mod tests {
             /// waiters are admitted strictly in arrival order.
             #[test]
             fn cap_fifo_and_no_leaks(
-                limits in proptest::collection::vec(0u32..5, 1..4),
+                shapes in proptest::collection::vec(
+                    (0u32..5, proptest::option::of((1u32..50, 1u32..4)), proptest::option::of((1u32..4, 1u64..3))),
+                    1..4,
+                ),
                 max_queue in 0usize..8,
                 ops in proptest::collection::vec(op(), 1..300),
             ) {
                 let start = Instant::now();
                 let mut now = start;
-                let mut pool: AdmissionPool<u64> = AdmissionPool::new(&limits, max_queue);
-                let mut limits = limits;
+                let policies: Vec<BackendPolicy> = shapes
+                    .iter()
+                    .map(|&(l, rate, ramp)| policy(l, rate.map(|(r, b)| (f64::from(r), b)), ramp))
+                    .collect();
+                let mut pool: AdmissionPool<u64> = AdmissionPool::with_policies(&policies, max_queue, now);
+                let mut limits: Vec<u32> = shapes.iter().map(|s| s.0).collect();
+                let mut admitted_to = vec![0u64; limits.len()];
                 // Requests holding a slot: (id, backend).
                 let mut running: Vec<(u64, BackendId)> = Vec::new();
                 // Queued requests: (id, ticket).
@@ -504,9 +844,11 @@ mod tests {
                 let admit_grants = |grants: Vec<Grant<u64>>,
                                         running: &mut Vec<(u64, BackendId)>,
                                         waiting: &mut Vec<(u64, Ticket)>,
-                                        last: &mut Option<u64>|
+                                        last: &mut Option<u64>,
+                                        admitted: &mut Vec<u64>|
                  -> Result<(), TestCaseError> {
                     for g in grants {
+                        admitted[g.backend.0] += 1;
                         prop_assert!(last.is_none_or(|l| g.waiter > l), "FIFO violated");
                         *last = Some(g.waiter);
                         waiting.retain(|(id, _)| *id != g.waiter);
@@ -525,6 +867,7 @@ mod tests {
                             match pool.acquire(now, now + timeout, id) {
                                 Acquire::Admitted(b) => {
                                     prop_assert!(waiting.is_empty(), "overtook a waiter");
+                                    admitted_to[b.0] += 1;
                                     running.push((id, b));
                                 }
                                 Acquire::Queued(t) => waiting.push((id, t)),
@@ -536,7 +879,7 @@ mod tests {
                         Op::Complete(i) if !running.is_empty() => {
                             let (_, b) = running.remove(i % running.len());
                             let g = pool.release(b, now);
-                            admit_grants(g, &mut running, &mut waiting, &mut last_admitted_waiter)?;
+                            admit_grants(g, &mut running, &mut waiting, &mut last_admitted_waiter, &mut admitted_to)?;
                         }
                         Op::Abort(i) if !waiting.is_empty() => {
                             let (id, t) = waiting.remove(i % waiting.len());
@@ -548,18 +891,20 @@ mod tests {
                                 prop_assert!(waiting.iter().any(|(w, _)| *w == id));
                                 waiting.retain(|(w, _)| *w != id);
                             }
+                            let g = pool.poll(now);
+                            admit_grants(g, &mut running, &mut waiting, &mut last_admitted_waiter, &mut admitted_to)?;
                         }
                         Op::SetLimit(b, l) => {
                             let b = b % limits.len();
                             limits[b] = l;
                             let g = pool.set_limit(BackendId(b), l, now);
-                            admit_grants(g, &mut running, &mut waiting, &mut last_admitted_waiter)?;
+                            admit_grants(g, &mut running, &mut waiting, &mut last_admitted_waiter, &mut admitted_to)?;
                         }
                         Op::SetState(b, s) => {
                             let b = b % limits.len();
                             let state = [BackendState::Up, BackendState::Down, BackendState::Draining][s as usize];
                             let g = pool.set_state(BackendId(b), state, now);
-                            admit_grants(g, &mut running, &mut waiting, &mut last_admitted_waiter)?;
+                            admit_grants(g, &mut running, &mut waiting, &mut last_admitted_waiter, &mut admitted_to)?;
                         }
                         _ => {}
                     }
@@ -575,6 +920,15 @@ mod tests {
                     }
                     prop_assert_eq!(pool.queued(), waiting.len());
                     prop_assert!(pool.queued() <= max_queue.max(waiting.len()));
+                    // Never more admissions than the token bucket allows.
+                    for (b, &(_, rate, _)) in shapes.iter().enumerate() {
+                        if let Some((r, burst)) = rate {
+                            let elapsed = now.duration_since(start).as_secs_f64();
+                            let bound = f64::from(burst) + f64::from(r) * elapsed;
+                            prop_assert!(admitted_to[b] as f64 <= bound + 1e-9,
+                                "backend {} admitted {} > {}", b, admitted_to[b], bound);
+                        }
+                    }
                 }
             }
         }
