@@ -1,8 +1,10 @@
-//! The async side of admission: waiting in the queue and holding a [`Permit`].
+//! The async side of admission: waiting in the queue, holding a [`Permit`], and backend health.
 //!
 //! [`sluice_plugins::AdmissionPool`] decides; this module waits. The pool sits behind a mutex
 //! (every critical section is a few counter updates). A queued request parks on a one-shot
-//! channel that the pool's grants complete, and gives up at its deadline.
+//! channel that the pool's grants complete, and gives up at its deadline. A timer task
+//! ([`Admission::run_timer`]) admits waiters whose turn comes from time alone: a token of the
+//! rate limit, or a step of the slow-start ramp.
 //!
 //! Two RAII guards make slot accounting exact on every path:
 //! - [`Permit`] holds one backend slot and releases it on drop, exactly once, whether the
@@ -10,13 +12,25 @@
 //! - `Waiting` (private) holds a place in the queue. If the waiting future is dropped (the
 //!   client went away), it leaves the queue; if it had been granted a slot in the same instant,
 //!   that slot is released rather than leaked.
+//!
+//! Backend state combines two inputs: the operator's drain/ready, and health (active checks
+//! plus passive observations of real requests). A drained backend stays drained whatever its
+//! health; a backend that turns healthy, or is made ready, restarts its slow-start ramp.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use sluice_plugins::{Acquire, AdmissionPool, BackendId, Grant, PoolSnapshot, Ticket};
-use tokio::sync::oneshot;
+use sluice_plugins::health::{Health, Transition};
+use sluice_plugins::pool::BackendPolicy;
+use sluice_plugins::slow_start::SlowStartConfig;
+use sluice_plugins::token_bucket::RateLimit;
+use sluice_plugins::{
+    Acquire, AdmissionPool, BackendId, BackendState, Grant, PoolSnapshot, Ticket,
+};
+use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
+
+use crate::config::{Backend, Config};
 
 /// Why a request was not admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +39,8 @@ pub enum Shed {
     QueueFull,
     /// The request waited `queue_timeout` without getting a slot.
     QueueTimeout,
+    /// The request waited `queue_timeout` while no backend was up.
+    BackendDown,
 }
 
 impl Shed {
@@ -33,25 +49,137 @@ impl Shed {
         match self {
             Shed::QueueFull => "queue_full",
             Shed::QueueTimeout => "queue_timeout",
+            Shed::BackendDown => "backend_down",
         }
     }
 }
 
 type Pool = AdmissionPool<oneshot::Sender<BackendId>>;
 
-/// Shared admission state of one proxy: the pool plus the queue deadline.
+/// The pool policy for a configured backend.
+pub fn policy(b: &Backend) -> BackendPolicy {
+    BackendPolicy {
+        max_inflight: b.max_inflight,
+        rate: b
+            .rate
+            .map(|(per_second, burst)| RateLimit { per_second, burst }),
+        slow_start: b.slow_start.map(|s| SlowStartConfig {
+            initial: s.initial,
+            duration: s.duration,
+            max_error_rate: s.max_error_rate,
+            max_latency: s.max_latency,
+        }),
+    }
+}
+
+/// Health bookkeeping of one backend.
+#[derive(Debug)]
+struct BackendHealth {
+    name: String,
+    health: Health,
+    drained: bool,
+    passive_failures: u32,
+}
+
+/// Shared admission state of one proxy: the pool, the queue deadline, backend health.
 #[derive(Debug)]
 pub struct Admission {
     pool: Mutex<Pool>,
     queue_timeout: Mutex<Duration>,
+    backends: Mutex<Vec<BackendHealth>>,
+    passive_threshold: u32,
+    timer: Notify,
+}
+
+/// A backend's state as shown by status output.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendStatus {
+    /// Configured name.
+    pub name: String,
+    /// Up, down or draining.
+    pub state: BackendState,
+    /// Health from checks (a drained backend may still be healthy).
+    pub healthy: bool,
+    /// Full limit.
+    pub limit: u32,
+    /// Limit in force now.
+    pub effective_limit: u32,
+    /// Requests in flight.
+    pub inflight: u32,
+    /// Ramp progress, 0.0 to 1.0.
+    pub ramp: f64,
+    /// Whether the ramp is held by its gate.
+    pub ramp_gated: bool,
+    /// Tokens available, if rate-limited.
+    pub tokens: Option<u32>,
+}
+
+/// Why an operator command failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommandError {
+    /// No backend has that name.
+    #[error("no backend named {0:?}")]
+    UnknownBackend(String),
 }
 
 impl Admission {
-    /// Admission for backends with these limits, in backend order.
+    /// Admission for backends with these limits (no rate limit, no ramp, passive checks off).
     pub fn new(limits: &[u32], max_queue: usize, queue_timeout: Duration) -> Arc<Self> {
+        let policies: Vec<BackendPolicy> =
+            limits.iter().map(|&l| BackendPolicy::limit(l)).collect();
+        let names = (0..limits.len()).map(|i| format!("b{i}")).collect();
+        Self::with_policies(&policies, names, max_queue, queue_timeout, 0, 1, 1)
+    }
+
+    /// Admission for a validated config; slow-start ramps start now.
+    pub fn from_config(cfg: &Config) -> Arc<Self> {
+        let policies: Vec<BackendPolicy> = cfg.backends.iter().map(policy).collect();
+        let names = cfg.backends.iter().map(|b| b.name.clone()).collect();
+        Self::with_policies(
+            &policies,
+            names,
+            cfg.max_queue,
+            cfg.queue_timeout,
+            // Without active checks nothing could bring a backend back: passive checks only
+            // take a backend down when active checks exist.
+            match cfg.health.check {
+                crate::config::CheckKind::None => 0,
+                _ => cfg.health.passive_failures,
+            },
+            cfg.health.rise,
+            cfg.health.fall,
+        )
+    }
+
+    fn with_policies(
+        policies: &[BackendPolicy],
+        names: Vec<String>,
+        max_queue: usize,
+        queue_timeout: Duration,
+        passive_threshold: u32,
+        rise: u32,
+        fall: u32,
+    ) -> Arc<Self> {
         Arc::new(Admission {
-            pool: Mutex::new(AdmissionPool::new(limits, max_queue)),
+            pool: Mutex::new(AdmissionPool::with_policies(
+                policies,
+                max_queue,
+                Instant::now().into_std(),
+            )),
             queue_timeout: Mutex::new(queue_timeout),
+            backends: Mutex::new(
+                names
+                    .into_iter()
+                    .map(|name| BackendHealth {
+                        name,
+                        health: Health::new(rise, fall),
+                        drained: false,
+                        passive_failures: 0,
+                    })
+                    .collect(),
+            ),
+            passive_threshold,
+            timer: Notify::new(),
         })
     }
 
@@ -61,19 +189,48 @@ impl Admission {
         self.pool.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn backends(&self) -> MutexGuard<'_, Vec<BackendHealth>> {
+        self.backends.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The queue deadline for a request arriving now.
+    pub fn deadline(&self) -> Instant {
+        let timeout = *self.queue_timeout.lock().unwrap_or_else(|p| p.into_inner());
+        Instant::now() + timeout
+    }
+
     /// Wait for a slot on some backend, in FIFO order, for at most `queue_timeout`.
     ///
     /// Cancel-safe: dropping the returned future leaves the queue and leaks nothing.
     pub async fn acquire(self: &Arc<Self>) -> Result<Permit, Shed> {
-        let timeout = *self.queue_timeout.lock().unwrap_or_else(|p| p.into_inner());
+        self.acquire_until(self.deadline(), false).await
+    }
+
+    /// Wait for a slot until `deadline`. With `requeue`, the request goes ahead of every
+    /// normal waiter and is never refused for a full queue: it held its place once already and
+    /// lost its slot before anything reached the backend (a refused connection).
+    pub async fn acquire_until(
+        self: &Arc<Self>,
+        deadline: Instant,
+        requeue: bool,
+    ) -> Result<Permit, Shed> {
         let now = Instant::now();
-        let deadline = now + timeout;
         let (tx, rx) = oneshot::channel();
-        let ticket = match self.pool().acquire(now.into_std(), deadline.into_std(), tx) {
+        let acquired = {
+            let mut pool = self.pool();
+            if requeue {
+                pool.requeue(now.into_std(), deadline.into_std(), tx)
+            } else {
+                pool.acquire(now.into_std(), deadline.into_std(), tx)
+            }
+        };
+        let ticket = match acquired {
             Acquire::Admitted(backend) => return Ok(self.permit(backend, false)),
             Acquire::Rejected(_) => return Err(Shed::QueueFull),
             Acquire::Queued(ticket) => ticket,
         };
+        // The waiter may be admitted by time alone (a token, a ramp step): wake the timer.
+        self.timer.notify_one();
         let mut waiting = Waiting {
             admission: self.clone(),
             ticket,
@@ -92,9 +249,19 @@ impl Admission {
             // but treat it the same): leave the queue, unless a grant raced the deadline.
             Ok(Err(_)) | Err(_) => match waiting.leave() {
                 Some(backend) => Ok(self.permit(backend, true)),
-                None => Err(Shed::QueueTimeout),
+                None if self.any_up() => Err(Shed::QueueTimeout),
+                None => Err(Shed::BackendDown),
             },
         }
+    }
+
+    /// Take a slot on `backend` for a health check, whatever its state, without queueing.
+    /// `None` when the backend has no free slot (it is busy serving: the check can wait).
+    pub fn acquire_probe(self: &Arc<Self>, backend: BackendId) -> Option<Permit> {
+        let now = Instant::now().into_std();
+        self.pool()
+            .acquire_probe(backend, now)
+            .then(|| self.permit(backend, false))
     }
 
     fn permit(self: &Arc<Self>, backend: BackendId, queued: bool) -> Permit {
@@ -117,6 +284,17 @@ impl Admission {
         let mut pool = self.pool();
         let grants = pool.set_limit(backend, limit, Instant::now().into_std());
         hand_over(&mut pool, grants);
+        drop(pool);
+        self.timer.notify_one();
+    }
+
+    /// Replace a backend's policy (hot reload).
+    pub fn set_policy(&self, backend: BackendId, policy: BackendPolicy) {
+        let mut pool = self.pool();
+        let grants = pool.set_policy(backend, policy, Instant::now().into_std());
+        hand_over(&mut pool, grants);
+        drop(pool);
+        self.timer.notify_one();
     }
 
     /// Change the queue bound and the queue deadline for new arrivals.
@@ -127,7 +305,176 @@ impl Admission {
 
     /// A consistent view of limits, in-flight counts and the queue.
     pub fn snapshot(&self) -> PoolSnapshot {
-        self.pool().snapshot()
+        self.pool().snapshot(Instant::now().into_std())
+    }
+
+    /// Per-backend status: names, states, health, limits.
+    pub fn status(&self) -> Vec<BackendStatus> {
+        let snap = self.snapshot();
+        let backends = self.backends();
+        snap.backends
+            .iter()
+            .zip(backends.iter())
+            .map(|(s, b)| BackendStatus {
+                name: b.name.clone(),
+                state: s.state,
+                healthy: b.health.healthy(),
+                limit: s.limit,
+                effective_limit: s.effective_limit,
+                inflight: s.inflight,
+                ramp: s.ramp,
+                ramp_gated: s.ramp_gated,
+                tokens: s.tokens,
+            })
+            .collect()
+    }
+
+    /// The backend with this name.
+    pub fn backend_id(&self, name: &str) -> Result<BackendId, CommandError> {
+        self.backends()
+            .iter()
+            .position(|b| b.name == name)
+            .map(BackendId)
+            .ok_or_else(|| CommandError::UnknownBackend(name.into()))
+    }
+
+    /// Names of all backends, in order.
+    pub fn backend_names(&self) -> Vec<String> {
+        self.backends().iter().map(|b| b.name.clone()).collect()
+    }
+
+    fn any_up(&self) -> bool {
+        self.snapshot()
+            .backends
+            .iter()
+            .any(|b| b.state == BackendState::Up)
+    }
+
+    /// Bring the pool's state of `backend` in line with drain flag and health.
+    fn apply_state(&self, backend: BackendId, b: &BackendHealth) {
+        let state = if b.drained {
+            BackendState::Draining
+        } else if b.health.healthy() {
+            BackendState::Up
+        } else {
+            BackendState::Down
+        };
+        let mut pool = self.pool();
+        if pool.state(backend) == Some(state) {
+            return;
+        }
+        let grants = pool.set_state(backend, state, Instant::now().into_std());
+        hand_over(&mut pool, grants);
+        drop(pool);
+        self.timer.notify_one();
+    }
+
+    /// Operator: stop sending new requests to `name`; in-flight ones finish.
+    pub fn drain(&self, name: &str) -> Result<(), CommandError> {
+        let id = self.backend_id(name)?;
+        let mut backends = self.backends();
+        let b = &mut backends[id.0];
+        b.drained = true;
+        self.apply_state(id, b);
+        log::warn!("backend {name}: draining (operator)");
+        Ok(())
+    }
+
+    /// Operator: take `name` back into service; it ramps up with slow start.
+    pub fn ready(&self, name: &str) -> Result<(), CommandError> {
+        let id = self.backend_id(name)?;
+        let mut backends = self.backends();
+        let b = &mut backends[id.0];
+        b.drained = false;
+        self.apply_state(id, b);
+        log::warn!("backend {name}: ready (operator)");
+        Ok(())
+    }
+
+    /// Operator: restart `name`'s slow-start ramp.
+    pub fn restart_ramp(&self, name: &str) -> Result<(), CommandError> {
+        let id = self.backend_id(name)?;
+        self.pool().restart_ramp(id, Instant::now().into_std());
+        self.timer.notify_one();
+        Ok(())
+    }
+
+    /// Result of an active health check.
+    pub fn observe_check(&self, backend: BackendId, ok: bool) {
+        let mut backends = self.backends();
+        let Some(b) = backends.get_mut(backend.0) else {
+            return;
+        };
+        match b.health.observe(ok) {
+            Some(Transition::Up) => {
+                b.passive_failures = 0;
+                log::warn!("backend {}: up (health check passed)", b.name);
+            }
+            Some(Transition::Down) => log::warn!("backend {}: down (health check failed)", b.name),
+            None => return,
+        }
+        self.apply_state(backend, b);
+    }
+
+    /// A real request at `backend` finished: whether it failed (a 5xx or an upstream error)
+    /// and how long the backend took. Feeds the slow-start gate.
+    pub fn record_outcome(&self, backend: BackendId, failed: bool, latency: Duration) {
+        self.pool().record(backend, failed, latency);
+    }
+
+    /// Passive health: a real request could (`ok`) or could not (connect failure, timeout)
+    /// get an answer from `backend`. Enough failures in a row take it down until active checks
+    /// bring it back (never with `health.check = "none"`, which has no way back).
+    pub fn observe_passive(&self, backend: BackendId, ok: bool) {
+        if self.passive_threshold == 0 {
+            return;
+        }
+        let mut backends = self.backends();
+        let Some(b) = backends.get_mut(backend.0) else {
+            return;
+        };
+        if ok {
+            b.passive_failures = 0;
+            return;
+        }
+        b.passive_failures = b.passive_failures.saturating_add(1);
+        if b.passive_failures >= self.passive_threshold && b.health.force_down().is_some() {
+            log::warn!(
+                "backend {}: down ({} connect failures or timeouts in a row)",
+                b.name,
+                b.passive_failures
+            );
+            self.apply_state(backend, b);
+        }
+    }
+
+    /// Admit waiters whose turn comes from time alone (tokens, ramp steps). Runs until
+    /// `shutdown` turns true.
+    pub async fn run_timer(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        /// Re-check at least this often, so no wake-up can be missed for long.
+        const MAX_SLEEP: Duration = Duration::from_millis(250);
+        loop {
+            let now = Instant::now();
+            let next = {
+                let mut pool = self.pool();
+                let grants = pool.poll(now.into_std());
+                hand_over(&mut pool, grants);
+                pool.next_wakeup(now.into_std())
+            };
+            let until = next
+                .map(Instant::from_std)
+                .unwrap_or(now + MAX_SLEEP)
+                .min(now + MAX_SLEEP);
+            tokio::select! {
+                _ = self.timer.notified() => {}
+                _ = tokio::time::sleep_until(until) => {}
+                _ = shutdown.changed() => {
+                    if *shutdown.borrow() {
+                        return;
+                    }
+                }
+            }
+        }
     }
 }
 

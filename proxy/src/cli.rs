@@ -41,6 +41,87 @@ pub enum Command {
     /// Show sluice at work: a surge of POS terminals against an emulated legacy server, first
     /// directly, then through sluice.
     Demo(crate::demo::DemoArgs),
+    /// Show the running proxy's backends, limits, in-flight counts and queue.
+    Status(AdminArgs),
+    /// Operate on a backend of the running proxy.
+    Backend(BackendArgs),
+}
+
+/// How to reach a running sluice's admin listener.
+#[derive(Debug, Args, Clone)]
+pub struct AdminArgs {
+    /// Admin address of the running proxy (default: admin.listen from --config, else
+    /// 127.0.0.1:9090).
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<String>,
+    /// Configuration file of the running proxy, to find its admin address.
+    #[arg(short = 'c', long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Print the raw JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `sluice backend ...`
+#[derive(Debug, Args)]
+pub struct BackendArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub action: BackendAction,
+    /// How to reach the proxy.
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+/// Backend operations.
+#[derive(Debug, Subcommand, Clone)]
+pub enum BackendAction {
+    /// Send no new requests to NAME; in-flight ones finish.
+    Drain {
+        /// Backend name.
+        name: String,
+    },
+    /// Take NAME back into service (it ramps up with slow start).
+    Ready {
+        /// Backend name.
+        name: String,
+    },
+    /// Restart NAME's slow-start ramp.
+    SlowStart {
+        /// Backend name.
+        name: String,
+    },
+}
+
+impl BackendAction {
+    /// The admin API path for this action.
+    pub fn path(&self) -> String {
+        let (name, action) = match self {
+            BackendAction::Drain { name } => (name, "drain"),
+            BackendAction::Ready { name } => (name, "ready"),
+            BackendAction::SlowStart { name } => (name, "slow-start"),
+        };
+        format!("/backends/{name}/{action}")
+    }
+}
+
+impl AdminArgs {
+    /// The admin address to talk to.
+    pub fn addr(&self) -> Result<std::net::SocketAddr, String> {
+        let text = match (&self.admin, &self.config) {
+            (Some(a), _) => a.clone(),
+            (None, Some(path)) => {
+                let cfg = Config::load(path, &Overrides::default()).map_err(|e| e.to_string())?;
+                match cfg.admin_listen {
+                    Some(a) => a.to_string(),
+                    None => return Err(format!("{}: admin.listen is disabled", path.display())),
+                }
+            }
+            (None, None) => crate::config::defaults::ADMIN_LISTEN.to_string(),
+        };
+        text.parse()
+            .map_err(|_| format!("--admin {text:?}: not an IP:port address, e.g. 127.0.0.1:9090"))
+    }
 }
 
 /// Flags shared by `run` and `check`.
@@ -67,6 +148,15 @@ pub struct ConfigArgs {
     /// Worker threads (overrides server.threads).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+    /// Slow-start ramp length, e.g. 30s; 0s disables (overrides slow_start.duration).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub slow_start: Option<Duration>,
+    /// Requests per second per backend (overrides admission.rate).
+    #[arg(long, value_name = "PER_SECOND")]
+    pub rate: Option<f64>,
+    /// Admin listener address; "" disables it (overrides admin.listen).
+    #[arg(long, value_name = "ADDR")]
+    pub admin_listen: Option<String>,
 }
 
 impl ConfigArgs {
@@ -79,6 +169,9 @@ impl ConfigArgs {
             max_queue: self.max_queue,
             queue_timeout: self.queue_timeout,
             threads: self.threads,
+            slow_start: self.slow_start,
+            rate: self.rate,
+            admin_listen: self.admin_listen.clone(),
         }
     }
 
@@ -139,6 +232,57 @@ pub fn describe(cfg: &Config) -> String {
                 .unwrap_or_default()
         );
     }
+    for b in &cfg.backends {
+        if let Some((rate, burst)) = b.rate {
+            let _ = writeln!(s, "rate {:<12} {rate} requests/s, burst {burst}", b.name);
+        }
+        if let Some(ss) = b.slow_start {
+            let _ = writeln!(
+                s,
+                "slow start {:<6} from {} to {} over {} (at start, on recovery, on ready){}",
+                b.name,
+                ss.initial,
+                b.max_inflight,
+                d(ss.duration),
+                match (ss.max_error_rate, ss.max_latency) {
+                    (None, None) => String::new(),
+                    (e, l) => format!(
+                        "; held while{}{}",
+                        e.map(|e| format!(" errors > {:.0} %", e * 100.0))
+                            .unwrap_or_default(),
+                        l.map(|l| format!(" latency > {}", d(l)))
+                            .unwrap_or_default()
+                    ),
+                }
+            );
+        }
+    }
+    let check = match &cfg.health.check {
+        crate::config::CheckKind::Http {
+            path,
+            expect_status,
+        } => {
+            format!("GET {path} expecting {expect_status:?}")
+        }
+        crate::config::CheckKind::Tcp => "TCP connect".into(),
+        crate::config::CheckKind::None => "none".into(),
+    };
+    let _ = writeln!(
+        s,
+        "health            {check} every {}, timeout {}, rise {}, fall {}; passive: down after {} connect failures/timeouts",
+        d(cfg.health.interval),
+        d(cfg.health.timeout),
+        cfg.health.rise,
+        cfg.health.fall,
+        cfg.health.passive_failures
+    );
+    let _ = writeln!(
+        s,
+        "admin             {}",
+        cfg.admin_listen
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "disabled".into())
+    );
     let _ = writeln!(
         s,
         "queue             up to {} waiting, FIFO, each for at most {}",

@@ -60,6 +60,29 @@ pub mod defaults {
     /// Upper bound for `max_inflight`, far above what any legacy server takes; a larger value is
     /// almost certainly a typo.
     pub const MAX_INFLIGHT_CEILING: u32 = 100_000;
+    /// Slow-start ramp length (10 s): after sluice starts, and after a backend recovers, its
+    /// limit grows from `slow_start.initial` to `max_inflight` over this long. "0s" disables.
+    pub const SLOW_START_DURATION: Duration = Duration::from_secs(10);
+    /// Slow-start initial limit, as a share of `max_inflight` (10 %, at least 1 request).
+    pub const SLOW_START_INITIAL_SHARE: f64 = 0.10;
+    /// Active health check: what to do ("http" GET, "tcp" connect, or "none").
+    pub const HEALTH_CHECK: &str = "http";
+    /// Path requested by the HTTP health check.
+    pub const HEALTH_PATH: &str = "/";
+    /// Statuses that pass the HTTP health check.
+    pub const HEALTH_EXPECT_STATUS: &[u16] = &[200];
+    /// Time between health checks of a backend (2 s).
+    pub const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+    /// A health check that takes longer than this fails (1 s).
+    pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+    /// Consecutive passing checks that bring a down backend back.
+    pub const HEALTH_RISE: u32 = 2;
+    /// Consecutive failing checks that take a backend down.
+    pub const HEALTH_FALL: u32 = 3;
+    /// Consecutive connect failures or timeouts of real requests that take a backend down.
+    pub const PASSIVE_FAILURES: u32 = 3;
+    /// Admin listener (status, drain, ready, metrics). Loopback only by default.
+    pub const ADMIN_LISTEN: &str = "127.0.0.1:9090";
 }
 
 /// The serde structs that mirror the configuration file.
@@ -85,6 +108,63 @@ pub mod file {
         /// `[server]`: process settings passed to pingora.
         #[serde(default)]
         pub server: ServerSection,
+        /// `[slow_start]`: the ramp after a start or a recovery.
+        #[serde(default)]
+        pub slow_start: SlowStartSection,
+        /// `[health]`: active and passive health checks.
+        #[serde(default)]
+        pub health: HealthSection,
+        /// `[admin]`: the admin listener.
+        #[serde(default)]
+        pub admin: AdminSection,
+    }
+
+    /// `[slow_start]`
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct SlowStartSection {
+        /// `duration = "10s"` ("0s" disables the ramp)
+        #[serde(default, with = "opt_duration")]
+        pub duration: Option<Duration>,
+        /// `initial = 5`: the limit at the start of the ramp.
+        pub initial: Option<i64>,
+        /// `max_error_rate = 0.2`: hold the ramp while more errors than this.
+        pub max_error_rate: Option<f64>,
+        /// `max_latency = "500ms"`: hold the ramp while slower than this.
+        #[serde(default, with = "opt_duration")]
+        pub max_latency: Option<Duration>,
+    }
+
+    /// `[health]`
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct HealthSection {
+        /// `check = "http"` | `"tcp"` | `"none"`
+        pub check: Option<String>,
+        /// `path = "/"`
+        pub path: Option<String>,
+        /// `expect_status = [200]`
+        pub expect_status: Option<Vec<i64>>,
+        /// `interval = "2s"`
+        #[serde(default, with = "opt_duration")]
+        pub interval: Option<Duration>,
+        /// `timeout = "1s"`
+        #[serde(default, with = "opt_duration")]
+        pub timeout: Option<Duration>,
+        /// `rise = 2`
+        pub rise: Option<i64>,
+        /// `fall = 3`
+        pub fall: Option<i64>,
+        /// `passive_failures = 3` (0 disables passive checks)
+        pub passive_failures: Option<i64>,
+    }
+
+    /// `[admin]`
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct AdminSection {
+        /// `listen = "127.0.0.1:9090"`; `""` disables the admin listener.
+        pub listen: Option<String>,
     }
 
     /// `[proxy]`
@@ -108,6 +188,10 @@ pub mod file {
         pub max_inflight: Option<i64>,
         /// `max_queue = 1000`
         pub max_queue: Option<i64>,
+        /// `rate = 100.0`: requests per second per backend (unset: no rate limit).
+        pub rate: Option<f64>,
+        /// `burst = 20`: requests allowed at once above the rate (default: max_inflight).
+        pub burst: Option<i64>,
         /// `queue_timeout = "10s"`
         #[serde(default, with = "opt_duration")]
         pub queue_timeout: Option<Duration>,
@@ -146,6 +230,8 @@ pub mod file {
         pub host: Option<String>,
         /// `max_inflight = 50`: overrides `[admission] max_inflight`.
         pub max_inflight: Option<i64>,
+        /// `rate = 100.0`: overrides `[admission] rate`.
+        pub rate: Option<f64>,
     }
 
     /// `[server]`
@@ -261,6 +347,12 @@ pub struct Overrides {
     pub queue_timeout: Option<Duration>,
     /// `--threads`
     pub threads: Option<usize>,
+    /// `--slow-start` (ramp duration; 0 disables)
+    pub slow_start: Option<Duration>,
+    /// `--rate`
+    pub rate: Option<f64>,
+    /// `--admin-listen` (`""` disables)
+    pub admin_listen: Option<String>,
 }
 
 /// Validated configuration the proxy runs on.
@@ -284,6 +376,56 @@ pub struct Config {
     pub backends: Vec<Backend>,
     /// Process settings.
     pub server: ServerSettings,
+    /// Active and passive health checks.
+    pub health: HealthConfig,
+    /// Admin listener, if enabled.
+    pub admin_listen: Option<SocketAddr>,
+}
+
+/// The slow-start ramp of a backend.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SlowStart {
+    /// Limit at the start of the ramp.
+    pub initial: u32,
+    /// Time to reach `max_inflight`.
+    pub duration: Duration,
+    /// Hold the ramp while the error rate is above this.
+    pub max_error_rate: Option<f64>,
+    /// Hold the ramp while latency is above this.
+    pub max_latency: Option<Duration>,
+}
+
+/// What an active health check does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckKind {
+    /// `GET path`, passing on one of the expected statuses.
+    Http {
+        /// Request path.
+        path: String,
+        /// Statuses that pass.
+        expect_status: Vec<u16>,
+    },
+    /// A TCP connect.
+    Tcp,
+    /// No active checks (passive ones still run if enabled).
+    None,
+}
+
+/// Health checking.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthConfig {
+    /// The active check.
+    pub check: CheckKind,
+    /// Time between checks.
+    pub interval: Duration,
+    /// Check timeout.
+    pub timeout: Duration,
+    /// Passing checks in a row to come back up.
+    pub rise: u32,
+    /// Failing checks in a row to go down.
+    pub fall: u32,
+    /// Connect failures or timeouts of real requests in a row to go down; 0 disables.
+    pub passive_failures: u32,
 }
 
 /// How sluice talks to backends.
@@ -300,7 +442,7 @@ pub struct Upstream {
 }
 
 /// One legacy server.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Backend {
     /// Name used in logs and status output.
     pub name: String,
@@ -312,6 +454,10 @@ pub struct Backend {
     pub host: Option<String>,
     /// Concurrency cap: requests in flight, and so TCP connections, at this backend.
     pub max_inflight: u32,
+    /// Request rate limit (per second) and burst.
+    pub rate: Option<(f64, u32)>,
+    /// Slow-start ramp, if enabled.
+    pub slow_start: Option<SlowStart>,
 }
 
 /// Process settings handed to pingora.
@@ -385,6 +531,18 @@ impl Config {
         }
         if let Some(n) = o.threads {
             f.server.threads = Some(n.try_into().unwrap_or(i64::MAX));
+        }
+        if let Some(d) = o.slow_start {
+            f.slow_start.duration = Some(d);
+        }
+        if let Some(r) = o.rate {
+            f.admission.rate = Some(r);
+            for b in &mut f.backends {
+                b.rate = None;
+            }
+        }
+        if let Some(a) = &o.admin_listen {
+            f.admin.listen = Some(a.clone());
         }
 
         let listen_text = f.proxy.listen.as_deref().unwrap_or(defaults::LISTEN);
@@ -514,12 +672,45 @@ impl Config {
                     ));
                 }
             }
+            let rate = match b.rate.or(f.admission.rate) {
+                None => None,
+                Some(r) if r.is_finite() && r > 0.0 && r <= 1e6 => {
+                    let burst = match f.admission.burst {
+                        None => max_inflight,
+                        Some(n) if (1..=1_000_000).contains(&n) => n as u32,
+                        Some(n) => {
+                            return Err(ConfigError::new(
+                                "admission.burst",
+                                n,
+                                "must be between 1 and 1000000 requests",
+                            ))
+                        }
+                    };
+                    Some((r, burst))
+                }
+                Some(r) => {
+                    let k = if b.rate.is_some() {
+                        key("rate")
+                    } else {
+                        "admission.rate".into()
+                    };
+                    return Err(ConfigError::new(
+                        k,
+                        r,
+                        "must be a number of requests per second above 0 and at most 1000000; \
+                         remove the key for no rate limit",
+                    ));
+                }
+            };
+            let slow_start = slow_start_for(&f.slow_start, max_inflight)?;
             backends.push(Backend {
                 name,
                 address,
                 addr,
                 host: b.host.clone(),
                 max_inflight,
+                rate,
+                slow_start,
             });
         }
 
@@ -552,7 +743,31 @@ impl Config {
             error_log: f.server.error_log,
         };
 
+        let health = health_config(&f.health)?;
+        let admin_text = f.admin.listen.as_deref().unwrap_or(defaults::ADMIN_LISTEN);
+        let admin_listen = if admin_text.is_empty() {
+            None
+        } else {
+            let a: SocketAddr = admin_text.parse().map_err(|_| {
+                ConfigError::new(
+                    "admin.listen",
+                    format!("{admin_text:?}"),
+                    "not an IP:port address; write it like \"127.0.0.1:9090\", or \"\" to disable",
+                )
+            })?;
+            if a == listen {
+                return Err(ConfigError::new(
+                    "admin.listen",
+                    format!("{admin_text:?}"),
+                    "must differ from proxy.listen",
+                ));
+            }
+            Some(a)
+        };
+
         Ok(Config {
+            health,
+            admin_listen,
             listen,
             client_read_buffer_bytes,
             client_write_timeout,
@@ -568,7 +783,22 @@ impl Config {
     /// Check that the listen address can be bound now, so a port in use fails at once with a
     /// clear message (pingora alone retries for 30 s and then fails inside its service task).
     pub fn preflight_bind(&self) -> Result<(), ConfigError> {
-        TcpListener::bind(self.listen).map(drop).map_err(|e| {
+        preflight("proxy.listen", self.listen)?;
+        match self.admin_listen {
+            Some(a) => preflight("admin.listen", a),
+            None => Ok(()),
+        }
+    }
+
+    /// Sum of every backend's cap: the most upstream connections sluice will ever hold.
+    pub fn total_inflight(&self) -> usize {
+        self.backends.iter().map(|b| b.max_inflight as usize).sum()
+    }
+}
+
+fn preflight(key: &str, addr: SocketAddr) -> Result<(), ConfigError> {
+    {
+        TcpListener::bind(addr).map(drop).map_err(|e| {
             let fix = match e.kind() {
                 std::io::ErrorKind::AddrInUse => {
                     "the address is already in use by another process; stop it or choose another port"
@@ -582,13 +812,8 @@ impl Config {
                 }
                 _ => format!("cannot listen there: {e}"),
             };
-            ConfigError::new("proxy.listen", format!("{:?}", self.listen.to_string()), fix)
+            ConfigError::new(key, format!("{:?}", addr.to_string()), fix)
         })
-    }
-
-    /// Sum of every backend's cap: the most upstream connections sluice will ever hold.
-    pub fn total_inflight(&self) -> usize {
-        self.backends.iter().map(|b| b.max_inflight as usize).sum()
     }
 }
 
@@ -617,6 +842,118 @@ fn one_line_toml_error(text: &str, e: &toml::de::Error) -> String {
         .map(|l| format!(", `{l}`"))
         .unwrap_or_default();
     format!("line {line}{section}{key}: {message}")
+}
+
+fn slow_start_for(
+    f: &file::SlowStartSection,
+    max_inflight: u32,
+) -> Result<Option<SlowStart>, ConfigError> {
+    let duration = f.duration.unwrap_or(defaults::SLOW_START_DURATION);
+    if duration.is_zero() {
+        return Ok(None);
+    }
+    let initial = match f.initial {
+        None => ((f64::from(max_inflight) * defaults::SLOW_START_INITIAL_SHARE).ceil() as u32).max(1),
+        Some(n) if n >= 1 && n <= i64::from(defaults::MAX_INFLIGHT_CEILING) => n as u32,
+        Some(n) => {
+            return Err(ConfigError::new(
+                "slow_start.initial",
+                n,
+                "must be at least 1 (the limit the ramp starts from); set slow_start.duration = \"0s\" to disable the ramp",
+            ))
+        }
+    };
+    if let Some(r) = f.max_error_rate {
+        if !(r.is_finite() && (0.0..1.0).contains(&r)) {
+            return Err(ConfigError::new(
+                "slow_start.max_error_rate",
+                r,
+                "must be a fraction between 0 and 1, such as 0.1 for 10 %",
+            ));
+        }
+    }
+    if f.max_latency.is_some_and(|d| d.is_zero()) {
+        return Err(ConfigError::new(
+            "slow_start.max_latency",
+            "\"0s\"",
+            "must be longer than zero; remove the key to disable the latency gate",
+        ));
+    }
+    Ok(Some(SlowStart {
+        initial: initial.min(max_inflight),
+        duration,
+        max_error_rate: f.max_error_rate,
+        max_latency: f.max_latency,
+    }))
+}
+
+fn health_config(f: &file::HealthSection) -> Result<HealthConfig, ConfigError> {
+    let check_text = f.check.as_deref().unwrap_or(defaults::HEALTH_CHECK);
+    let check = match check_text {
+        "http" => {
+            let path = f
+                .path
+                .clone()
+                .unwrap_or_else(|| defaults::HEALTH_PATH.into());
+            if !path.starts_with('/') || path.bytes().any(|c| c.is_ascii_control() || c == b' ') {
+                return Err(ConfigError::new(
+                    "health.path",
+                    format!("{path:?}"),
+                    "must be an absolute path such as \"/\" or \"/health\", without spaces",
+                ));
+            }
+            let expect_status = match &f.expect_status {
+                None => defaults::HEALTH_EXPECT_STATUS.to_vec(),
+                Some(v) if !v.is_empty() && v.iter().all(|c| (100..=599).contains(c)) => {
+                    v.iter().map(|&c| c as u16).collect()
+                }
+                Some(v) => {
+                    return Err(ConfigError::new(
+                        "health.expect_status",
+                        format!("{v:?}"),
+                        "must list HTTP statuses between 100 and 599, such as [200, 204]",
+                    ))
+                }
+            };
+            CheckKind::Http {
+                path,
+                expect_status,
+            }
+        }
+        "tcp" => CheckKind::Tcp,
+        "none" => CheckKind::None,
+        other => {
+            return Err(ConfigError::new(
+                "health.check",
+                format!("{other:?}"),
+                "must be \"http\", \"tcp\" or \"none\"",
+            ))
+        }
+    };
+    let count = |key: &str, v: Option<i64>, default: u32, min: i64| -> Result<u32, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(n) if n >= min && n <= 1000 => Ok(n as u32),
+            Some(n) => Err(ConfigError::new(
+                key,
+                n,
+                format!("must be between {min} and 1000"),
+            )),
+        }
+    };
+    Ok(HealthConfig {
+        check,
+        interval: positive("health.interval", f.interval, defaults::HEALTH_INTERVAL)?,
+        timeout: positive("health.timeout", f.timeout, defaults::HEALTH_TIMEOUT)?,
+        rise: count("health.rise", f.rise, defaults::HEALTH_RISE, 1)?,
+        fall: count("health.fall", f.fall, defaults::HEALTH_FALL, 1)?,
+        passive_failures: count(
+            "health.passive_failures",
+            f.passive_failures,
+            defaults::PASSIVE_FAILURES,
+            0,
+        )?,
+    })
 }
 
 fn limit(key: &str, n: i64) -> Result<u32, ConfigError> {

@@ -99,6 +99,10 @@ pub fn run(args: &DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
         max_queue: Some(4000),
         queue_timeout: Some(Duration::from_secs(10)),
         threads: Some(2),
+        // The demo compares steady admission; `sluice run` shows the ramp.
+        slow_start: Some(Duration::ZERO),
+        rate: None,
+        admin_listen: Some(String::new()),
     };
     let cfg = Config::parse("", None, &o)?;
     let proxy = RunningProxy::start(&cfg)?;

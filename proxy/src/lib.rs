@@ -7,10 +7,12 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod admission;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod health;
 pub mod run;
 pub mod service;
 

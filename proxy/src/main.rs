@@ -35,6 +35,30 @@ fn main() -> ExitCode {
             Err(e) => config_error(&e),
         },
         Command::Run(args) => run(args),
+        Command::Status(args) => status(&args),
+        Command::Backend(args) => {
+            let addr = match args.admin.addr() {
+                Ok(a) => a,
+                Err(e) => {
+                    eprintln!("sluice: {e}");
+                    return ExitCode::from(EXIT_CONFIG as u8);
+                }
+            };
+            match sluice::admin::client::call(addr, "POST", &args.action.path()) {
+                Ok((200, body)) => {
+                    print!("{body}");
+                    ExitCode::SUCCESS
+                }
+                Ok((code, body)) => {
+                    eprintln!("sluice: admin answered {code}: {}", body.trim());
+                    ExitCode::from(EXIT_RUNTIME as u8)
+                }
+                Err(e) => {
+                    eprintln!("sluice: cannot reach the admin listener at {addr}: {e}");
+                    ExitCode::from(EXIT_RUNTIME as u8)
+                }
+            }
+        }
         Command::Demo(args) => match sluice::demo::run(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -42,6 +66,61 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_RUNTIME as u8)
             }
         },
+    }
+}
+
+fn status(args: &cli::AdminArgs) -> ExitCode {
+    let addr = match args.addr() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("sluice: {e}");
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+    };
+    let body = match sluice::admin::client::call(addr, "GET", "/status") {
+        Ok((200, body)) => body,
+        Ok((code, body)) => {
+            eprintln!("sluice: admin answered {code}: {}", body.trim());
+            return ExitCode::from(EXIT_RUNTIME as u8);
+        }
+        Err(e) => {
+            eprintln!("sluice: cannot reach the admin listener at {addr}: {e}");
+            return ExitCode::from(EXIT_RUNTIME as u8);
+        }
+    };
+    if args.json {
+        print!("{body}");
+        return ExitCode::SUCCESS;
+    }
+    match serde_json::from_str::<sluice::admin::Status>(&body) {
+        Ok(st) => {
+            println!(
+                "{:<16} {:<9} {:>7} {:>9} {:>9} {:>8} {:>7}",
+                "BACKEND", "STATE", "HEALTHY", "INFLIGHT", "LIMIT", "RAMP", "TOKENS"
+            );
+            for b in &st.backends {
+                println!(
+                    "{:<16} {:<9} {:>7} {:>9} {:>4}/{:<4} {:>7.0}%{} {:>7}",
+                    b.name,
+                    b.state,
+                    if b.healthy { "yes" } else { "no" },
+                    b.inflight,
+                    b.effective_limit,
+                    b.max_inflight,
+                    b.ramp * 100.0,
+                    if b.ramp_gated { "*" } else { " " },
+                    b.tokens
+                        .map(|t| t.to_string())
+                        .unwrap_or_else(|| "-".into())
+                );
+            }
+            println!("queue: {} waiting (max {})", st.queued, st.max_queue);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("sluice: unexpected status document: {e}");
+            ExitCode::from(EXIT_RUNTIME as u8)
+        }
     }
 }
 

@@ -20,8 +20,14 @@ use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 use tokio::sync::watch;
 
+use pingora::apps::http_app::HttpServer;
+use pingora::services::background::GenBackgroundService;
+use pingora::services::listening::Service;
+
+use crate::admin::AdminApp;
 use crate::admission::Admission;
 use crate::config::{Config, ConfigError};
+use crate::health::{probe_secret, AdmissionTimer, HealthChecker};
 use crate::service::Sluice;
 
 /// Write buffer per client connection, bytes (one TCP segment; responses are small).
@@ -46,7 +52,9 @@ pub fn server_conf(cfg: &Config) -> ServerConf {
     };
     // Retries happen only where pingora judges them safe (idempotent requests on a reused
     // connection that closed before answering); keep that safety net small.
-    conf.max_retries = 2;
+    // Connect failures are retried after waiting for a backend that is up again (see
+    // `Sluice::fail_to_connect`); the request's queue deadline bounds them too.
+    conf.max_retries = 5;
     conf
 }
 
@@ -55,8 +63,8 @@ pub fn server_conf(cfg: &Config) -> ServerConf {
 /// `opt` carries pingora's process flags (`upgrade`, `daemon`); `None` for a plain start.
 pub fn build_server(cfg: &Config, opt: Option<Opt>) -> (Server, Arc<Admission>) {
     let conf = server_conf(cfg);
-    let limits: Vec<u32> = cfg.backends.iter().map(|b| b.max_inflight).collect();
-    let admission = Admission::new(&limits, cfg.max_queue, cfg.queue_timeout);
+    let admission = Admission::from_config(cfg);
+    let secret = probe_secret();
 
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     let conf = server.configuration.clone();
@@ -68,7 +76,8 @@ pub fn build_server(cfg: &Config, opt: Option<Opt>) -> (Server, Arc<Admission>) 
 
     let server_options = HttpServerOptions::default();
 
-    let mut service = ProxyServiceBuilder::new(&conf, Sluice::new(cfg, admission.clone()))
+    let sluice = Sluice::new(cfg, admission.clone(), secret.clone());
+    let mut service = ProxyServiceBuilder::new(&conf, sluice)
         .name("sluice")
         .client_options(client)
         .server_options(server_options)
@@ -91,6 +100,30 @@ pub fn build_server(cfg: &Config, opt: Option<Opt>) -> (Server, Arc<Admission>) 
             .tcp_socket_options(socket),
     );
     server.add_service(service);
+
+    // Admits waiters whose turn comes from time alone (rate-limit tokens, ramp steps).
+    let mut timer = GenBackgroundService::new(
+        "admission timer".into(),
+        Arc::new(AdmissionTimer(admission.clone())),
+    );
+    timer.threads = Some(1);
+    server.add_service(timer);
+    let mut checks = GenBackgroundService::new(
+        "health checks".into(),
+        Arc::new(HealthChecker::new(cfg, admission.clone(), secret)),
+    );
+    checks.threads = Some(1);
+    server.add_service(checks);
+
+    if let Some(admin) = cfg.admin_listen {
+        let mut svc = Service::new(
+            "admin".into(),
+            HttpServer::new_app(AdminApp::new(admission.clone())),
+        );
+        svc.threads = Some(1);
+        svc.add_tcp(&admin.to_string());
+        server.add_service(svc);
+    }
     (server, admission)
 }
 

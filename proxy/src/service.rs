@@ -28,18 +28,35 @@ use pingora::proxy::FailToProxy;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{ErrorSource, ErrorType};
 
+use sluice_plugins::BackendId;
+
 use crate::admission::{Admission, Permit, Shed};
 use crate::config::Config;
+
+/// Request header carrying the health checker's secret: marks a request as a health probe.
+pub const PROBE_HEADER: &str = "x-sluice-probe";
+/// Request header naming the backend (by index) a health probe is for.
+pub const PROBE_BACKEND_HEADER: &str = "x-sluice-probe-backend";
 
 /// Per-request state.
 #[derive(Debug, Default)]
 pub struct RequestCtx {
     /// The backend slot, held from admission until the response is delivered.
     permit: Option<Permit>,
+    /// The backend the request went (or last went) to.
+    backend: Option<BackendId>,
     /// When the request entered admission.
     arrived: Option<Instant>,
+    /// Its queue deadline, kept for a re-admission after a refused connection.
+    deadline: Option<tokio::time::Instant>,
+    /// The connection to the backend was refused: wait for a slot again, ahead of the queue.
+    requeue: bool,
+    /// A health probe from our own checker.
+    probe: bool,
     /// How long it waited for a slot.
     queue_wait: Duration,
+    /// When the request was sent upstream.
+    upstream_start: Option<Instant>,
     /// Why it was refused, if it was.
     shed: Option<Shed>,
 }
@@ -54,6 +71,7 @@ struct Upstream {
 /// The admission-control proxy.
 pub struct Sluice {
     admission: Arc<Admission>,
+    probe_secret: String,
     upstreams: Vec<Upstream>,
     retry_after_secs: u64,
     client_write_timeout: Duration,
@@ -61,7 +79,7 @@ pub struct Sluice {
 
 impl Sluice {
     /// Build the service for a validated config, sharing `admission` with the caller.
-    pub fn new(cfg: &Config, admission: Arc<Admission>) -> Self {
+    pub fn new(cfg: &Config, admission: Arc<Admission>, probe_secret: String) -> Self {
         let upstreams = cfg
             .backends
             .iter()
@@ -80,6 +98,7 @@ impl Sluice {
             .collect();
         Sluice {
             admission,
+            probe_secret,
             upstreams,
             // Retry-After takes whole seconds; never advertise 0 (an immediate retry storm).
             retry_after_secs: cfg.retry_after.as_secs().max(1),
@@ -92,6 +111,7 @@ impl Sluice {
         let body = Bytes::from(match shed {
             Shed::QueueFull => "503 service busy: queue full, retry later\n",
             Shed::QueueTimeout => "503 service busy: waited too long in the queue, retry later\n",
+            Shed::BackendDown => "503 service unavailable: the backend is down, retry later\n",
         });
         let mut h = ResponseHeader::build(503, Some(4))?;
         h.insert_header("Retry-After", self.retry_after_secs.to_string())?;
@@ -101,6 +121,47 @@ impl Sluice {
         session.write_response_header(Box::new(h), false).await?;
         session.write_response_body(Some(body), true).await?;
         Ok(())
+    }
+}
+
+impl Sluice {
+    /// A health probe from our own checker: take a slot on the named backend whatever its
+    /// state (the probe counts inside the backend's cap and uses its pooled connections), or
+    /// answer 204 at once when the backend is too busy to probe.
+    async fn admit_probe(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        authentic: bool,
+    ) -> Result<bool> {
+        let backend = session
+            .req_header()
+            .headers
+            .get(PROBE_BACKEND_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|&i| i < self.upstreams.len());
+        let (true, Some(backend)) = (authentic, backend) else {
+            // Not our checker: refuse rather than let a client pick a backend.
+            return Err(Error::explain(
+                ErrorType::HTTPStatus(400),
+                "invalid probe headers",
+            ));
+        };
+        ctx.probe = true;
+        match self.admission.acquire_probe(BackendId(backend)) {
+            Some(permit) => {
+                ctx.backend = Some(permit.backend());
+                ctx.permit = Some(permit);
+                Ok(false)
+            }
+            None => {
+                let mut h = ResponseHeader::build(204, Some(2))?;
+                h.insert_header("X-Sluice-Probe", "busy")?;
+                session.write_response_header(Box::new(h), true).await?;
+                Ok(true)
+            }
+        }
     }
 }
 
@@ -125,11 +186,22 @@ impl ProxyHttp for Sluice {
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let arrived = Instant::now();
         ctx.arrived = Some(arrived);
+        if let Some(probe) = session.req_header().headers.get(PROBE_HEADER) {
+            return self
+                .admit_probe(
+                    session,
+                    ctx,
+                    probe.as_bytes() == self.probe_secret.as_bytes(),
+                )
+                .await;
+        }
+        let deadline = self.admission.deadline();
+        ctx.deadline = Some(deadline);
         let downstream = session.as_downstream_mut();
         let admitted = if downstream.is_body_empty() {
             // Nothing left to read from this request, so any readable event on the socket means
             // the client hung up (or broke protocol): stop waiting for it.
-            let acquire = self.admission.acquire();
+            let acquire = self.admission.acquire_until(deadline, false);
             tokio::pin!(acquire);
             tokio::select! {
                 biased;
@@ -138,7 +210,7 @@ impl ProxyHttp for Sluice {
             }
         } else {
             // Watching the socket would consume body bytes; the deadline still bounds the wait.
-            self.admission.acquire().await
+            self.admission.acquire_until(deadline, false).await
         };
         ctx.queue_wait = arrived.elapsed();
         match admitted {
@@ -177,6 +249,25 @@ impl ProxyHttp for Sluice {
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
+        if ctx.permit.is_none() && ctx.requeue {
+            // The last backend refused the connection, so nothing reached it: wait for a slot
+            // again (ahead of the queue, within the original deadline) instead of failing.
+            ctx.requeue = false;
+            let deadline = ctx.deadline.unwrap_or_else(tokio::time::Instant::now);
+            match self.admission.acquire_until(deadline, true).await {
+                Ok(permit) => {
+                    ctx.backend = Some(permit.backend());
+                    ctx.permit = Some(permit);
+                }
+                Err(shed) => {
+                    ctx.shed = Some(shed);
+                    return Err(Error::explain(
+                        ErrorType::HTTPStatus(503),
+                        "no backend could take the request before its deadline",
+                    ));
+                }
+            }
+        }
         let backend = ctx.permit.as_ref().map(Permit::backend).ok_or_else(|| {
             Error::explain(
                 ErrorType::InternalError,
@@ -203,7 +294,85 @@ impl ProxyHttp for Sluice {
         if let Some(host) = host {
             upstream_request.insert_header("Host", host)?;
         }
+        upstream_request.remove_header(PROBE_HEADER);
+        upstream_request.remove_header(PROBE_BACKEND_HEADER);
+        ctx.upstream_start = Some(Instant::now());
         Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let (Some(backend), false) = (ctx.backend, ctx.probe) {
+            let latency = ctx.upstream_start.map(|t| t.elapsed()).unwrap_or_default();
+            let failed = upstream_response.status.is_server_error();
+            self.admission.record_outcome(backend, failed, latency);
+            self.admission.observe_passive(backend, true);
+        }
+        Ok(())
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        if ctx.probe {
+            return e;
+        }
+        if let Some(backend) = ctx.backend {
+            self.admission.record_outcome(backend, true, Duration::ZERO);
+            self.admission.observe_passive(backend, false);
+        }
+        // Nothing reached the backend: give the slot back and wait for one again, while the
+        // request's deadline allows. Each retry waits for a backend that is (again) up.
+        let in_time = ctx
+            .deadline
+            .is_some_and(|d| d > tokio::time::Instant::now());
+        if in_time {
+            drop(ctx.permit.take());
+            ctx.requeue = true;
+            e.set_retry(true);
+        }
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        if let (Some(backend), false) = (ctx.backend, ctx.probe) {
+            if matches!(e.esource(), ErrorSource::Upstream) {
+                let latency = ctx.upstream_start.map(|t| t.elapsed()).unwrap_or_default();
+                self.admission.record_outcome(backend, true, latency);
+                if matches!(
+                    e.etype(),
+                    ErrorType::ReadTimedout | ErrorType::WriteTimedout
+                ) {
+                    self.admission.observe_passive(backend, false);
+                }
+            }
+        }
+        // pingora's policy: never retry a non-idempotent request once it may have reached the
+        // backend; idempotent ones only on a reused connection that closed before answering.
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        if !session.req_header().method.is_idempotent()
+            || session.as_downstream().retry_buffer_truncated()
+        {
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
+        }
+        e
     }
 
     async fn fail_to_proxy(

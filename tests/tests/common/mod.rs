@@ -9,12 +9,30 @@ use std::time::{Duration, Instant};
 use sluice::run::{free_local_addr, RunningProxy};
 use sluice::{Config, Overrides};
 
-/// A config for one backend at `backend`, listening on a free loopback port.
+/// A config for one backend at `backend`, listening on a free loopback port, with no
+/// slow start, no health checks and no admin listener (tests of those turn them on).
 pub fn config(
     backend: SocketAddr,
     max_inflight: u32,
     max_queue: usize,
     queue_timeout: Duration,
+) -> Config {
+    config_with(
+        backend,
+        max_inflight,
+        max_queue,
+        queue_timeout,
+        "[slow_start]\nduration = \"0s\"\n[health]\ncheck = \"none\"\n",
+    )
+}
+
+/// Like [`config`], with `toml` as the file (sections not given take their defaults).
+pub fn config_with(
+    backend: SocketAddr,
+    max_inflight: u32,
+    max_queue: usize,
+    queue_timeout: Duration,
+    toml: &str,
 ) -> Config {
     let listen = free_local_addr().expect("free port");
     let o = Overrides {
@@ -24,8 +42,21 @@ pub fn config(
         max_queue: Some(max_queue),
         queue_timeout: Some(queue_timeout),
         threads: Some(2),
+        admin_listen: Some(String::new()),
+        ..Overrides::default()
     };
-    Config::parse("", None, &o).expect("test config is valid")
+    Config::parse(toml, None, &o).expect("test config is valid")
+}
+
+/// A farm config from a full TOML text; listen and admin on free loopback ports.
+pub fn farm_config(toml: &str) -> Config {
+    let o = Overrides {
+        listen: Some(free_local_addr().expect("free port").to_string()),
+        admin_listen: Some(free_local_addr().expect("free port").to_string()),
+        threads: Some(2),
+        ..Overrides::default()
+    };
+    Config::parse(toml, None, &o).expect("test config is valid")
 }
 
 /// Start sluice; retried once on the rare race where another test took the free port.
@@ -35,6 +66,9 @@ pub fn start(cfg: &Config) -> RunningProxy {
         Err(_) => {
             let mut cfg = cfg.clone();
             cfg.listen = free_local_addr().expect("free port");
+            if cfg.admin_listen.is_some() {
+                cfg.admin_listen = Some(free_local_addr().expect("free port"));
+            }
             RunningProxy::start(&cfg).expect("sluice starts")
         }
     }

@@ -1,0 +1,193 @@
+//! The admin listener: status as JSON and operator commands (loopback by default).
+//!
+//! | method | path | what |
+//! |---|---|---|
+//! | GET | `/status` | backends (state, health, limits, in-flight, ramp, tokens) and the queue |
+//! | POST | `/backends/NAME/drain` | no new requests to NAME; in-flight ones finish |
+//! | POST | `/backends/NAME/ready` | NAME takes requests again, ramping up with slow start |
+//! | POST | `/backends/NAME/slow-start` | restart NAME's slow-start ramp |
+//!
+//! `sluice status` and `sluice backend drain|ready NAME` are clients of this API ([`client`]).
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use http::Response;
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+use serde::Serialize;
+use sluice_plugins::BackendState;
+
+use crate::admission::{Admission, BackendStatus};
+
+/// Status document served at `/status`.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct Status {
+    /// Backends, in configuration order.
+    pub backends: Vec<BackendView>,
+    /// Requests waiting for a slot.
+    pub queued: usize,
+    /// The queue's bound.
+    pub max_queue: usize,
+}
+
+/// One backend in [`Status`].
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct BackendView {
+    /// Name.
+    pub name: String,
+    /// `up`, `down` or `draining`.
+    pub state: String,
+    /// Health from checks.
+    pub healthy: bool,
+    /// Full concurrency limit.
+    pub max_inflight: u32,
+    /// Limit in force now (lower while slow start runs).
+    pub effective_limit: u32,
+    /// Requests in flight.
+    pub inflight: u32,
+    /// Slow-start progress, 0 to 1.
+    pub ramp: f64,
+    /// Whether the ramp is held by its error/latency gate.
+    pub ramp_gated: bool,
+    /// Tokens available, when a rate is set.
+    pub tokens: Option<u32>,
+}
+
+fn state_name(s: BackendState) -> &'static str {
+    match s {
+        BackendState::Up => "up",
+        BackendState::Down => "down",
+        BackendState::Draining => "draining",
+    }
+}
+
+impl From<BackendStatus> for BackendView {
+    fn from(b: BackendStatus) -> Self {
+        BackendView {
+            name: b.name,
+            state: state_name(b.state).into(),
+            healthy: b.healthy,
+            max_inflight: b.limit,
+            effective_limit: b.effective_limit,
+            inflight: b.inflight,
+            ramp: (b.ramp * 1000.0).round() / 1000.0,
+            ramp_gated: b.ramp_gated,
+            tokens: b.tokens,
+        }
+    }
+}
+
+/// Build the status document.
+pub fn status(admission: &Admission) -> Status {
+    let snap = admission.snapshot();
+    Status {
+        backends: admission
+            .status()
+            .into_iter()
+            .map(BackendView::from)
+            .collect(),
+        queued: snap.queued,
+        max_queue: snap.max_queue,
+    }
+}
+
+/// The admin HTTP app.
+pub struct AdminApp {
+    admission: Arc<Admission>,
+}
+
+impl AdminApp {
+    /// An admin app over this proxy's admission state.
+    pub fn new(admission: Arc<Admission>) -> Self {
+        AdminApp { admission }
+    }
+
+    fn route(&self, method: &str, path: &str) -> (u16, String) {
+        let path = path.split('?').next().unwrap_or(path);
+        let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+        match (method, parts.as_slice()) {
+            ("GET", ["status"]) => match serde_json::to_string_pretty(&status(&self.admission)) {
+                Ok(json) => (200, json + "\n"),
+                Err(e) => (500, format!("{{\"error\":\"{e}\"}}\n")),
+            },
+            ("POST", ["backends", name, action]) => {
+                let result = match *action {
+                    "drain" => self.admission.drain(name),
+                    "ready" => self.admission.ready(name),
+                    "slow-start" => self.admission.restart_ramp(name),
+                    _ => {
+                        return (
+                            404,
+                            json_error("unknown action; use drain, ready or slow-start"),
+                        )
+                    }
+                };
+                match result {
+                    Ok(()) => (
+                        200,
+                        format!("{{\"backend\":{name:?},\"done\":{action:?}}}\n"),
+                    ),
+                    Err(e) => (404, json_error(&e.to_string())),
+                }
+            }
+            (_, ["status"]) | (_, ["backends", _, _]) => (405, json_error("method not allowed")),
+            _ => (
+                404,
+                json_error(
+                    "not found; try GET /status or POST /backends/NAME/drain|ready|slow-start",
+                ),
+            ),
+        }
+    }
+}
+
+fn json_error(msg: &str) -> String {
+    format!("{{\"error\":{msg:?}}}\n")
+}
+
+#[async_trait]
+impl ServeHttp for AdminApp {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let method = session.req_header().method.as_str().to_owned();
+        let path = session.req_header().uri.path().to_owned();
+        let (code, body) = self.route(&method, &path);
+        Response::builder()
+            .status(code)
+            .header("Content-Type", "application/json")
+            .header("Content-Length", body.len())
+            .body(body.into_bytes())
+            .unwrap_or_else(|_| Response::new(Vec::new()))
+    }
+}
+
+/// A minimal client of the admin API for the command line (HTTP/1.0 over std's TcpStream).
+pub mod client {
+    use std::io::{Read, Write};
+    use std::net::{SocketAddr, TcpStream};
+    use std::time::Duration;
+
+    /// Send `method path` to the admin listener; returns status and body.
+    pub fn call(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<(u16, String)> {
+        let timeout = Duration::from_secs(5);
+        let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.set_write_timeout(Some(timeout))?;
+        write!(
+            s,
+            "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut raw = Vec::new();
+        s.take(4 << 20).read_to_end(&mut raw)?;
+        let text = String::from_utf8_lossy(&raw);
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP response")
+            })?;
+        Ok((status, body.to_string()))
+    }
+}

@@ -1,0 +1,208 @@
+//! Active health checks and the admission timer, as pingora background services.
+//!
+//! An HTTP check is sent *through sluice's own listener*, marked with a per-process secret
+//! header naming the backend. The proxy admits it with a probe slot of that backend (whatever
+//! the backend's state, never queued) and forwards it over the backend's pooled keep-alive
+//! connections. So a check counts inside the backend's concurrency cap and its connection
+//! budget: the backend never sees more than `max_inflight` requests or connections, checks
+//! included. A check that finds every slot busy is skipped: the backend is evidently serving.
+//!
+//! A TCP check connects to the backend directly while holding a probe slot, then closes.
+//!
+//! Results feed [`Admission::observe_check`], which applies `rise`/`fall` and, on recovery,
+//! restarts the slow-start ramp.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::connectors::http::Connector;
+use pingora::http::RequestHeader;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use pingora::upstreams::peer::HttpPeer;
+use sluice_plugins::BackendId;
+
+use crate::admission::Admission;
+use crate::config::{CheckKind, Config};
+use crate::service::{PROBE_BACKEND_HEADER, PROBE_HEADER};
+
+/// A fresh random secret for the probe header, from the OS's hash seeds (no extra crate).
+pub fn probe_secret() -> String {
+    use std::collections::hash_map::RandomState;
+    use std::hash::{BuildHasher, Hasher};
+    let mut s = String::new();
+    for i in 0..2u8 {
+        let mut h = RandomState::new().build_hasher();
+        h.write_u8(i);
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default(),
+        );
+        s.push_str(&format!("{:016x}", h.finish()));
+    }
+    s
+}
+
+/// Where the checker reaches sluice's own listener: a wildcard address becomes loopback.
+fn self_addr(listen: SocketAddr) -> SocketAddr {
+    let ip = match listen.ip() {
+        IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    SocketAddr::new(ip, listen.port())
+}
+
+/// Runs the active health checks of every backend.
+pub struct HealthChecker(Arc<Checker>);
+
+struct Checker {
+    admission: Arc<Admission>,
+    cfg: Config,
+    secret: String,
+}
+
+impl HealthChecker {
+    /// A checker for `cfg`'s backends, sending probes marked with `secret`.
+    pub fn new(cfg: &Config, admission: Arc<Admission>, secret: String) -> Self {
+        HealthChecker(Arc::new(Checker {
+            admission,
+            cfg: cfg.clone(),
+            secret,
+        }))
+    }
+}
+
+impl Checker {
+    async fn check_http(
+        &self,
+        connector: &Connector,
+        peer: &HttpPeer,
+        backend: usize,
+        path: &str,
+        expect: &[u16],
+    ) -> Option<bool> {
+        let b = &self.cfg.backends[backend];
+        let attempt = async {
+            let (mut session, _reused) = connector.get_http_session(peer).await.ok()?;
+            let mut req = RequestHeader::build("GET", path.as_bytes(), Some(4)).ok()?;
+            req.insert_header("Host", b.host.as_deref().unwrap_or(&b.address))
+                .ok()?;
+            req.insert_header(PROBE_HEADER, &self.secret).ok()?;
+            req.insert_header(PROBE_BACKEND_HEADER, backend.to_string())
+                .ok()?;
+            req.insert_header("User-Agent", "sluice-health-check")
+                .ok()?;
+            session.write_request_header(Box::new(req)).await.ok()?;
+            session.finish_request_body().await.ok()?;
+            session.read_response_header().await.ok()?;
+            let header = session.response_header()?;
+            let status = header.status.as_u16();
+            let busy = status == 204 && header.headers.get(PROBE_HEADER).is_some();
+            // Read the body to its end so the connection can be reused (bounded: the response
+            // of a health page is small; give up on the connection past 1 MiB).
+            let mut read = 0usize;
+            while let Ok(Some(chunk)) = session.read_response_body().await {
+                read += chunk.len();
+                if read > 1 << 20 {
+                    return Some(if busy {
+                        None
+                    } else {
+                        Some(expect.contains(&status))
+                    });
+                }
+            }
+            connector
+                .release_http_session(session, peer, Some(Duration::from_secs(60)))
+                .await;
+            Some(if busy {
+                None
+            } else {
+                Some(expect.contains(&status))
+            })
+        };
+        match tokio::time::timeout(self.cfg.health.timeout, attempt).await {
+            Ok(Some(result)) => result,
+            // Could not talk to our own listener, or the check timed out: a failure.
+            Ok(None) | Err(_) => Some(false),
+        }
+    }
+
+    async fn check_tcp(&self, backend: usize) -> Option<bool> {
+        let permit = self.admission.acquire_probe(BackendId(backend))?;
+        let addr = self.cfg.backends[backend].addr;
+        let ok = matches!(
+            tokio::time::timeout(
+                self.cfg.health.timeout,
+                tokio::net::TcpStream::connect(addr)
+            )
+            .await,
+            Ok(Ok(_))
+        );
+        drop(permit);
+        Some(ok)
+    }
+
+    async fn run_backend(self: Arc<Self>, backend: usize, mut shutdown: ShutdownWatch) {
+        let connector = Connector::new(None);
+        let mut peer = HttpPeer::new(self_addr(self.cfg.listen), false, String::new());
+        peer.options.connection_timeout = Some(self.cfg.health.timeout);
+        peer.options.read_timeout = Some(self.cfg.health.timeout);
+        peer.options.idle_timeout = Some(Duration::from_secs(60));
+        let mut interval = tokio::time::interval(self.cfg.health.interval);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = interval.tick() => {}
+                _ = shutdown.changed() => {
+                    if *shutdown.borrow() {
+                        return;
+                    }
+                }
+            }
+            let result = match &self.cfg.health.check {
+                CheckKind::Http {
+                    path,
+                    expect_status,
+                } => {
+                    self.check_http(&connector, &peer, backend, path, expect_status)
+                        .await
+                }
+                CheckKind::Tcp => self.check_tcp(backend).await,
+                CheckKind::None => return,
+            };
+            if let Some(ok) = result {
+                self.admission.observe_check(BackendId(backend), ok);
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for HealthChecker {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        if self.0.cfg.health.check == CheckKind::None {
+            return;
+        }
+        let tasks: Vec<_> = (0..self.0.cfg.backends.len())
+            .map(|b| tokio::spawn(self.0.clone().run_backend(b, shutdown.clone())))
+            .collect();
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// The admission timer as a background service (see [`Admission::run_timer`]).
+pub struct AdmissionTimer(pub Arc<Admission>);
+
+#[async_trait]
+impl BackgroundService for AdmissionTimer {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        self.0.clone().run_timer(shutdown).await;
+    }
+}
