@@ -52,13 +52,13 @@ pub enum Command {
 pub struct AdminArgs {
     /// Admin address of the running proxy (default: admin.listen from --config, else
     /// 127.0.0.1:9090).
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", global = true)]
     pub admin: Option<String>,
     /// Configuration file of the running proxy, to find its admin address.
-    #[arg(short = 'c', long, value_name = "FILE")]
+    #[arg(short = 'c', long, value_name = "FILE", global = true)]
     pub config: Option<PathBuf>,
     /// Print the raw JSON.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub json: bool,
 }
 

@@ -511,8 +511,15 @@ impl Config {
             f.proxy.listen = Some(listen.clone());
         }
         if let Some(backend) = &o.backend {
+            // A single named backend keeps its name (and Host) with the new address.
+            let (name, host) = match f.backends.as_slice() {
+                [only] => (only.name.clone(), only.host.clone()),
+                _ => (None, None),
+            };
             f.backends = vec![file::BackendSection {
                 address: Some(backend.clone()),
+                name,
+                host,
                 ..Default::default()
             }];
         }
