@@ -2,6 +2,7 @@
 //!
 //! | method | path | what |
 //! |---|---|---|
+//! | GET | `/metrics` | Prometheus metrics ([`crate::metrics`]) |
 //! | GET | `/status` | backends (state, health, limits, in-flight, ramp, tokens) and the queue |
 //! | POST | `/backends/NAME/drain` | no new requests to NAME; in-flight ones finish |
 //! | POST | `/backends/NAME/ready` | NAME takes requests again, ramping up with slow start |
@@ -19,6 +20,7 @@ use serde::Serialize;
 use sluice_plugins::BackendState;
 
 use crate::admission::{Admission, BackendStatus};
+use crate::service::Shared;
 
 /// Status document served at `/status`.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
@@ -94,19 +96,24 @@ pub fn status(admission: &Admission) -> Status {
 
 /// The admin HTTP app.
 pub struct AdminApp {
+    shared: Arc<Shared>,
     admission: Arc<Admission>,
 }
 
 impl AdminApp {
-    /// An admin app over this proxy's admission state.
-    pub fn new(admission: Arc<Admission>) -> Self {
-        AdminApp { admission }
+    /// An admin app over this proxy's shared state.
+    pub fn new(shared: Arc<Shared>) -> Self {
+        AdminApp {
+            admission: shared.admission.clone(),
+            shared,
+        }
     }
 
     fn route(&self, method: &str, path: &str) -> (u16, String) {
         let path = path.split('?').next().unwrap_or(path);
         let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
         match (method, parts.as_slice()) {
+            ("GET", ["metrics"]) => (200, self.shared.metrics.render(&self.admission)),
             ("GET", ["status"]) => match serde_json::to_string_pretty(&status(&self.admission)) {
                 Ok(json) => (200, json + "\n"),
                 Err(e) => (500, format!("{{\"error\":\"{e}\"}}\n")),
@@ -152,9 +159,14 @@ impl ServeHttp for AdminApp {
         let method = session.req_header().method.as_str().to_owned();
         let path = session.req_header().uri.path().to_owned();
         let (code, body) = self.route(&method, &path);
+        let content_type = if path == "/metrics" {
+            "text/plain; version=0.0.4"
+        } else {
+            "application/json"
+        };
         Response::builder()
             .status(code)
-            .header("Content-Type", "application/json")
+            .header("Content-Type", content_type)
             .header("Content-Length", body.len())
             .body(body.into_bytes())
             .unwrap_or_else(|_| Response::new(Vec::new()))

@@ -83,6 +83,8 @@ pub mod defaults {
     pub const PASSIVE_FAILURES: u32 = 3;
     /// Admin listener (status, drain, ready, metrics). Loopback only by default.
     pub const ADMIN_LISTEN: &str = "127.0.0.1:9090";
+    /// Access log target: one JSON line per request.
+    pub const ACCESS_LOG: &str = "stdout";
 }
 
 /// The serde structs that mirror the configuration file.
@@ -117,6 +119,17 @@ pub mod file {
         /// `[admin]`: the admin listener.
         #[serde(default)]
         pub admin: AdminSection,
+        /// `[log]`: the access log.
+        #[serde(default)]
+        pub log: LogSection,
+    }
+
+    /// `[log]`
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct LogSection {
+        /// `access = "stdout"` | `"off"` | `"/var/log/sluice/access.log"`
+        pub access: Option<String>,
     }
 
     /// `[slow_start]`
@@ -380,6 +393,8 @@ pub struct Config {
     pub health: HealthConfig,
     /// Admin listener, if enabled.
     pub admin_listen: Option<SocketAddr>,
+    /// Access log target.
+    pub access_log: crate::access_log::Target,
 }
 
 /// The slow-start ramp of a backend.
@@ -772,7 +787,20 @@ impl Config {
             Some(a)
         };
 
+        let access_text = f.log.access.as_deref().unwrap_or(defaults::ACCESS_LOG);
+        let access_log = crate::access_log::Target::parse(access_text);
+        if let crate::access_log::Target::File(p) = &access_log {
+            if !p.is_absolute() {
+                return Err(ConfigError::new(
+                    "log.access",
+                    format!("{access_text:?}"),
+                    "must be \"stdout\", \"off\" or an absolute file path",
+                ));
+            }
+        }
+
         Ok(Config {
+            access_log,
             health,
             admin_listen,
             listen,

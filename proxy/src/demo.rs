@@ -104,7 +104,8 @@ pub fn run(args: &DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
         rate: None,
         admin_listen: Some(String::new()),
     };
-    let cfg = Config::parse("", None, &o)?;
+    // The demo prints its own summary; no access log lines.
+    let cfg = Config::parse("[log]\naccess = \"off\"\n", None, &o)?;
     let proxy = RunningProxy::start(&cfg)?;
     backend.reset_stats();
     let report = rt.block_on(terminals::run(load(proxy.addr())));

@@ -7,12 +7,14 @@
 
 #![forbid(unsafe_code)]
 
+pub mod access_log;
 pub mod admin;
 pub mod admission;
 pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod health;
+pub mod metrics;
 pub mod run;
 pub mod service;
 

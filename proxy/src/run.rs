@@ -5,7 +5,7 @@
 //! exercise exactly the production assembly.
 
 use std::net::{SocketAddr, TcpStream};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -24,11 +24,13 @@ use pingora::apps::http_app::HttpServer;
 use pingora::services::background::GenBackgroundService;
 use pingora::services::listening::Service;
 
+use crate::access_log::AccessLog;
 use crate::admin::AdminApp;
 use crate::admission::Admission;
 use crate::config::{Config, ConfigError};
 use crate::health::{probe_secret, AdmissionTimer, HealthChecker};
-use crate::service::Sluice;
+use crate::metrics::Metrics;
+use crate::service::{Settings, Shared, Sluice};
 
 /// Write buffer per client connection, bytes (one TCP segment; responses are small).
 const CLIENT_WRITE_BUFFER_BYTES: usize = 1460;
@@ -61,10 +63,23 @@ pub fn server_conf(cfg: &Config) -> ServerConf {
 /// Build the pingora server for `cfg`. Returns the server and the admission state it uses.
 ///
 /// `opt` carries pingora's process flags (`upgrade`, `daemon`); `None` for a plain start.
-pub fn build_server(cfg: &Config, opt: Option<Opt>) -> (Server, Arc<Admission>) {
+pub fn build_server(cfg: &Config, opt: Option<Opt>) -> (Server, Arc<Shared>) {
     let conf = server_conf(cfg);
     let admission = Admission::from_config(cfg);
     let secret = probe_secret();
+    let access_log = AccessLog::open(&cfg.access_log).unwrap_or_else(|e| {
+        log::error!(
+            "cannot open the access log {:?}: {e}; access logging is off",
+            cfg.access_log
+        );
+        AccessLog::off()
+    });
+    let shared = Arc::new(Shared {
+        admission: admission.clone(),
+        settings: RwLock::new(Arc::new(Settings::new(cfg))),
+        metrics: Metrics::new(),
+        access_log: RwLock::new(access_log),
+    });
 
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     let conf = server.configuration.clone();
@@ -76,7 +91,7 @@ pub fn build_server(cfg: &Config, opt: Option<Opt>) -> (Server, Arc<Admission>) 
 
     let server_options = HttpServerOptions::default();
 
-    let sluice = Sluice::new(cfg, admission.clone(), secret.clone());
+    let sluice = Sluice::new(shared.clone(), secret.clone());
     let mut service = ProxyServiceBuilder::new(&conf, sluice)
         .name("sluice")
         .client_options(client)
@@ -118,13 +133,13 @@ pub fn build_server(cfg: &Config, opt: Option<Opt>) -> (Server, Arc<Admission>) 
     if let Some(admin) = cfg.admin_listen {
         let mut svc = Service::new(
             "admin".into(),
-            HttpServer::new_app(AdminApp::new(admission.clone())),
+            HttpServer::new_app(AdminApp::new(shared.clone())),
         );
         svc.threads = Some(1);
         svc.add_tcp(&admin.to_string());
         server.add_service(svc);
     }
-    (server, admission)
+    (server, shared)
 }
 
 /// Shutdown trigger for an in-process server.
@@ -155,6 +170,7 @@ pub enum StartError {
 pub struct RunningProxy {
     addr: SocketAddr,
     admission: Arc<Admission>,
+    shared: Arc<Shared>,
     stop: watch::Sender<bool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -166,7 +182,8 @@ impl RunningProxy {
     /// Start sluice for `cfg` and wait until its listener accepts connections.
     pub fn start(cfg: &Config) -> Result<RunningProxy, StartError> {
         cfg.preflight_bind()?;
-        let (mut server, admission) = build_server(cfg, None);
+        let (mut server, shared) = build_server(cfg, None);
+        let admission = shared.admission.clone();
         server.bootstrap();
         let (stop, rx) = watch::channel(false);
         let thread = std::thread::Builder::new()
@@ -186,6 +203,7 @@ impl RunningProxy {
         let running = RunningProxy {
             addr: cfg.listen,
             admission,
+            shared,
             stop,
             thread: Some(thread),
         };
@@ -208,6 +226,11 @@ impl RunningProxy {
     /// The live admission state (limits, in-flight counts, queue).
     pub fn admission(&self) -> &Arc<Admission> {
         &self.admission
+    }
+
+    /// The shared state (metrics, settings, access log).
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
     }
 
     /// Stop the server and wait for its thread.

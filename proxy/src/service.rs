@@ -17,7 +17,7 @@
 //! (`set_abort_on_close(false)`): a payment the backend is already processing keeps its slot
 //! until the backend answers, so the cap counts the work really at the backend.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -30,8 +30,10 @@ use pingora::{ErrorSource, ErrorType};
 
 use sluice_plugins::BackendId;
 
+use crate::access_log::{self, AccessLog};
 use crate::admission::{Admission, Permit, Shed};
 use crate::config::Config;
+use crate::metrics::{Metrics, Outcome, NO_BACKEND};
 
 /// Request header carrying the health checker's secret: marks a request as a health probe.
 pub const PROBE_HEADER: &str = "x-sluice-probe";
@@ -62,47 +64,98 @@ pub struct RequestCtx {
 }
 
 /// A backend as the service sees it.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// Name, for logs and metrics.
+    pub name: String,
+    /// The prebuilt peer: the same value for every request keeps connections pooled.
+    pub peer: HttpPeer,
+    /// Host header override.
+    pub host: Option<String>,
+}
+
+/// The parts of the configuration the request path reads; swapped whole on reload.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Backends by index (an index never changes meaning while the process runs).
+    pub upstreams: Vec<Upstream>,
+    /// `Retry-After` seconds.
+    pub retry_after_secs: u64,
+    /// Per-write timeout toward clients.
+    pub client_write_timeout: Duration,
+}
+
+/// Build an upstream peer for a configured backend.
+pub fn upstream(cfg: &Config, b: &crate::config::Backend) -> Upstream {
+    let mut peer = HttpPeer::new(b.addr, false, String::new());
+    let o = &mut peer.options;
+    o.connection_timeout = Some(cfg.upstream.connect_timeout);
+    o.idle_timeout = Some(cfg.upstream.idle_timeout);
+    o.read_timeout = Some(cfg.upstream.read_timeout);
+    o.write_timeout = Some(cfg.upstream.write_timeout);
+    Upstream {
+        name: b.name.clone(),
+        peer,
+        host: b.host.clone(),
+    }
+}
+
+impl Settings {
+    /// Settings for a validated config, backends in config order.
+    pub fn new(cfg: &Config) -> Self {
+        Settings {
+            upstreams: cfg.backends.iter().map(|b| upstream(cfg, b)).collect(),
+            // Retry-After takes whole seconds; never advertise 0 (an immediate retry storm).
+            retry_after_secs: cfg.retry_after.as_secs().max(1),
+            client_write_timeout: cfg.client_write_timeout,
+        }
+    }
+}
+
+/// State shared by the proxy service, the admin API and reloads.
 #[derive(Debug)]
-struct Upstream {
-    peer: HttpPeer,
-    host: Option<String>,
+pub struct Shared {
+    /// Admission: pool, queue, health.
+    pub admission: Arc<Admission>,
+    /// Request-path settings.
+    pub settings: RwLock<Arc<Settings>>,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Access log.
+    pub access_log: RwLock<AccessLog>,
+}
+
+impl Shared {
+    /// The current settings.
+    pub fn settings(&self) -> Arc<Settings> {
+        self.settings
+            .read()
+            .map(|s| s.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    fn access_log(&self) -> AccessLog {
+        self.access_log
+            .read()
+            .map(|s| s.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
 }
 
 /// The admission-control proxy.
 pub struct Sluice {
+    shared: Arc<Shared>,
     admission: Arc<Admission>,
     probe_secret: String,
-    upstreams: Vec<Upstream>,
-    retry_after_secs: u64,
-    client_write_timeout: Duration,
 }
 
 impl Sluice {
-    /// Build the service for a validated config, sharing `admission` with the caller.
-    pub fn new(cfg: &Config, admission: Arc<Admission>, probe_secret: String) -> Self {
-        let upstreams = cfg
-            .backends
-            .iter()
-            .map(|b| {
-                let mut peer = HttpPeer::new(b.addr, false, String::new());
-                let o = &mut peer.options;
-                o.connection_timeout = Some(cfg.upstream.connect_timeout);
-                o.idle_timeout = Some(cfg.upstream.idle_timeout);
-                o.read_timeout = Some(cfg.upstream.read_timeout);
-                o.write_timeout = Some(cfg.upstream.write_timeout);
-                Upstream {
-                    peer,
-                    host: b.host.clone(),
-                }
-            })
-            .collect();
+    /// Build the service over the shared state.
+    pub fn new(shared: Arc<Shared>, probe_secret: String) -> Self {
         Sluice {
-            admission,
+            admission: shared.admission.clone(),
+            shared,
             probe_secret,
-            upstreams,
-            // Retry-After takes whole seconds; never advertise 0 (an immediate retry storm).
-            retry_after_secs: cfg.retry_after.as_secs().max(1),
-            client_write_timeout: cfg.client_write_timeout,
         }
     }
 
@@ -114,7 +167,10 @@ impl Sluice {
             Shed::BackendDown => "503 service unavailable: the backend is down, retry later\n",
         });
         let mut h = ResponseHeader::build(503, Some(4))?;
-        h.insert_header("Retry-After", self.retry_after_secs.to_string())?;
+        h.insert_header(
+            "Retry-After",
+            self.shared.settings().retry_after_secs.to_string(),
+        )?;
         h.insert_header("Content-Type", "text/plain")?;
         h.insert_header("Content-Length", body.len().to_string())?;
         h.insert_header("Cache-Control", "no-store")?;
@@ -140,7 +196,7 @@ impl Sluice {
             .get(PROBE_BACKEND_HEADER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<usize>().ok())
-            .filter(|&i| i < self.upstreams.len());
+            .filter(|&i| i < self.shared.settings().upstreams.len());
         let (true, Some(backend)) = (authentic, backend) else {
             // Not our checker: refuse rather than let a client pick a backend.
             return Err(Error::explain(
@@ -233,7 +289,7 @@ impl ProxyHttp for Sluice {
                 // From here on the backend may be working on this request: keep its slot until
                 // the backend answers, even if the client leaves.
                 downstream.set_abort_on_close(false);
-                downstream.set_write_timeout(Some(self.client_write_timeout));
+                downstream.set_write_timeout(Some(self.shared.settings().client_write_timeout));
                 Ok(false)
             }
             Err(shed) => {
@@ -274,7 +330,8 @@ impl ProxyHttp for Sluice {
                 "upstream_peer reached without an admission permit",
             )
         })?;
-        let up = self.upstreams.get(backend.0).ok_or_else(|| {
+        let settings = self.shared.settings();
+        let up = settings.upstreams.get(backend.0).ok_or_else(|| {
             Error::explain(ErrorType::InternalError, "permit for an unknown backend")
         })?;
         Ok(Box::new(up.peer.clone()))
@@ -286,10 +343,11 @@ impl ProxyHttp for Sluice {
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        let settings = self.shared.settings();
         let host = ctx
             .permit
             .as_ref()
-            .and_then(|p| self.upstreams.get(p.backend().0))
+            .and_then(|p| settings.upstreams.get(p.backend().0))
             .and_then(|u| u.host.as_deref());
         if let Some(host) = host {
             upstream_request.insert_header("Host", host)?;
@@ -401,7 +459,8 @@ impl ProxyHttp for Sluice {
         };
         // Nothing can be sent once the response has started, or to a client that is gone.
         if code > 0 && session.response_written().is_none() {
-            if let Err(err) = write_error(session, code, self.retry_after_secs).await {
+            let retry_after = self.shared.settings().retry_after_secs;
+            if let Err(err) = write_error(session, code, retry_after).await {
                 log::debug!("could not send {code} to the client: {err}");
             }
         }
@@ -411,9 +470,84 @@ impl ProxyHttp for Sluice {
         }
     }
 
-    async fn logging(&self, _session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
-        // Release the backend slot: the response has been delivered or the request is over.
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        reused: bool,
+        _peer: &HttpPeer,
+        #[cfg(unix)] _fd: std::os::unix::io::RawFd,
+        _digest: Option<&pingora::protocols::Digest>,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(b) = ctx.backend {
+            if let Some(up) = self.shared.settings().upstreams.get(b.0) {
+                self.shared.metrics.upstream_connection(&up.name, reused);
+            }
+        }
+        Ok(())
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        // Release the backend slot first: the response has been delivered or the request is
+        // over, and the next waiter should not wait for bookkeeping.
         drop(ctx.permit.take());
+        if ctx.probe {
+            return;
+        }
+        let status = session
+            .response_written()
+            .map(|h| h.status.as_u16())
+            .unwrap_or(0);
+        let outcome = match (ctx.shed, e) {
+            (Some(Shed::QueueFull), _) => Outcome::QueueFull,
+            (Some(Shed::QueueTimeout), _) => Outcome::QueueTimeout,
+            (Some(Shed::BackendDown), _) => Outcome::BackendDown,
+            (None, Some(e)) => match e.esource() {
+                ErrorSource::Downstream => match e.etype() {
+                    ErrorType::InvalidHTTPHeader | ErrorType::H1Error => Outcome::BadRequest,
+                    _ => Outcome::ClientAbort,
+                },
+                ErrorSource::Upstream => Outcome::UpstreamError,
+                _ => match e.etype() {
+                    ErrorType::HTTPStatus(400) => Outcome::BadRequest,
+                    _ => Outcome::UpstreamError,
+                },
+            },
+            (None, None) if status >= 500 => Outcome::BackendError,
+            (None, None) => Outcome::Ok,
+        };
+        let settings = self.shared.settings();
+        let backend = ctx
+            .backend
+            .and_then(|b| settings.upstreams.get(b.0))
+            .map(|u| u.name.as_str());
+        let metrics = &self.shared.metrics;
+        metrics.request(backend.unwrap_or(NO_BACKEND), outcome);
+        metrics.queue_wait(ctx.queue_wait.as_secs_f64());
+        let upstream = ctx.upstream_start.map(|t| t.elapsed());
+        if let (Some(name), Some(d)) = (backend, upstream) {
+            metrics.upstream_duration(name, d.as_secs_f64());
+        }
+        let log = self.shared.access_log();
+        if log.enabled() {
+            let req = session.req_header();
+            let path = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+            log.log(&access_log::Entry {
+                time: access_log::now_rfc3339(),
+                client: session
+                    .client_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_default(),
+                method: req.method.as_str(),
+                path,
+                status,
+                queue_ms: ctx.queue_wait.as_secs_f64() * 1000.0,
+                upstream_ms: upstream.map(|d| d.as_secs_f64() * 1000.0),
+                bytes: session.body_bytes_sent(),
+                backend,
+                outcome: outcome.as_str(),
+            });
+        }
     }
 }
 

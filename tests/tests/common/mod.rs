@@ -45,7 +45,8 @@ pub fn config_with(
         admin_listen: Some(String::new()),
         ..Overrides::default()
     };
-    Config::parse(toml, None, &o).expect("test config is valid")
+    let toml = format!("{toml}\n[log]\naccess = \"off\"\n");
+    Config::parse(&toml, None, &o).expect("test config is valid")
 }
 
 /// A farm config from a full TOML text; listen and admin on free loopback ports.
@@ -56,7 +57,8 @@ pub fn farm_config(toml: &str) -> Config {
         threads: Some(2),
         ..Overrides::default()
     };
-    Config::parse(toml, None, &o).expect("test config is valid")
+    let toml = format!("{toml}\n[log]\naccess = \"off\"\n");
+    Config::parse(&toml, None, &o).expect("test config is valid")
 }
 
 /// Start sluice; retried once on the rare race where another test took the free port.

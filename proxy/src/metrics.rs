@@ -1,0 +1,310 @@
+//! Prometheus metrics, served by the admin listener at `/metrics`.
+//!
+//! Counters and histograms are updated on the request path; gauges that mirror admission state
+//! (in-flight, limits, queue, health, tokens, ramp) are refreshed from a consistent snapshot at
+//! scrape time, so they can never drift from the truth. Everything lives in this struct's own
+//! [`Registry`] (no global state), so tests can run several proxies in one process.
+//!
+//! The crate is `prometheus` 0.14, the version `pingora-prometheus` 0.9 uses.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::admission::Admission;
+use sluice_plugins::BackendState;
+
+/// How a request ended, for `sluice_requests_total{outcome}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The backend answered with a status below 500.
+    Ok,
+    /// The backend answered 5xx.
+    BackendError,
+    /// Connect failure, reset, malformed response or timeout: sluice answered 502/504.
+    UpstreamError,
+    /// Refused: the queue was full.
+    QueueFull,
+    /// Refused: waited `queue_timeout` with a backend up.
+    QueueTimeout,
+    /// Refused: waited `queue_timeout` with no backend up.
+    BackendDown,
+    /// The client left while queued, or before its response was delivered.
+    ClientAbort,
+    /// The request was malformed.
+    BadRequest,
+}
+
+impl Outcome {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::BackendError => "backend_error",
+            Outcome::UpstreamError => "upstream_error",
+            Outcome::QueueFull => "queue_full",
+            Outcome::QueueTimeout => "queue_timeout",
+            Outcome::BackendDown => "backend_down",
+            Outcome::ClientAbort => "client_abort",
+            Outcome::BadRequest => "bad_request",
+        }
+    }
+}
+
+/// Label used for requests that never reached a backend.
+pub const NO_BACKEND: &str = "none";
+
+/// Queue-wait buckets, seconds: from "admitted at once" to the longest sane deadline.
+const WAIT_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+/// Backend-time buckets, seconds.
+const UPSTREAM_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// All of sluice's metrics.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    queue_wait: Histogram,
+    upstream_duration: HistogramVec,
+    upstream_connections: IntCounterVec,
+    reloads: IntCounterVec,
+    inflight: IntGaugeVec,
+    effective_limit: IntGaugeVec,
+    max_inflight: IntGaugeVec,
+    backend_up: IntGaugeVec,
+    backend_draining: IntGaugeVec,
+    tokens: IntGaugeVec,
+    slow_start: prometheus::GaugeVec,
+    queue_depth: IntGauge,
+    queue_max: IntGauge,
+}
+
+fn must<T>(r: prometheus::Result<T>) -> T {
+    // Metric names and labels below are constants: an error here is a programming error
+    // caught by the unit test, never an input problem.
+    #[allow(clippy::expect_used)]
+    r.expect("static metric definition")
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Create and register every metric in a fresh registry.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = must(IntCounterVec::new(Opts::new(name, help), labels));
+            must(registry.register(Box::new(c.clone())));
+            c
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let g = must(IntGaugeVec::new(Opts::new(name, help), labels));
+            must(registry.register(Box::new(g.clone())));
+            g
+        };
+        let requests = counter(
+            "sluice_requests_total",
+            "Requests by backend and outcome.",
+            &["backend", "outcome"],
+        );
+        let upstream_connections = counter(
+            "sluice_upstream_connections_total",
+            "Upstream connections used, by backend and whether a pooled one was reused.",
+            &["backend", "reused"],
+        );
+        let reloads = counter(
+            "sluice_reloads_total",
+            "Configuration reloads by result.",
+            &["result"],
+        );
+        let queue_wait = must(Histogram::with_opts(
+            HistogramOpts::new(
+                "sluice_queue_wait_seconds",
+                "Time each request waited for a backend slot.",
+            )
+            .buckets(WAIT_BUCKETS.to_vec()),
+        ));
+        must(registry.register(Box::new(queue_wait.clone())));
+        let upstream_duration = must(HistogramVec::new(
+            HistogramOpts::new(
+                "sluice_upstream_duration_seconds",
+                "Time each request spent at its backend, until the response was delivered.",
+            )
+            .buckets(UPSTREAM_BUCKETS.to_vec()),
+            &["backend"],
+        ));
+        must(registry.register(Box::new(upstream_duration.clone())));
+        let inflight = gauge(
+            "sluice_inflight",
+            "Requests at the backend now.",
+            &["backend"],
+        );
+        let effective_limit = gauge(
+            "sluice_effective_limit",
+            "Concurrency limit in force now (lower while slow start ramps).",
+            &["backend"],
+        );
+        let max_inflight = gauge(
+            "sluice_max_inflight",
+            "Configured concurrency cap of the backend.",
+            &["backend"],
+        );
+        let backend_up = gauge(
+            "sluice_backend_up",
+            "1 when the backend takes new requests, 0 when down or draining.",
+            &["backend"],
+        );
+        let backend_draining = gauge(
+            "sluice_backend_draining",
+            "1 while the operator drains the backend.",
+            &["backend"],
+        );
+        let tokens = gauge(
+            "sluice_tokens_available",
+            "Rate-limit tokens available now (backends with a rate only).",
+            &["backend"],
+        );
+        let slow_start = must(prometheus::GaugeVec::new(
+            Opts::new(
+                "sluice_slow_start_progress",
+                "Slow-start ramp progress, 0 to 1 (1 when no ramp runs).",
+            ),
+            &["backend"],
+        ));
+        must(registry.register(Box::new(slow_start.clone())));
+        let queue_depth = must(IntGauge::new(
+            "sluice_queue_depth",
+            "Requests waiting for a backend slot.",
+        ));
+        must(registry.register(Box::new(queue_depth.clone())));
+        let queue_max = must(IntGauge::new("sluice_queue_max", "The queue's bound."));
+        must(registry.register(Box::new(queue_max.clone())));
+        Metrics {
+            registry,
+            requests,
+            queue_wait,
+            upstream_duration,
+            upstream_connections,
+            reloads,
+            inflight,
+            effective_limit,
+            max_inflight,
+            backend_up,
+            backend_draining,
+            tokens,
+            slow_start,
+            queue_depth,
+            queue_max,
+        }
+    }
+
+    /// Count a finished request.
+    pub fn request(&self, backend: &str, outcome: Outcome) {
+        self.requests
+            .with_label_values(&[backend, outcome.as_str()])
+            .inc();
+    }
+
+    /// Record how long a request waited for its slot.
+    pub fn queue_wait(&self, seconds: f64) {
+        self.queue_wait.observe(seconds);
+    }
+
+    /// Record a request's time at its backend.
+    pub fn upstream_duration(&self, backend: &str, seconds: f64) {
+        self.upstream_duration
+            .with_label_values(&[backend])
+            .observe(seconds);
+    }
+
+    /// Count an upstream connection, new or reused.
+    pub fn upstream_connection(&self, backend: &str, reused: bool) {
+        self.upstream_connections
+            .with_label_values(&[backend, if reused { "true" } else { "false" }])
+            .inc();
+    }
+
+    /// Count a configuration reload.
+    pub fn reload(&self, ok: bool) {
+        self.reloads
+            .with_label_values(&[if ok { "ok" } else { "error" }])
+            .inc();
+    }
+
+    /// Refresh the state gauges from admission and render the text exposition format.
+    pub fn render(&self, admission: &Admission) -> String {
+        let snap = admission.snapshot();
+        self.queue_depth.set(snap.queued as i64);
+        self.queue_max.set(snap.max_queue as i64);
+        for b in admission.status() {
+            let l = [b.name.as_str()];
+            self.inflight
+                .with_label_values(&l)
+                .set(i64::from(b.inflight));
+            self.effective_limit
+                .with_label_values(&l)
+                .set(i64::from(b.effective_limit));
+            self.max_inflight
+                .with_label_values(&l)
+                .set(i64::from(b.limit));
+            self.backend_up
+                .with_label_values(&l)
+                .set(i64::from(b.state == BackendState::Up));
+            self.backend_draining
+                .with_label_values(&l)
+                .set(i64::from(b.state == BackendState::Draining));
+            if let Some(t) = b.tokens {
+                self.tokens.with_label_values(&l).set(i64::from(t));
+            }
+            self.slow_start.with_label_values(&l).set(b.ramp);
+        }
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            return format!("# error encoding metrics: {e}\n");
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn renders_every_family_with_state_gauges() {
+        let m = Metrics::new();
+        let a = Admission::new(&[4], 10, Duration::from_secs(1));
+        m.request("b0", Outcome::Ok);
+        m.request(NO_BACKEND, Outcome::QueueFull);
+        m.queue_wait(0.002);
+        m.upstream_duration("b0", 0.02);
+        m.upstream_connection("b0", false);
+        m.reload(true);
+        let text = m.render(&a);
+        for needle in [
+            "sluice_requests_total{backend=\"b0\",outcome=\"ok\"} 1",
+            "sluice_requests_total{backend=\"none\",outcome=\"queue_full\"} 1",
+            "sluice_queue_wait_seconds_count 1",
+            "sluice_upstream_duration_seconds_count{backend=\"b0\"} 1",
+            "sluice_upstream_connections_total{backend=\"b0\",reused=\"false\"} 1",
+            "sluice_max_inflight{backend=\"b0\"} 4",
+            "sluice_effective_limit{backend=\"b0\"} 4",
+            "sluice_inflight{backend=\"b0\"} 0",
+            "sluice_backend_up{backend=\"b0\"} 1",
+            "sluice_queue_max 10",
+            "sluice_reloads_total{result=\"ok\"} 1",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+        }
+    }
+}
