@@ -4,6 +4,7 @@
 //! |---|---|---|
 //! | GET | `/metrics` | Prometheus metrics ([`crate::metrics`]) |
 //! | GET | `/status` | backends (state, health, limits, in-flight, ramp, tokens) and the queue |
+//! | POST | `/reload` | re-read the config file ([`crate::reload`]) |
 //! | POST | `/backends/NAME/drain` | no new requests to NAME; in-flight ones finish |
 //! | POST | `/backends/NAME/ready` | NAME takes requests again, ramping up with slow start |
 //! | POST | `/backends/NAME/slow-start` | restart NAME's slow-start ramp |
@@ -114,6 +115,13 @@ impl AdminApp {
         let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
         match (method, parts.as_slice()) {
             ("GET", ["metrics"]) => (200, self.shared.metrics.render(&self.admission)),
+            ("POST", ["reload"]) => match crate::reload::reload(&self.shared) {
+                Ok(report) => match serde_json::to_string_pretty(&report) {
+                    Ok(json) => (200, json + "\n"),
+                    Err(e) => (500, json_error(&e.to_string())),
+                },
+                Err(e) => (400, json_error(&e.to_string())),
+            },
             ("GET", ["status"]) => match serde_json::to_string_pretty(&status(&self.admission)) {
                 Ok(json) => (200, json + "\n"),
                 Err(e) => (500, format!("{{\"error\":\"{e}\"}}\n")),
@@ -138,11 +146,11 @@ impl AdminApp {
                     Err(e) => (404, json_error(&e.to_string())),
                 }
             }
-            (_, ["status"]) | (_, ["backends", _, _]) => (405, json_error("method not allowed")),
+            (_, ["status"]) | (_, ["metrics"]) | (_, ["reload"]) | (_, ["backends", _, _]) => (405, json_error("method not allowed")),
             _ => (
                 404,
                 json_error(
-                    "not found; try GET /status or POST /backends/NAME/drain|ready|slow-start",
+                    "not found; try GET /status, GET /metrics, POST /reload or POST /backends/NAME/drain|ready|slow-start",
                 ),
             ),
         }

@@ -297,6 +297,27 @@ impl Admission {
         self.timer.notify_one();
     }
 
+    /// Add a backend (hot reload); it starts up, ramping with its slow start.
+    pub fn add_backend(
+        &self,
+        name: &str,
+        policy: BackendPolicy,
+        rise: u32,
+        fall: u32,
+    ) -> BackendId {
+        let mut backends = self.backends();
+        let id = self.pool().add_backend(policy, Instant::now().into_std());
+        backends.push(BackendHealth {
+            name: name.to_string(),
+            health: Health::new(rise, fall),
+            drained: false,
+            passive_failures: 0,
+        });
+        drop(backends);
+        self.timer.notify_one();
+        id
+    }
+
     /// Change the queue bound and the queue deadline for new arrivals.
     pub fn set_queue(&self, max_queue: usize, queue_timeout: Duration) {
         self.pool().set_max_queue(max_queue);

@@ -43,6 +43,8 @@ pub enum Command {
     Demo(crate::demo::DemoArgs),
     /// Show the running proxy's backends, limits, in-flight counts and queue.
     Status(AdminArgs),
+    /// Make the running proxy re-read its config file (same as SIGHUP).
+    Reload(AdminArgs),
     /// Operate on a backend of the running proxy.
     Backend(BackendArgs),
 }

@@ -26,7 +26,7 @@ use sluice_plugins::BackendId;
 
 use crate::admission::Admission;
 use crate::config::{CheckKind, Config};
-use crate::service::{PROBE_BACKEND_HEADER, PROBE_HEADER};
+use crate::service::{Shared, PROBE_BACKEND_HEADER, PROBE_HEADER};
 
 /// A fresh random secret for the probe header, from the OS's hash seeds (no extra crate).
 pub fn probe_secret() -> String {
@@ -62,15 +62,17 @@ pub struct HealthChecker(Arc<Checker>);
 
 struct Checker {
     admission: Arc<Admission>,
+    shared: Arc<Shared>,
     cfg: Config,
     secret: String,
 }
 
 impl HealthChecker {
     /// A checker for `cfg`'s backends, sending probes marked with `secret`.
-    pub fn new(cfg: &Config, admission: Arc<Admission>, secret: String) -> Self {
+    pub fn new(cfg: &Config, shared: Arc<Shared>, secret: String) -> Self {
         HealthChecker(Arc::new(Checker {
-            admission,
+            admission: shared.admission.clone(),
+            shared,
             cfg: cfg.clone(),
             secret,
         }))
@@ -86,7 +88,8 @@ impl Checker {
         path: &str,
         expect: &[u16],
     ) -> Option<bool> {
-        let b = &self.cfg.backends[backend];
+        let settings = self.shared.settings();
+        let b = settings.upstreams.get(backend)?;
         let attempt = async {
             let (mut session, _reused) = connector.get_http_session(peer).await.ok()?;
             let mut req = RequestHeader::build("GET", path.as_bytes(), Some(4)).ok()?;
@@ -134,7 +137,7 @@ impl Checker {
 
     async fn check_tcp(&self, backend: usize) -> Option<bool> {
         let permit = self.admission.acquire_probe(BackendId(backend))?;
-        let addr = self.cfg.backends[backend].addr;
+        let addr = self.shared.settings().upstreams.get(backend)?.addr;
         let ok = matches!(
             tokio::time::timeout(
                 self.cfg.health.timeout,
@@ -188,9 +191,28 @@ impl BackgroundService for HealthChecker {
         if self.0.cfg.health.check == CheckKind::None {
             return;
         }
-        let tasks: Vec<_> = (0..self.0.cfg.backends.len())
-            .map(|b| tokio::spawn(self.0.clone().run_backend(b, shutdown.clone())))
-            .collect();
+        // One task per backend; backends added by a reload get theirs at the next interval.
+        let mut started = 0;
+        let mut tasks = Vec::new();
+        let mut shutdown = shutdown;
+        let mut tick = tokio::time::interval(self.0.cfg.health.interval);
+        loop {
+            let count = self.0.shared.settings().upstreams.len();
+            while started < count {
+                tasks.push(tokio::spawn(
+                    self.0.clone().run_backend(started, shutdown.clone()),
+                ));
+                started += 1;
+            }
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => {
+                    if *shutdown.borrow() {
+                        break;
+                    }
+                }
+            }
+        }
         for t in tasks {
             let _ = t.await;
         }

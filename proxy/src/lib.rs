@@ -15,6 +15,7 @@ pub mod config;
 pub mod demo;
 pub mod health;
 pub mod metrics;
+pub mod reload;
 pub mod run;
 pub mod service;
 

@@ -36,29 +36,8 @@ fn main() -> ExitCode {
         },
         Command::Run(args) => run(args),
         Command::Status(args) => status(&args),
-        Command::Backend(args) => {
-            let addr = match args.admin.addr() {
-                Ok(a) => a,
-                Err(e) => {
-                    eprintln!("sluice: {e}");
-                    return ExitCode::from(EXIT_CONFIG as u8);
-                }
-            };
-            match sluice::admin::client::call(addr, "POST", &args.action.path()) {
-                Ok((200, body)) => {
-                    print!("{body}");
-                    ExitCode::SUCCESS
-                }
-                Ok((code, body)) => {
-                    eprintln!("sluice: admin answered {code}: {}", body.trim());
-                    ExitCode::from(EXIT_RUNTIME as u8)
-                }
-                Err(e) => {
-                    eprintln!("sluice: cannot reach the admin listener at {addr}: {e}");
-                    ExitCode::from(EXIT_RUNTIME as u8)
-                }
-            }
-        }
+        Command::Reload(args) => admin_post(&args, "/reload"),
+        Command::Backend(args) => admin_post(&args.admin, &args.action.path()),
         Command::Demo(args) => match sluice::demo::run(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -66,6 +45,30 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_RUNTIME as u8)
             }
         },
+    }
+}
+
+fn admin_post(args: &cli::AdminArgs, path: &str) -> ExitCode {
+    let addr = match args.addr() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("sluice: {e}");
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+    };
+    match sluice::admin::client::call(addr, "POST", path) {
+        Ok((200, body)) => {
+            print!("{body}");
+            ExitCode::SUCCESS
+        }
+        Ok((code, body)) => {
+            eprintln!("sluice: admin answered {code}: {}", body.trim());
+            ExitCode::from(EXIT_RUNTIME as u8)
+        }
+        Err(e) => {
+            eprintln!("sluice: cannot reach the admin listener at {addr}: {e}");
+            ExitCode::from(EXIT_RUNTIME as u8)
+        }
     }
 }
 
@@ -181,7 +184,12 @@ fn run(args: cli::RunArgs) -> ExitCode {
         daemon: args.daemon,
         ..Default::default()
     };
-    let (mut server, _admission) = sluice::build_server(&cfg, Some(opt));
+    let (mut server, _shared) = sluice::run::build_server_from(
+        &cfg,
+        Some(opt),
+        args.config.config.clone(),
+        args.config.overrides(),
+    );
     server.bootstrap();
     eprintln!(
         "sluice: listening on {}, {} backend(s), {} requests in flight at most",

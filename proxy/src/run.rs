@@ -27,10 +27,13 @@ use pingora::services::listening::Service;
 use crate::access_log::AccessLog;
 use crate::admin::AdminApp;
 use crate::admission::Admission;
+use crate::config::Overrides;
 use crate::config::{Config, ConfigError};
 use crate::health::{probe_secret, AdmissionTimer, HealthChecker};
 use crate::metrics::Metrics;
+use crate::reload::{Reloader, SighupReload};
 use crate::service::{Settings, Shared, Sluice};
+use std::path::PathBuf;
 
 /// Write buffer per client connection, bytes (one TCP segment; responses are small).
 const CLIENT_WRITE_BUFFER_BYTES: usize = 1460;
@@ -64,6 +67,16 @@ pub fn server_conf(cfg: &Config) -> ServerConf {
 ///
 /// `opt` carries pingora's process flags (`upgrade`, `daemon`); `None` for a plain start.
 pub fn build_server(cfg: &Config, opt: Option<Opt>) -> (Server, Arc<Shared>) {
+    build_server_from(cfg, opt, None, Overrides::default())
+}
+
+/// Like [`build_server`], remembering the file and flags `cfg` came from, for reloads.
+pub fn build_server_from(
+    cfg: &Config,
+    opt: Option<Opt>,
+    path: Option<PathBuf>,
+    overrides: Overrides,
+) -> (Server, Arc<Shared>) {
     let conf = server_conf(cfg);
     let admission = Admission::from_config(cfg);
     let secret = probe_secret();
@@ -79,6 +92,7 @@ pub fn build_server(cfg: &Config, opt: Option<Opt>) -> (Server, Arc<Shared>) {
         settings: RwLock::new(Arc::new(Settings::new(cfg))),
         metrics: Metrics::new(),
         access_log: RwLock::new(access_log),
+        reload: Reloader::new(path, overrides, cfg.clone()),
     });
 
     let mut server = Server::new_with_opt_and_conf(opt, conf);
@@ -125,10 +139,14 @@ pub fn build_server(cfg: &Config, opt: Option<Opt>) -> (Server, Arc<Shared>) {
     server.add_service(timer);
     let mut checks = GenBackgroundService::new(
         "health checks".into(),
-        Arc::new(HealthChecker::new(cfg, admission.clone(), secret)),
+        Arc::new(HealthChecker::new(cfg, shared.clone(), secret)),
     );
     checks.threads = Some(1);
     server.add_service(checks);
+    let mut hup =
+        GenBackgroundService::new("reload".into(), Arc::new(SighupReload(shared.clone())));
+    hup.threads = Some(1);
+    server.add_service(hup);
 
     if let Some(admin) = cfg.admin_listen {
         let mut svc = Service::new(
@@ -181,8 +199,17 @@ impl RunningProxy {
 
     /// Start sluice for `cfg` and wait until its listener accepts connections.
     pub fn start(cfg: &Config) -> Result<RunningProxy, StartError> {
+        Self::start_from(cfg, None, Overrides::default())
+    }
+
+    /// Start sluice for `cfg`, loaded from `path` with `overrides` (so it can reload).
+    pub fn start_from(
+        cfg: &Config,
+        path: Option<PathBuf>,
+        overrides: Overrides,
+    ) -> Result<RunningProxy, StartError> {
         cfg.preflight_bind()?;
-        let (mut server, shared) = build_server(cfg, None);
+        let (mut server, shared) = build_server_from(cfg, None, path, overrides);
         let admission = shared.admission.clone();
         server.bootstrap();
         let (stop, rx) = watch::channel(false);

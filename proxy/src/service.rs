@@ -68,6 +68,10 @@ pub struct RequestCtx {
 pub struct Upstream {
     /// Name, for logs and metrics.
     pub name: String,
+    /// Address as configured (the default Host of health checks).
+    pub address: String,
+    /// Resolved address.
+    pub addr: std::net::SocketAddr,
     /// The prebuilt peer: the same value for every request keeps connections pooled.
     pub peer: HttpPeer,
     /// Host header override.
@@ -95,6 +99,8 @@ pub fn upstream(cfg: &Config, b: &crate::config::Backend) -> Upstream {
     o.write_timeout = Some(cfg.upstream.write_timeout);
     Upstream {
         name: b.name.clone(),
+        address: b.address.clone(),
+        addr: b.addr,
         peer,
         host: b.host.clone(),
     }
@@ -123,6 +129,8 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Access log.
     pub access_log: RwLock<AccessLog>,
+    /// Where a reload reads the configuration from.
+    pub reload: crate::reload::Reloader,
 }
 
 impl Shared {
@@ -134,7 +142,8 @@ impl Shared {
             .unwrap_or_else(|p| p.into_inner().clone())
     }
 
-    fn access_log(&self) -> AccessLog {
+    /// The current access log.
+    pub fn access_log(&self) -> AccessLog {
         self.access_log
             .read()
             .map(|s| s.clone())
@@ -285,6 +294,7 @@ impl ProxyHttp for Sluice {
                         return Err(client_gone());
                     }
                 }
+                ctx.backend = Some(permit.backend());
                 ctx.permit = Some(permit);
                 // From here on the backend may be working on this request: keep its slot until
                 // the backend answers, even if the client leaves.

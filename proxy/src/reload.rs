@@ -1,0 +1,247 @@
+//! Hot reload: re-read the configuration file and apply it to the running proxy.
+//!
+//! Triggered by SIGHUP, `POST /reload` on the admin listener, or `sluice reload`. What changes
+//! in place, without dropping a connection or an in-flight request:
+//! - limits, rate, burst and slow start of every backend (a lowered limit admits nothing more
+//!   until the work in flight drains below it; a raised one admits waiters at once);
+//! - the queue bound and deadline, `Retry-After`, client write timeout, upstream timeouts and
+//!   Host overrides;
+//! - the backend list: a new name is added (up, ramping with slow start); a removed name is
+//!   drained (its in-flight requests finish; it takes no new work); a changed address sends new
+//!   requests to the new address;
+//! - the access log target.
+//!
+//! What needs new sockets or threads (listen and admin addresses, `[server]`, the client read
+//! buffer, health-check settings) is reported as needing an upgrade (`sluice run --upgrade`).
+//! An invalid file is refused with its error and the running configuration stays.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+
+use crate::access_log::AccessLog;
+use crate::admission::policy;
+use crate::config::{Config, LoadError, Overrides};
+use crate::service::{upstream, Settings, Shared};
+
+/// The configuration source and the configuration in force.
+#[derive(Debug)]
+pub struct Reloader {
+    path: Option<PathBuf>,
+    overrides: Overrides,
+    current: Mutex<Config>,
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// Changes applied in place.
+    pub applied: Vec<String>,
+    /// Changes that need an upgrade to take effect.
+    pub needs_upgrade: Vec<String>,
+}
+
+/// Why a reload was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The process was started without a config file.
+    #[error("sluice was started without --config; there is no file to reload")]
+    NoFile,
+    /// The new file is invalid; the running config stays.
+    #[error("{0}; the running configuration stays in force")]
+    Invalid(#[from] LoadError),
+}
+
+impl Reloader {
+    /// A reloader for a process started from `path` (if any) with these flag overrides.
+    pub fn new(path: Option<PathBuf>, overrides: Overrides, current: Config) -> Self {
+        Reloader {
+            path,
+            overrides,
+            current: Mutex::new(current),
+        }
+    }
+
+    /// The configuration in force.
+    pub fn current(&self) -> Config {
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// Re-read the file and apply it. Serialised: one reload at a time.
+pub fn reload(shared: &Arc<Shared>) -> Result<ReloadReport, ReloadError> {
+    let r = &shared.reload;
+    let path = r.path.as_ref().ok_or(ReloadError::NoFile)?;
+    let mut current = r.current.lock().unwrap_or_else(|p| p.into_inner());
+    let new = match Config::load(path, &r.overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            shared.metrics.reload(false);
+            log::error!("reload refused: {e}; the running configuration stays in force");
+            return Err(e.into());
+        }
+    };
+    let report = apply(shared, &current, &new);
+    *current = new;
+    shared.metrics.reload(true);
+    for a in &report.applied {
+        log::warn!("reload: {a}");
+    }
+    for u in &report.needs_upgrade {
+        log::warn!(
+            "reload: {u} changed but needs an upgrade (sluice run --upgrade) to take effect"
+        );
+    }
+    Ok(report)
+}
+
+fn apply(shared: &Shared, old: &Config, new: &Config) -> ReloadReport {
+    let mut report = ReloadReport::default();
+    let mut needs = |what: &str, changed: bool| {
+        if changed {
+            report.needs_upgrade.push(what.to_string());
+        }
+    };
+    needs("proxy.listen", old.listen != new.listen);
+    needs("admin.listen", old.admin_listen != new.admin_listen);
+    needs(
+        "proxy.client_read_buffer_bytes",
+        old.client_read_buffer_bytes != new.client_read_buffer_bytes,
+    );
+    needs("[server]", old.server != new.server);
+    needs("[health]", old.health != new.health);
+
+    let admission = &shared.admission;
+    let settings = shared.settings();
+    let mut upstreams = settings.upstreams.clone();
+    let names = admission.backend_names();
+    for b in &new.backends {
+        match names.iter().position(|n| *n == b.name) {
+            Some(i) => {
+                let id = sluice_plugins::BackendId(i);
+                let before = old.backends.iter().find(|o| o.name == b.name);
+                if before.map(policy) != Some(policy(b)) {
+                    admission.set_policy(id, policy(b));
+                    report.applied.push(format!(
+                        "backend {}: max_inflight {}, rate {:?}, slow start {:?}",
+                        b.name,
+                        b.max_inflight,
+                        b.rate,
+                        b.slow_start.map(|s| s.duration)
+                    ));
+                }
+                if before.is_none() {
+                    // It was removed by an earlier reload and comes back.
+                    let _ = admission.ready(&b.name);
+                    report
+                        .applied
+                        .push(format!("backend {}: back in service", b.name));
+                }
+                let up = upstream(new, b);
+                if let Some(slot) = upstreams.get_mut(i) {
+                    if slot.addr != up.addr || slot.host != up.host {
+                        report.applied.push(format!(
+                            "backend {}: address {} host {:?}",
+                            b.name, b.address, b.host
+                        ));
+                    }
+                    *slot = up;
+                }
+            }
+            None => {
+                let id =
+                    admission.add_backend(&b.name, policy(b), new.health.rise, new.health.fall);
+                debug_assert_eq!(id.0, upstreams.len());
+                upstreams.push(upstream(new, b));
+                report.applied.push(format!(
+                    "backend {} added at {} (max_inflight {})",
+                    b.name, b.address, b.max_inflight
+                ));
+            }
+        }
+    }
+    for name in &names {
+        let still = new.backends.iter().any(|b| &b.name == name);
+        let was = old.backends.iter().any(|b| &b.name == name);
+        if !still && was {
+            let _ = admission.drain(name);
+            report.applied.push(format!(
+                "backend {name} removed: drained (in-flight requests finish)"
+            ));
+        }
+    }
+    if old.max_queue != new.max_queue || old.queue_timeout != new.queue_timeout {
+        admission.set_queue(new.max_queue, new.queue_timeout);
+        report.applied.push(format!(
+            "queue: max {} waiting, timeout {}",
+            new.max_queue,
+            humantime::format_duration(new.queue_timeout)
+        ));
+    }
+    if old.retry_after != new.retry_after
+        || old.client_write_timeout != new.client_write_timeout
+        || old.upstream != new.upstream
+    {
+        report
+            .applied
+            .push("retry_after, client write timeout and upstream timeouts".into());
+    }
+    let fresh = Settings::new(new);
+    let next = Settings {
+        upstreams,
+        retry_after_secs: fresh.retry_after_secs,
+        client_write_timeout: fresh.client_write_timeout,
+    };
+    *shared.settings.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+
+    if old.access_log != new.access_log {
+        match AccessLog::open(&new.access_log) {
+            Ok(log) => {
+                *shared.access_log.write().unwrap_or_else(|p| p.into_inner()) = log;
+                report
+                    .applied
+                    .push(format!("access log: {:?}", new.access_log));
+            }
+            Err(e) => report.needs_upgrade.push(format!(
+                "log.access (cannot open {:?}: {e})",
+                new.access_log
+            )),
+        }
+    }
+    report
+}
+
+/// Reload on SIGHUP, as a background service.
+pub struct SighupReload(pub Arc<Shared>);
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for SighupReload {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                log::error!("cannot listen for SIGHUP ({e}); reload with `sluice reload`");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {
+                    let shared = self.0.clone();
+                    // Reading the file is blocking work.
+                    let _ = tokio::task::spawn_blocking(move || reload(&shared)).await;
+                }
+                _ = shutdown.changed() => {
+                    if *shutdown.borrow() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
