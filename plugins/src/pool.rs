@@ -116,6 +116,8 @@ pub struct Grant<W> {
 #[derive(Debug, Clone)]
 struct Slot {
     limit: u32,
+    /// Slots held back for another process during a zero-downtime upgrade.
+    reserved: u32,
     inflight: u32,
     state: BackendState,
     bucket: Option<TokenBucket>,
@@ -127,6 +129,7 @@ impl Slot {
     fn new(policy: &BackendPolicy, now: Instant) -> Self {
         Slot {
             limit: policy.max_inflight,
+            reserved: 0,
             inflight: 0,
             state: BackendState::Up,
             bucket: policy.rate.map(|r| TokenBucket::new(r, now)),
@@ -135,12 +138,14 @@ impl Slot {
         }
     }
 
-    /// The limit in force: the ramp's value while it runs, else the full limit.
+    /// The limit in force: the ramp's value while it runs, else the full limit, less any
+    /// slots reserved for another process.
     fn effective_limit(&self) -> u32 {
-        match &self.ramp {
+        let limit = match &self.ramp {
             Some(r) => r.limit(self.limit).min(self.limit),
             None => self.limit,
-        }
+        };
+        limit.min(self.limit.saturating_sub(self.reserved))
     }
 
     /// Rate scale: the ramp's share of the full limit.
@@ -199,6 +204,8 @@ pub struct BackendSnapshot {
     pub tokens: Option<u32>,
     /// Requests admitted to this backend and not yet released.
     pub inflight: u32,
+    /// Slots held back for another process (zero-downtime upgrade).
+    pub reserved: u32,
     /// Whether it takes new requests.
     pub state: BackendState,
 }
@@ -231,7 +238,8 @@ impl<W> AdmissionPool<W> {
     /// A pool with one backend per entry of `limits` (all [`BackendState::Up`], no rate limit,
     /// no ramp) and a queue holding at most `max_queue` waiters (0: reject when full).
     pub fn new(limits: &[u32], max_queue: usize) -> Self {
-        let policies: Vec<BackendPolicy> = limits.iter().map(|&l| BackendPolicy::limit(l)).collect();
+        let policies: Vec<BackendPolicy> =
+            limits.iter().map(|&l| BackendPolicy::limit(l)).collect();
         // No ramp and no bucket: the instant is never used.
         Self::with_policies(&policies, max_queue, Instant::now())
     }
@@ -249,7 +257,12 @@ impl<W> AdmissionPool<W> {
 
     /// Replace backend `backend`'s policy (hot reload). In-flight work and state are kept; a
     /// running ramp keeps its progress; a changed rate starts from a full bucket.
-    pub fn set_policy(&mut self, backend: BackendId, policy: BackendPolicy, now: Instant) -> Vec<Grant<W>> {
+    pub fn set_policy(
+        &mut self,
+        backend: BackendId,
+        policy: BackendPolicy,
+        now: Instant,
+    ) -> Vec<Grant<W>> {
         self.tick(now);
         if let Some(slot) = self.slots.get_mut(backend.0) {
             slot.limit = policy.max_inflight;
@@ -441,6 +454,17 @@ impl<W> AdmissionPool<W> {
         self.dispatch(now)
     }
 
+    /// Hold back `reserved` of a backend's slots (for another process sharing the backend
+    /// during an upgrade). Raising it admits nothing more until in-flight work drains below
+    /// the remainder; lowering it admits waiters at once.
+    pub fn set_reserved(&mut self, backend: BackendId, reserved: u32, now: Instant) -> Vec<Grant<W>> {
+        self.tick(now);
+        if let Some(slot) = self.slots.get_mut(backend.0) {
+            slot.reserved = reserved;
+        }
+        self.dispatch(now)
+    }
+
     /// A backend's state (`None` for an unknown backend).
     pub fn state(&self, backend: BackendId) -> Option<BackendState> {
         self.slots.get(backend.0).map(|s| s.state)
@@ -472,9 +496,13 @@ impl<W> AdmissionPool<W> {
                     if let Some(r) = ramp.as_mut() {
                         r.advance(now);
                     }
+                    let ramped = ramp
+                        .as_ref()
+                        .map_or(s.limit, |r| r.limit(s.limit).min(s.limit));
                     BackendSnapshot {
                         limit: s.limit,
-                        effective_limit: ramp.as_ref().map_or(s.limit, |r| r.limit(s.limit).min(s.limit)),
+                        effective_limit: ramped.min(s.limit.saturating_sub(s.reserved)),
+                        reserved: s.reserved,
                         ramp: ramp.as_ref().map_or(1.0, SlowStart::fraction),
                         ramp_gated: ramp.as_ref().is_some_and(|r| r.active() && r.gated()),
                         tokens: s.bucket.as_ref().map(|b| b.available(now, s.rate_scale())),
@@ -776,12 +804,27 @@ mod tests {
     }
 
     #[test]
+    fn reserved_slots_are_not_admitted() {
+        let now = t0();
+        let d = now + Duration::from_secs(1);
+        let mut pool = AdmissionPool::new(&[4], 10);
+        assert!(pool.set_reserved(BackendId(0), 3, now).is_empty());
+        assert!(matches!(pool.acquire(now, d, 0), Acquire::Admitted(_)));
+        assert!(matches!(pool.acquire(now, d, 1), Acquire::Queued(_)));
+        assert_eq!(pool.set_reserved(BackendId(0), 0, now).len(), 1);
+        assert_eq!(pool.snapshot(now).backends[0].effective_limit, 4);
+    }
+
+    #[test]
     fn probe_takes_a_slot_on_a_down_backend() {
         let now = t0();
         let mut pool: AdmissionPool<()> = AdmissionPool::new(&[1], 1);
         let _ = pool.set_state(BackendId(0), BackendState::Down, now);
         assert!(pool.acquire_probe(BackendId(0), now));
-        assert!(!pool.acquire_probe(BackendId(0), now), "probes respect the cap too");
+        assert!(
+            !pool.acquire_probe(BackendId(0), now),
+            "probes respect the cap too"
+        );
         let _ = pool.release(BackendId(0), now);
         assert_eq!(pool.inflight(BackendId(0)), 0);
     }
