@@ -457,12 +457,32 @@ impl<W> AdmissionPool<W> {
     /// Hold back `reserved` of a backend's slots (for another process sharing the backend
     /// during an upgrade). Raising it admits nothing more until in-flight work drains below
     /// the remainder; lowering it admits waiters at once.
-    pub fn set_reserved(&mut self, backend: BackendId, reserved: u32, now: Instant) -> Vec<Grant<W>> {
+    pub fn set_reserved(
+        &mut self,
+        backend: BackendId,
+        reserved: u32,
+        now: Instant,
+    ) -> Vec<Grant<W>> {
         self.tick(now);
         if let Some(slot) = self.slots.get_mut(backend.0) {
             slot.reserved = reserved;
         }
         self.dispatch(now)
+    }
+
+    /// Lower a backend's capacity (its limit less reserved slots) to its work in flight plus
+    /// `extra`, and never raise it. Returns the capacity now in force. Atomic with
+    /// respect to admissions, so a process handing its share of the cap to another can report
+    /// the returned value as an upper bound of what it will ever admit again.
+    pub fn shrink_capacity(&mut self, backend: BackendId, extra: u32, now: Instant) -> u32 {
+        self.tick(now);
+        let Some(slot) = self.slots.get_mut(backend.0) else {
+            return 0;
+        };
+        let capacity = slot.limit.saturating_sub(slot.reserved);
+        let next = capacity.min(slot.inflight.saturating_add(extra));
+        slot.reserved = slot.limit - next;
+        next
     }
 
     /// A backend's state (`None` for an unknown backend).
@@ -813,6 +833,25 @@ mod tests {
         assert!(matches!(pool.acquire(now, d, 1), Acquire::Queued(_)));
         assert_eq!(pool.set_reserved(BackendId(0), 0, now).len(), 1);
         assert_eq!(pool.snapshot(now).backends[0].effective_limit, 4);
+    }
+
+    #[test]
+    fn shrink_capacity_never_drops_below_inflight_nor_grows() {
+        let now = t0();
+        let d = now + Duration::from_secs(1);
+        let mut pool = AdmissionPool::new(&[8], 10);
+        for i in 0..3 {
+            assert!(matches!(pool.acquire(now, d, i), Acquire::Admitted(_)));
+        }
+        assert_eq!(pool.shrink_capacity(BackendId(0), 0, now), 3);
+        assert_eq!(pool.shrink_capacity(BackendId(0), 6, now), 3, "never grows");
+        assert!(matches!(pool.acquire(now, d, 9), Acquire::Queued(_)));
+        let _ = pool.release(BackendId(0), now);
+        assert_eq!(
+            pool.shrink_capacity(BackendId(0), 0, now),
+            3,
+            "the waiter took the slot"
+        );
     }
 
     #[test]

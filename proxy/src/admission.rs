@@ -288,6 +288,22 @@ impl Admission {
         self.timer.notify_one();
     }
 
+    /// Hold back `reserved` slots of a backend for another process (upgrade hand-over).
+    pub fn set_reserved(&self, backend: BackendId, reserved: u32) {
+        let mut pool = self.pool();
+        let grants = pool.set_reserved(backend, reserved, Instant::now().into_std());
+        hand_over(&mut pool, grants);
+        drop(pool);
+        self.timer.notify_one();
+    }
+
+    /// Lower a backend's capacity to its in-flight work plus `extra` (never up); returns the
+    /// capacity now in force. See [`AdmissionPool::shrink_capacity`].
+    pub fn shrink_capacity(&self, backend: BackendId, extra: u32) -> u32 {
+        self.pool()
+            .shrink_capacity(backend, extra, Instant::now().into_std())
+    }
+
     /// Replace a backend's policy (hot reload).
     pub fn set_policy(&self, backend: BackendId, policy: BackendPolicy) {
         let mut pool = self.pool();

@@ -13,6 +13,7 @@ pub mod admission;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod handoff;
 pub mod health;
 pub mod metrics;
 pub mod reload;

@@ -184,7 +184,7 @@ fn run(args: cli::RunArgs) -> ExitCode {
         daemon: args.daemon,
         ..Default::default()
     };
-    let (mut server, _shared) = sluice::run::build_server_from(
+    let (mut server, shared) = sluice::run::build_server_from(
         &cfg,
         Some(opt),
         args.config.config.clone(),
@@ -197,5 +197,9 @@ fn run(args: cli::RunArgs) -> ExitCode {
         cfg.backends.len(),
         cfg.total_inflight()
     );
-    server.run_forever()
+    let signals = sluice::handoff::Signals::new(shared, &cfg.server.upgrade_sock);
+    server.run(pingora::server::RunArgs {
+        shutdown_signal: Box::new(signals),
+    });
+    ExitCode::SUCCESS
 }

@@ -29,6 +29,7 @@ use crate::admin::AdminApp;
 use crate::admission::Admission;
 use crate::config::Overrides;
 use crate::config::{Config, ConfigError};
+use crate::handoff;
 use crate::health::{probe_secret, AdmissionTimer, HealthChecker};
 use crate::metrics::Metrics;
 use crate::reload::{Reloader, SighupReload};
@@ -78,6 +79,7 @@ pub fn build_server_from(
     overrides: Overrides,
 ) -> (Server, Arc<Shared>) {
     let conf = server_conf(cfg);
+    let opt_upgrade = opt.as_ref().is_some_and(|o| o.upgrade);
     let admission = Admission::from_config(cfg);
     let secret = probe_secret();
     let access_log = AccessLog::open(&cfg.access_log).unwrap_or_else(|e| {
@@ -143,6 +145,17 @@ pub fn build_server_from(
     );
     checks.threads = Some(1);
     server.add_service(checks);
+    if opt_upgrade {
+        // Take nothing of the backend's cap until the old process hands it over.
+        handoff::reserve_all(&shared);
+        let receiver = handoff::Receiver::new(
+            shared.clone(),
+            handoff::socket_path(&cfg.server.upgrade_sock),
+        );
+        let mut svc = GenBackgroundService::new("upgrade hand-over".into(), Arc::new(receiver));
+        svc.threads = Some(1);
+        server.add_service(svc);
+    }
     let mut hup =
         GenBackgroundService::new("reload".into(), Arc::new(SighupReload(shared.clone())));
     hup.threads = Some(1);

@@ -1071,9 +1071,9 @@ async fn handle_request(
     };
     let txn = txn_id(&head);
 
-    // Inside from here until the response is written (guard dropped).
+    // Inside from here until the response is handed to the socket (guard dropped).
     let c = &shared.counters;
-    let (_inside, inside_now) = GaugeGuard::new(shared, &c.inside_now, &c.max_inside);
+    let (inside, inside_now) = GaugeGuard::new(shared, &c.inside_now, &c.max_inside);
     if let Some(id) = &txn {
         shared.record_txn(id);
     }
@@ -1105,7 +1105,7 @@ async fn handle_request(
     let Ok(_permit) = sem.acquire().await else {
         return Next::Close;
     };
-    let (_serving, _) = GaugeGuard::new(shared, &c.serving_now, &c.max_serving);
+    let (serving, _) = GaugeGuard::new(shared, &c.serving_now, &c.max_serving);
     shared.touch();
     tokio::time::sleep(service_time).await;
 
@@ -1145,8 +1145,12 @@ async fn handle_request(
             };
             let reply = Reply::ok(head.version, id, keep, sent_body);
             // Counted before the write, so a client that has its response
-            // already sees it in the stats.
+            // already sees it in the stats. For the same reason the request leaves
+            // "inside" before the write: once a proxy can see the response, the
+            // server is done with it, whatever this task's scheduling delay.
             c.requests.fetch_add(1, Ordering::Relaxed);
+            drop(serving);
+            drop(inside);
             if write(wire, &reply.encode_with_length(body.len()))
                 .await
                 .is_err()

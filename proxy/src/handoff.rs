@@ -1,0 +1,239 @@
+//! Keeping the backend cap across a zero-downtime upgrade.
+//!
+//! pingora's upgrade runs two processes side by side: the new one (`sluice run --upgrade`)
+//! takes over the listening sockets, the old one (sent SIGQUIT) keeps accepting for about 5 s,
+//! then drains its in-flight requests for the grace period. Each has its own admission state,
+//! so without coordination the backend could see twice its cap during the overlap.
+//!
+//! sluice splits each backend's cap between the two processes over a Unix socket next to the
+//! upgrade socket (`<upgrade_sock>.cap`):
+//! - The new process binds the socket before it takes the listeners, and starts with *every*
+//!   slot reserved for the old process (it admits nothing yet; its requests queue).
+//! - On SIGQUIT the old process connects and, every few milliseconds, lowers its own claim to
+//!   what it still needs (in flight + queued, plus half the cap while it is still accepting),
+//!   *first* lowering its own limit to the claim and *then* reporting it. Claims only ever go
+//!   down, so at every instant old claim + new share ≤ cap.
+//! - The new process sets its reservation to the old's claim; when the old process exits (or the
+//!   claim reaches zero), the new one has the whole cap.
+//!
+//! If no old process connects within [`HANDOFF_TIMEOUT`], the new process releases the
+//! reservation and runs alone (for example, when upgrading from a version without hand-over).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
+use sluice_plugins::BackendId;
+
+use crate::service::Shared;
+
+/// How long a new process waits for the old one to connect before running alone.
+pub const HANDOFF_TIMEOUT: Duration = Duration::from_secs(15);
+/// pingora keeps the old process accepting this long after it handed the sockets over
+/// (`CLOSE_TIMEOUT`); meanwhile the old process keeps headroom for the connections it accepts.
+pub const OLD_ACCEPTING: Duration = Duration::from_secs(6);
+/// How often the old process reports its claim.
+const TICK: Duration = Duration::from_millis(5);
+
+/// The hand-over socket path for an upgrade socket path.
+pub fn socket_path(upgrade_sock: &str) -> PathBuf {
+    PathBuf::from(format!("{upgrade_sock}.cap"))
+}
+
+/// New process, at build time (before any listener accepts): reserve every slot for the old
+/// process. [`Receiver`] then releases them as the old process's claims come down.
+pub fn reserve_all(shared: &Shared) {
+    for (i, b) in shared.admission.snapshot().backends.iter().enumerate() {
+        shared.admission.set_reserved(BackendId(i), b.limit);
+    }
+}
+
+/// New process: bind the hand-over socket and apply the old process's claims on a thread.
+fn receive(shared: Arc<Shared>, path: &Path) -> std::io::Result<()> {
+    let limits = shared.admission.snapshot().backends.len();
+    let release = move |shared: &Shared| {
+        for i in 0..limits {
+            shared.admission.set_reserved(BackendId(i), 0);
+        }
+    };
+    let _ = std::fs::remove_file(path);
+    let listener = match UnixListener::bind(path).and_then(|l| l.set_nonblocking(true).map(|()| l))
+    {
+        Ok(l) => l,
+        Err(e) => {
+            release(&shared);
+            return Err(e);
+        }
+    };
+    let path = path.to_owned();
+    std::thread::Builder::new()
+        .name("sluice-handoff".into())
+        .spawn(move || {
+            let started = Instant::now();
+            let stream = loop {
+                match listener.accept() {
+                    Ok((s, _)) => break Some(s),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if started.elapsed() > HANDOFF_TIMEOUT {
+                            log::warn!("upgrade: no old process handed over its share of the cap within {HANDOFF_TIMEOUT:?}; running alone");
+                            break None;
+                        }
+                        std::thread::sleep(TICK);
+                    }
+                    Err(e) => {
+                        log::error!("upgrade: hand-over socket failed: {e}; running alone");
+                        break None;
+                    }
+                }
+            };
+            if let Some(stream) = stream {
+                follow_claims(&shared, stream);
+            }
+            release(&shared);
+            let _ = std::fs::remove_file(&path);
+            log::warn!("upgrade: the old process is done; this process has the whole cap");
+        })?;
+    Ok(())
+}
+
+/// The new process's side of the hand-over, as a background service: it starts after pingora
+/// has daemonized (threads do not survive the fork).
+pub struct Receiver {
+    shared: Arc<Shared>,
+    path: PathBuf,
+}
+
+impl Receiver {
+    /// A receiver for the hand-over socket at `path`.
+    pub fn new(shared: Arc<Shared>, path: PathBuf) -> Self {
+        Receiver { shared, path }
+    }
+}
+
+#[async_trait]
+impl pingora::services::background::BackgroundService for Receiver {
+    async fn start(&self, _shutdown: pingora::server::ShutdownWatch) {
+        if let Err(e) = receive(self.shared.clone(), &self.path) {
+            log::error!(
+                "upgrade: cannot bind the hand-over socket {} ({e}); running alone",
+                self.path.display()
+            );
+        }
+    }
+}
+
+/// Apply the old process's claims until it closes the connection.
+fn follow_claims(shared: &Shared, stream: UnixStream) {
+    // A stuck old process must not hold the cap forever: its grace period bounds it anyway.
+    let _ = stream.set_read_timeout(Some(HANDOFF_TIMEOUT));
+    let names = shared.admission.backend_names();
+    for line in BufReader::new(stream).lines() {
+        let Ok(line) = line else { return };
+        // "name=claim name=claim ..."
+        for part in line.split_whitespace() {
+            let Some((name, claim)) = part.split_once('=') else {
+                continue;
+            };
+            let (Some(i), Ok(claim)) = (names.iter().position(|n| n == name), claim.parse::<u32>())
+            else {
+                continue;
+            };
+            shared.admission.set_reserved(BackendId(i), claim);
+        }
+    }
+}
+
+/// Old process: connect to the new process and hand the cap over as in-flight work drains.
+/// Runs on its own thread until the process exits.
+pub fn hand_over(shared: Arc<Shared>, path: PathBuf) {
+    let spawned = std::thread::Builder::new()
+        .name("sluice-handoff".into())
+        .spawn(move || {
+            let started = Instant::now();
+            let mut stream = loop {
+                match UnixStream::connect(&path) {
+                    Ok(s) => break s,
+                    Err(e) if started.elapsed() > Duration::from_secs(5) => {
+                        log::warn!("upgrade: cannot reach the new process at {} ({e}); not handing over the cap", path.display());
+                        return;
+                    }
+                    Err(_) => std::thread::sleep(TICK),
+                }
+            };
+            let admission = &shared.admission;
+            let names = admission.backend_names();
+            let backends = names.len();
+            loop {
+                let snap = admission.snapshot();
+                let accepting = started.elapsed() < OLD_ACCEPTING;
+                let mut line = String::new();
+                let mut total = 0;
+                for (i, name) in names.iter().enumerate().take(backends) {
+                    let Some(b) = snap.backends.get(i) else { continue };
+                    let headroom = if accepting { b.limit / 2 } else { 0 };
+                    let extra = (snap.queued as u64 + u64::from(headroom))
+                        .min(u64::from(u32::MAX)) as u32;
+                    // Atomically: our capacity becomes in flight + extra, and only shrinks.
+                    // Only then is it reported, so ours + the new process's ≤ the cap.
+                    let claim = admission.shrink_capacity(BackendId(i), extra);
+                    total += claim;
+                    line.push_str(&format!("{name}={claim} "));
+                }
+                line.push('\n');
+                if stream.write_all(line.as_bytes()).is_err() {
+                    return;
+                }
+                if total == 0 && !accepting {
+                    return;
+                }
+                std::thread::sleep(TICK);
+            }
+        });
+    if let Err(e) = spawned {
+        log::error!("upgrade: cannot start the hand-over thread: {e}");
+    }
+}
+
+/// pingora's Unix signals (SIGQUIT upgrade, SIGTERM graceful stop, SIGINT fast stop), with the
+/// cap hand-over started on SIGQUIT.
+pub struct Signals {
+    shared: Arc<Shared>,
+    upgrade_sock: String,
+}
+
+impl Signals {
+    /// Signals for the proxy with this shared state and upgrade socket.
+    pub fn new(shared: Arc<Shared>, upgrade_sock: &str) -> Self {
+        Signals {
+            shared,
+            upgrade_sock: upgrade_sock.into(),
+        }
+    }
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for Signals {
+    async fn recv(&self) -> ShutdownSignal {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut quit), Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::quit()),
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            log::error!("cannot install signal handlers; stopping");
+            return ShutdownSignal::FastShutdown;
+        };
+        tokio::select! {
+            _ = quit.recv() => {
+                hand_over(self.shared.clone(), socket_path(&self.upgrade_sock));
+                ShutdownSignal::GracefulUpgrade
+            }
+            _ = term.recv() => ShutdownSignal::GracefulTerminate,
+            _ = int.recv() => ShutdownSignal::FastShutdown,
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! Zero-downtime upgrade of the real binary under load: a new process takes over the
+//! listening sockets (`sluice run --upgrade`, then SIGQUIT to the old one). No request fails,
+//! and the two processes together never put more than the cap on the backend.
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sluice_tests::emulator::{Emulator, EmulatorConfig};
+use sluice_tests::terminals::{self, ConnMode, HttpMix, LoadConfig, StartMode};
+
+const CAP: usize = 8;
+
+fn sluice(args: &[&str], config: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn sluice")
+}
+
+fn wait_until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !cond() {
+        assert!(started.elapsed() < within, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("run kill")
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        if started.elapsed() > within {
+            let _ = child.kill();
+            panic!("sluice did not exit within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+struct Cleanup(Vec<Child>, PathBuf);
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_under_load_keeps_the_cap_and_fails_nothing() {
+    sluice_tests::raise_fd_limit();
+    let emu = Emulator::start(EmulatorConfig {
+        workers: 64,
+        service_time: Duration::from_millis(20),
+        ..EmulatorConfig::default()
+    })
+    .await
+    .expect("emulator");
+    let dir = std::env::temp_dir().join(format!("sluice-upgrade-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let listen = sluice::run::free_local_addr().expect("port");
+    let sock = dir.join("upgrade.sock");
+    let pid_file = dir.join("sluice.pid");
+    let config = dir.join("sluice.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[proxy]\nlisten = \"{listen}\"\n\
+             [admission]\nmax_inflight = {CAP}\nmax_queue = 5000\nqueue_timeout = \"20s\"\n\
+             [slow_start]\nduration = \"0s\"\n[health]\ncheck = \"none\"\n\
+             [admin]\nlisten = \"\"\n[log]\naccess = \"off\"\n\
+             [[backend]]\nname = \"iis\"\naddress = \"{}\"\n\
+             [server]\nthreads = 2\ngrace_period = \"2s\"\ngraceful_shutdown_timeout = \"1s\"\n\
+             pid_file = \"{}\"\nupgrade_sock = \"{}\"\n",
+            emu.addr(),
+            pid_file.display(),
+            sock.display()
+        ),
+    )
+    .expect("write config");
+    let mut cleanup = Cleanup(Vec::new(), dir.clone());
+
+    cleanup.0.push(sluice(&["run"], &config));
+    wait_until("the old process listens", Duration::from_secs(15), || {
+        TcpStream::connect(listen).is_ok()
+    });
+    let old_pid = cleanup.0[0].id();
+
+    let load = tokio::spawn(terminals::run(LoadConfig {
+        target: listen,
+        terminals: 64,
+        transactions_per_terminal: None,
+        duration: Some(Duration::from_secs(10)),
+        conn_mode: ConnMode::PerTransaction,
+        http: HttpMix::Mixed,
+        start: StartMode::AllAtOnce,
+        request_timeout: Duration::from_secs(30),
+        ..LoadConfig::default()
+    }));
+    emu.wait_for(Duration::from_secs(10), |s| s.requests > 200)
+        .await
+        .expect("traffic flows through the old process");
+
+    // The new process binds the upgrade socket and waits for the listeners.
+    cleanup.0.push(sluice(&["run", "--upgrade"], &config));
+    let s = sock.clone();
+    tokio::task::spawn_blocking(move || {
+        wait_until(
+            "the new process is waiting",
+            Duration::from_secs(15),
+            || s.exists(),
+        )
+    })
+    .await
+    .expect("join");
+    signal(old_pid, "-QUIT");
+    let mut old = cleanup.0.remove(0);
+    let status = tokio::task::spawn_blocking(move || wait_exit(&mut old, Duration::from_secs(30)))
+        .await
+        .expect("join");
+    assert!(status.success(), "old process exit: {status:?}");
+    let served_after_old_left = emu.stats().requests;
+
+    let report = load.await.expect("load");
+    assert!(report.sent > 1000, "{report}");
+    assert_eq!(
+        report.ok, report.sent,
+        "no request may fail across the upgrade: {report}"
+    );
+    assert_eq!(report.mismatched, 0);
+    let stats = emu.stats();
+    assert!(
+        stats.max_inside <= CAP,
+        "both processes together put {} on the backend; cap {CAP}",
+        stats.max_inside
+    );
+    assert!(
+        stats.requests > served_after_old_left,
+        "the new process served"
+    );
+
+    let new_pid = cleanup.0[0].id();
+    signal(new_pid, "-INT");
+    let mut new = cleanup.0.remove(0);
+    tokio::task::spawn_blocking(move || wait_exit(&mut new, Duration::from_secs(30)))
+        .await
+        .expect("join");
+}
