@@ -8,6 +8,7 @@ use sluice::config::{Config, LoadError, Overrides};
 
 // mimalloc: measured in tests/bench (see RESULTS.md); it keeps per-connection memory low and
 // throughput up under thousands of short-lived connections.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
