@@ -62,6 +62,9 @@ pub struct Entry<'a> {
     pub backend: Option<&'a str>,
     /// How it ended (see the metrics' outcome label).
     pub outcome: &'a str,
+    /// The error, when the request failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// A handle to the access log; cheap to clone.
@@ -167,6 +170,7 @@ mod tests {
             bytes: 6,
             backend: Some("iis-1"),
             outcome: "ok",
+            error: None,
         });
         drop(log);
         // The writer thread flushes when the channel closes; wait for the line, bounded.

@@ -76,6 +76,8 @@ pub fn policy(b: &Backend) -> BackendPolicy {
 #[derive(Debug)]
 struct BackendHealth {
     name: String,
+    /// Bumped whenever the backend comes back into service (see [`Admission::generation`]).
+    generation: u64,
     health: Health,
     drained: bool,
     passive_failures: u32,
@@ -172,6 +174,7 @@ impl Admission {
                     .into_iter()
                     .map(|name| BackendHealth {
                         name,
+                        generation: 0,
                         health: Health::new(rise, fall),
                         drained: false,
                         passive_failures: 0,
@@ -325,6 +328,7 @@ impl Admission {
         let id = self.pool().add_backend(policy, Instant::now().into_std());
         backends.push(BackendHealth {
             name: name.to_string(),
+            generation: 0,
             health: Health::new(rise, fall),
             drained: false,
             passive_failures: 0,
@@ -387,8 +391,16 @@ impl Admission {
             .any(|b| b.state == BackendState::Up)
     }
 
+    /// The backend's connection generation. It changes each time the backend comes back into
+    /// service (after being down or drained), and the proxy puts it in the upstream peer's pool
+    /// key: connections pooled before a backend restart are never reused after it, so no
+    /// request is sent on a socket the restarted server has already closed.
+    pub fn generation(&self, backend: BackendId) -> u64 {
+        self.backends().get(backend.0).map_or(0, |b| b.generation)
+    }
+
     /// Bring the pool's state of `backend` in line with drain flag and health.
-    fn apply_state(&self, backend: BackendId, b: &BackendHealth) {
+    fn apply_state(&self, backend: BackendId, b: &mut BackendHealth) {
         let state = if b.drained {
             BackendState::Draining
         } else if b.health.healthy() {
@@ -397,8 +409,12 @@ impl Admission {
             BackendState::Down
         };
         let mut pool = self.pool();
-        if pool.state(backend) == Some(state) {
+        let before = pool.state(backend);
+        if before == Some(state) {
             return;
+        }
+        if state == BackendState::Up {
+            b.generation += 1;
         }
         let grants = pool.set_state(backend, state, Instant::now().into_std());
         hand_over(&mut pool, grants);

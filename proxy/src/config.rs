@@ -43,6 +43,13 @@ pub mod defaults {
     /// Longest wait for each write to a client (30 s). A client that reads slower than this
     /// would otherwise keep a backend slot busy.
     pub const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+    /// Idle time allowed between requests on a kept-alive client connection (30 s). Also the
+    /// per-read timeout while a request header arrives.
+    pub const CLIENT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(30);
+    /// Largest request header (request line and fields) accepted, bytes; larger gets 431.
+    pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+    /// Largest request body accepted, bytes; larger gets 413.
+    pub const MAX_BODY_BYTES: usize = 1024 * 1024;
     /// Read buffer per client connection (bytes). pingora's default is 64 KiB; POS requests are
     /// small, and thousands of idle terminals each hold one buffer.
     pub const CLIENT_READ_BUFFER_BYTES: usize = 8 * 1024;
@@ -191,6 +198,13 @@ pub mod file {
         /// `client_write_timeout = "30s"`
         #[serde(default, with = "opt_duration")]
         pub client_write_timeout: Option<Duration>,
+        /// `client_keepalive_timeout = "30s"`
+        #[serde(default, with = "opt_duration")]
+        pub client_keepalive_timeout: Option<Duration>,
+        /// `max_header_bytes = 16384`
+        pub max_header_bytes: Option<i64>,
+        /// `max_body_bytes = 1048576`
+        pub max_body_bytes: Option<i64>,
     }
 
     /// `[admission]`
@@ -377,6 +391,12 @@ pub struct Config {
     pub client_read_buffer_bytes: usize,
     /// Per-write timeout toward clients.
     pub client_write_timeout: Duration,
+    /// Idle time between requests on a kept-alive client connection.
+    pub client_keepalive_timeout: Duration,
+    /// Largest request header, bytes (431 above).
+    pub max_header_bytes: usize,
+    /// Largest request body, bytes (413 above).
+    pub max_body_bytes: usize,
     /// Queue bound, across all backends.
     pub max_queue: usize,
     /// Longest wait in the queue.
@@ -593,6 +613,35 @@ impl Config {
             defaults::CLIENT_WRITE_TIMEOUT,
         )?;
 
+        let client_keepalive_timeout = positive(
+            "proxy.client_keepalive_timeout",
+            f.proxy.client_keepalive_timeout,
+            defaults::CLIENT_KEEPALIVE_TIMEOUT,
+        )?;
+        let bytes = |key: &str, v: Option<i64>, default: usize, min: i64, max: i64| match v {
+            None => Ok(default),
+            Some(n) if (min..=max).contains(&n) => Ok(n as usize),
+            Some(n) => Err(ConfigError::new(
+                key,
+                n,
+                format!("must be between {min} and {max} bytes (default {default})"),
+            )),
+        };
+        let max_header_bytes = bytes(
+            "proxy.max_header_bytes",
+            f.proxy.max_header_bytes,
+            defaults::MAX_HEADER_BYTES,
+            1024,
+            1024 * 1024,
+        )?;
+        let max_body_bytes = bytes(
+            "proxy.max_body_bytes",
+            f.proxy.max_body_bytes,
+            defaults::MAX_BODY_BYTES,
+            0,
+            1 << 40,
+        )?;
+
         let default_inflight = match f.admission.max_inflight {
             Some(n) => Some(limit("admission.max_inflight", n)?),
             None => None,
@@ -806,6 +855,9 @@ impl Config {
             listen,
             client_read_buffer_bytes,
             client_write_timeout,
+            client_keepalive_timeout,
+            max_header_bytes,
+            max_body_bytes,
             max_queue,
             queue_timeout,
             retry_after,

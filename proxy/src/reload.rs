@@ -191,11 +191,7 @@ fn apply(shared: &Shared, old: &Config, new: &Config) -> ReloadReport {
             .push("retry_after, client write timeout and upstream timeouts".into());
     }
     let fresh = Settings::new(new);
-    let next = Settings {
-        upstreams,
-        retry_after_secs: fresh.retry_after_secs,
-        client_write_timeout: fresh.client_write_timeout,
-    };
+    let next = Settings { upstreams, ..fresh };
     *shared.settings.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
 
     if old.access_log != new.access_log {

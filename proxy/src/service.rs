@@ -61,6 +61,10 @@ pub struct RequestCtx {
     upstream_start: Option<Instant>,
     /// Why it was refused, if it was.
     shed: Option<Shed>,
+    /// Why it was invalid, if it was.
+    invalid: Option<Invalid>,
+    /// Request body bytes seen so far.
+    body_bytes: usize,
 }
 
 /// A backend as the service sees it.
@@ -87,6 +91,12 @@ pub struct Settings {
     pub retry_after_secs: u64,
     /// Per-write timeout toward clients.
     pub client_write_timeout: Duration,
+    /// Idle keep-alive timeout toward clients, whole seconds.
+    pub client_keepalive_secs: u64,
+    /// Largest request header, bytes.
+    pub max_header_bytes: usize,
+    /// Largest request body, bytes.
+    pub max_body_bytes: usize,
 }
 
 /// Build an upstream peer for a configured backend.
@@ -114,8 +124,110 @@ impl Settings {
             // Retry-After takes whole seconds; never advertise 0 (an immediate retry storm).
             retry_after_secs: cfg.retry_after.as_secs().max(1),
             client_write_timeout: cfg.client_write_timeout,
+            client_keepalive_secs: cfg.client_keepalive_timeout.as_secs().max(1),
+            max_header_bytes: cfg.max_header_bytes,
+            max_body_bytes: cfg.max_body_bytes,
         }
     }
+}
+
+/// Why a request is refused before admission, with the status it gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Invalid {
+    /// Ambiguous or unsupported framing (both Content-Length and Transfer-Encoding, several
+    /// Content-Length values, a transfer coding other than `chunked`): 400. Such requests are
+    /// how request smuggling starts; the connection is closed after the answer.
+    Framing(&'static str),
+    /// Request header over `max_header_bytes`: 431.
+    HeaderTooLarge,
+    /// Declared body over `max_body_bytes`: 413.
+    BodyTooLarge,
+}
+
+impl Invalid {
+    fn status(self) -> u16 {
+        match self {
+            Invalid::Framing(_) => 400,
+            Invalid::HeaderTooLarge => 431,
+            Invalid::BodyTooLarge => 413,
+        }
+    }
+
+    fn message(self) -> &'static str {
+        match self {
+            Invalid::Framing(why) => why,
+            Invalid::HeaderTooLarge => "request header too large",
+            Invalid::BodyTooLarge => "request body too large",
+        }
+    }
+}
+
+/// Whether a raw HTTP/1 header block has a field named `name` (lowercase ASCII).
+fn raw_has_header(raw: &[u8], name: &[u8]) -> bool {
+    raw.split(|&c| c == b'\n').skip(1).any(|line| {
+        line.len() > name.len()
+            && line[..name.len()].eq_ignore_ascii_case(name)
+            && line[name.len()..].trim_ascii_start().first() == Some(&b':')
+    })
+}
+
+/// Check a request's framing and size before it may wait for, or reach, a backend.
+pub fn validate(req: &RequestHeader, settings: &Settings) -> std::result::Result<(), Invalid> {
+    let header_bytes: usize = req.uri.to_string().len()
+        + req
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum::<usize>();
+    if header_bytes > settings.max_header_bytes {
+        return Err(Invalid::HeaderTooLarge);
+    }
+    let te: Vec<&[u8]> = req
+        .headers
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .map(|v| v.as_bytes())
+        .collect();
+    let cl: Vec<&[u8]> = req
+        .headers
+        .get_all(http::header::CONTENT_LENGTH)
+        .iter()
+        .map(|v| v.as_bytes())
+        .collect();
+    if !te.is_empty() {
+        if !cl.is_empty() {
+            return Err(Invalid::Framing(
+                "both Content-Length and Transfer-Encoding: ambiguous framing",
+            ));
+        }
+        let only_chunked = te.len() == 1 && te[0].trim_ascii().eq_ignore_ascii_case(b"chunked");
+        if !only_chunked {
+            return Err(Invalid::Framing(
+                "unsupported Transfer-Encoding: only a single `chunked` is accepted",
+            ));
+        }
+    }
+    if !cl.is_empty() {
+        let mut value: Option<u64> = None;
+        for v in &cl {
+            for part in v.split(|&c| c == b',') {
+                let part = part.trim_ascii();
+                let n = std::str::from_utf8(part)
+                    .ok()
+                    .filter(|s| !s.is_empty() && s.bytes().all(|c| c.is_ascii_digit()))
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .ok_or(Invalid::Framing("invalid Content-Length"))?;
+                if value.is_some_and(|v| v != n) {
+                    return Err(Invalid::Framing("conflicting Content-Length values"));
+                }
+                value = Some(n);
+            }
+        }
+        if value.is_some_and(|n| n > settings.max_body_bytes as u64) {
+            return Err(Invalid::BodyTooLarge);
+        }
+    }
+    Ok(())
 }
 
 /// State shared by the proxy service, the admin API and reloads.
@@ -218,6 +330,9 @@ impl Sluice {
             Some(permit) => {
                 ctx.backend = Some(permit.backend());
                 ctx.permit = Some(permit);
+                // Like any request: once sent, let the backend answer even if the checker gave
+                // up, so the upstream connection ends cleanly and the slot counts real work.
+                session.as_downstream_mut().set_abort_on_close(false);
                 Ok(false)
             }
             None => {
@@ -260,6 +375,41 @@ impl ProxyHttp for Sluice {
                 )
                 .await;
         }
+        let settings = self.shared.settings();
+        // pingora drops Content-Length when Transfer-Encoding is also present (RFC 9112 lets a
+        // server do that); a payment proxy refuses such a request instead, so look at the raw
+        // header as the client sent it.
+        let raw_has_cl = session
+            .as_downstream()
+            .as_http1()
+            .map(|h1| raw_has_header(&h1.get_headers_raw_bytes(), b"content-length"))
+            .unwrap_or(false);
+        let checked = match validate(session.req_header(), &settings) {
+            Ok(())
+                if raw_has_cl
+                    && session
+                        .req_header()
+                        .headers
+                        .contains_key(http::header::TRANSFER_ENCODING) =>
+            {
+                Err(Invalid::Framing(
+                    "both Content-Length and Transfer-Encoding: ambiguous framing",
+                ))
+            }
+            other => other,
+        };
+        if let Err(invalid) = checked {
+            ctx.invalid = Some(invalid);
+            // The rest of this connection cannot be trusted to be framed as the client meant.
+            session.as_downstream_mut().set_keepalive(None);
+            write_error_with(session, invalid.status(), invalid.message(), None).await?;
+            return Ok(true);
+        }
+        // Idle time between requests on this connection (pingora carries it to the next
+        // request on the same connection).
+        session
+            .as_downstream_mut()
+            .set_keepalive(Some(settings.client_keepalive_secs));
         let deadline = self.admission.deadline();
         ctx.deadline = Some(deadline);
         let downstream = session.as_downstream_mut();
@@ -344,7 +494,10 @@ impl ProxyHttp for Sluice {
         let up = settings.upstreams.get(backend.0).ok_or_else(|| {
             Error::explain(ErrorType::InternalError, "permit for an unknown backend")
         })?;
-        Ok(Box::new(up.peer.clone()))
+        let mut peer = up.peer.clone();
+        // Connections pooled before the backend last came back are never reused.
+        peer.group_key = self.admission.generation(backend);
+        Ok(Box::new(peer))
     }
 
     async fn upstream_request_filter(
@@ -361,6 +514,18 @@ impl ProxyHttp for Sluice {
             .and_then(|u| u.host.as_deref());
         if let Some(host) = host {
             upstream_request.insert_header("Host", host)?;
+        }
+        // A legacy server expects origin-form: turn an absolute-form target
+        // (`GET http://host/path`) into `/path`, keeping the Host header.
+        if upstream_request.uri.authority().is_some() {
+            let origin = upstream_request
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str().to_owned())
+                .unwrap_or_else(|| "/".into());
+            if let Ok(uri) = origin.parse::<http::Uri>() {
+                upstream_request.set_uri(uri);
+            }
         }
         upstream_request.remove_header(PROBE_HEADER);
         upstream_request.remove_header(PROBE_BACKEND_HEADER);
@@ -379,6 +544,26 @@ impl ProxyHttp for Sluice {
             let failed = upstream_response.status.is_server_error();
             self.admission.record_outcome(backend, failed, latency);
             self.admission.observe_passive(backend, true);
+        }
+        Ok(())
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(b) = body {
+            ctx.body_bytes += b.len();
+            if ctx.body_bytes > self.shared.settings().max_body_bytes {
+                ctx.invalid = Some(Invalid::BodyTooLarge);
+                return Err(Error::explain(
+                    ErrorType::HTTPStatus(413),
+                    "request body larger than proxy.max_body_bytes",
+                ));
+            }
         }
         Ok(())
     }
@@ -509,6 +694,7 @@ impl ProxyHttp for Sluice {
             .map(|h| h.status.as_u16())
             .unwrap_or(0);
         let outcome = match (ctx.shed, e) {
+            _ if ctx.invalid.is_some() => Outcome::BadRequest,
             (Some(Shed::QueueFull), _) => Outcome::QueueFull,
             (Some(Shed::QueueTimeout), _) => Outcome::QueueTimeout,
             (Some(Shed::BackendDown), _) => Outcome::BackendDown,
@@ -556,9 +742,31 @@ impl ProxyHttp for Sluice {
                 bytes: session.body_bytes_sent(),
                 backend,
                 outcome: outcome.as_str(),
+                error: e.map(|e| e.to_string()),
             });
         }
     }
+}
+
+/// A short error response with `Connection: close`.
+async fn write_error_with(
+    session: &mut Session,
+    code: u16,
+    message: &str,
+    retry_after_secs: Option<u64>,
+) -> Result<()> {
+    let body = Bytes::from(format!("{code} {message}\n"));
+    let mut h = ResponseHeader::build(code, Some(4))?;
+    if let Some(secs) = retry_after_secs {
+        h.insert_header("Retry-After", secs.to_string())?;
+    }
+    h.insert_header("Content-Type", "text/plain")?;
+    h.insert_header("Content-Length", body.len().to_string())?;
+    h.insert_header("Cache-Control", "no-store")?;
+    session.as_downstream_mut().set_keepalive(None);
+    session.write_response_header(Box::new(h), false).await?;
+    session.write_response_body(Some(body), true).await?;
+    Ok(())
 }
 
 /// An error response after the request was admitted. The connection is closed afterwards: its
@@ -569,6 +777,8 @@ async fn write_error(session: &mut Session, code: u16, retry_after_secs: u64) ->
         503 => "service unavailable",
         504 => "gateway timeout: the backend did not answer in time",
         400 => "bad request",
+        413 => "request body too large",
+        431 => "request header too large",
         _ => "error",
     };
     let body = Bytes::from(format!("{code} {reason}\n"));
@@ -583,4 +793,74 @@ async fn write_error(session: &mut Session, code: u16, retry_after_secs: u64) ->
     session.write_response_header(Box::new(h), false).await?;
     session.write_response_body(Some(body), true).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> Settings {
+        Settings {
+            upstreams: Vec::new(),
+            retry_after_secs: 1,
+            client_write_timeout: Duration::from_secs(1),
+            client_keepalive_secs: 1,
+            max_header_bytes: 2048,
+            max_body_bytes: 100,
+        }
+    }
+
+    fn req(headers: &[(&str, &str)]) -> RequestHeader {
+        let mut r = RequestHeader::build("POST", b"/pay", None).expect("request");
+        for (k, v) in headers {
+            r.append_header(k.to_string(), *v).expect("header");
+        }
+        r
+    }
+
+    #[test]
+    fn framing_and_size_rules() {
+        let s = settings();
+        assert_eq!(validate(&req(&[("content-length", "10")]), &s), Ok(()));
+        assert_eq!(validate(&req(&[("content-length", "10, 10")]), &s), Ok(()));
+        assert_eq!(
+            validate(&req(&[("transfer-encoding", "chunked")]), &s),
+            Ok(())
+        );
+        assert!(matches!(
+            validate(
+                &req(&[("content-length", "10"), ("content-length", "11")]),
+                &s
+            ),
+            Err(Invalid::Framing(_))
+        ));
+        assert!(matches!(
+            validate(&req(&[("transfer-encoding", "gzip, chunked")]), &s),
+            Err(Invalid::Framing(_))
+        ));
+        assert!(matches!(
+            validate(&req(&[("content-length", "+5")]), &s),
+            Err(Invalid::Framing(_))
+        ));
+        assert_eq!(
+            validate(&req(&[("content-length", "101")]), &s),
+            Err(Invalid::BodyTooLarge)
+        );
+        let pad = "a".repeat(3000);
+        assert_eq!(
+            validate(&req(&[("x-pad", &pad)]), &s),
+            Err(Invalid::HeaderTooLarge)
+        );
+    }
+
+    #[test]
+    fn raw_header_scan() {
+        let raw = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\n";
+        assert!(raw_has_header(raw, b"content-length"));
+        assert!(!raw_has_header(raw, b"transfer-encoding"));
+        assert!(!raw_has_header(
+            b"GET /content-length: HTTP/1.1\r\n\r\n",
+            b"content-length"
+        ));
+    }
 }

@@ -226,7 +226,7 @@ async fn rolling_restart_of_a_farm_fails_nothing() {
     let mut toml = String::from(
         "[admission]\nmax_queue = 2000\nqueue_timeout = \"10s\"\n\
          [slow_start]\nduration = \"1s\"\ninitial = 1\n\
-         [health]\ninterval = \"100ms\"\ntimeout = \"300ms\"\nrise = 2\nfall = 1\n",
+         [health]\ninterval = \"100ms\"\ntimeout = \"1s\"\nrise = 2\nfall = 1\n",
     );
     for (i, (emu, cap)) in emus.iter().zip(caps).enumerate() {
         toml.push_str(&format!(
@@ -238,6 +238,14 @@ async fn rolling_restart_of_a_farm_fails_nothing() {
     let proxy = start(&cfg);
     let admin = cfg.admin_listen.expect("admin listener");
     let admission = proxy.admission().clone();
+    // A rolling restart happens on a running farm: let the start-up ramp finish first.
+    eventually("start-up ramps done", Duration::from_secs(10), || {
+        admission
+            .status()
+            .iter()
+            .all(|b| b.effective_limit == b.limit && b.state == sluice_plugins::BackendState::Up)
+    })
+    .await;
 
     let load = tokio::spawn(terminals::run(LoadConfig {
         target: proxy.addr(),

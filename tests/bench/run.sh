@@ -1,0 +1,510 @@
+#!/usr/bin/env bash
+# sluice surge benchmark: the emulated legacy server hit directly, through sluice, through
+# HAProxy and through nginx, plus memory per idle client connection for each proxy.
+# See tests/bench/README.md. Usage: bash tests/bench/run.sh
+#
+# Environment overrides (defaults in brackets):
+#   BENCH_SECONDS [20]       length of the offered load per target, seconds
+#   BENCH_RUNS [2]           repetitions of the whole set (run 2 goes through the targets in reverse)
+#   BENCH_TARGETS ["direct sluice sluice-noramp haproxy nginx"]; sluice-noramp is sluice with
+#                            --slow-start 0s (skipped if this sluice has no such flag)
+#   BENCH_IDLE_CONNS [2000]  idle client connections for the memory measurement (0 = skip)
+#   BENCH_OUT [tests/bench/RESULTS.md]
+#   BENCH_SKIP_BUILD [0]     1 = use the binaries already in target/release
+#   BENCH_KEEP_TMP [0]       1 = keep the work directory (configs, logs, raw JSON)
+set -euo pipefail
+export PATH=$PATH:/usr/sbin:/sbin # haproxy and nginx live in /usr/sbin
+
+BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$BENCH_DIR/../.." && pwd)
+BIN=$ROOT/target/release
+
+BENCH_SECONDS=${BENCH_SECONDS:-20}
+BENCH_RUNS=${BENCH_RUNS:-2}
+BENCH_TARGETS=${BENCH_TARGETS:-"direct sluice sluice-noramp haproxy nginx"}
+BENCH_IDLE_CONNS=${BENCH_IDLE_CONNS:-2000}
+BENCH_OUT=${BENCH_OUT:-$BENCH_DIR/RESULTS.md}
+BENCH_SKIP_BUILD=${BENCH_SKIP_BUILD:-0}
+BENCH_KEEP_TMP=${BENCH_KEEP_TMP:-0}
+
+# The surge scenario (fixed; change here, not per run, so results stay comparable).
+TERMINALS=2000          # all start at once
+RATE=2400               # offered tx/s = 1.5 x capacity
+CLIENT_TIMEOUT=15s      # per transaction, client side
+WORKERS=32              # emulator: 32 workers x 20 ms = 1,600 tx/s
+SERVICE_TIME=20ms
+LOCKUP_ABOVE=64         # locks up when more than 64 requests are inside ...
+LOCKUP_DURATION=3s      # ... for 3 s
+CAPACITY=1600
+MAX_INFLIGHT=32         # every proxy: at most 32 requests (and connections) at the backend
+MAX_QUEUE=4000
+QUEUE_TIMEOUT=10s
+PROXY_THREADS=2
+CEILING_SECONDS=10      # calibration: 32 keep-alive clients, closed loop, straight at the emulator
+
+for v in BENCH_SECONDS BENCH_RUNS BENCH_IDLE_CONNS; do
+    [[ ${!v} =~ ^[0-9]+$ ]] || { echo "run.sh: $v must be a whole number, got '${!v}'" >&2; exit 2; }
+done
+((BENCH_SECONDS >= 1 && BENCH_RUNS >= 1)) || { echo "run.sh: BENCH_SECONDS and BENCH_RUNS must be >= 1" >&2; exit 2; }
+for t in $BENCH_TARGETS; do
+    case $t in direct | sluice | sluice-noramp | haproxy | nginx) ;; *) echo "run.sh: unknown target '$t'" >&2; exit 2 ;; esac
+done
+((CEILING_SECONDS > BENCH_SECONDS)) && CEILING_SECONDS=$BENCH_SECONDS
+
+log() { printf '[bench %s] %s\n' "$(date +%T)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+# ---------------------------------------------------------------- processes and cleanup
+
+WORK=$(mktemp -d /tmp/sluice-bench.XXXXXX)
+RES=$WORK/results
+mkdir -p "$RES"
+PIDS=()
+
+# alive PID: the process exists and is not a zombie.
+alive() {
+    local s
+    s=$(sed -E 's/.*\) (.).*/\1/' "/proc/$1/stat" 2>/dev/null) || return 1
+    [[ -n $s && $s != Z ]]
+}
+
+# stop_pid PID [SIGNAL] [TIMEOUT_S]: signal the process group PID leads (every child is started
+# with setsid), wait until it is gone (bounded), then SIGKILL the group.
+stop_pid() {
+    local pid=$1 sig=${2:-TERM} timeout=${3:-10} i
+    if alive "$pid"; then
+        kill -s "$sig" -- "-$pid" 2>/dev/null || kill -s "$sig" "$pid" 2>/dev/null || true
+        for ((i = 0; i < timeout * 20; i++)); do
+            alive "$pid" || break
+            sleep 0.05
+        done
+    fi
+    kill -s KILL -- "-$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+    local rc=$? pid
+    trap - EXIT INT TERM
+    for pid in "${PIDS[@]}"; do alive "$pid" && kill -s TERM -- "-$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do stop_pid "$pid" TERM 3; done
+    # Keep the logs after a failure (not after an interruption), or when asked to.
+    if [[ $BENCH_KEEP_TMP == 1 ]] || ((rc != 0 && rc != 130 && rc != 143)); then
+        log "work directory kept: $WORK"
+    else
+        rm -rf "$WORK"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# start_bg NAME CMD...: run CMD in its own session (so its whole process tree can be signalled),
+# stdout/stderr to $WORK/NAME.{out,err}. Sets BG_PID.
+start_bg() {
+    local name=$1
+    shift
+    setsid "$@" >"$WORK/$name.out" 2>"$WORK/$name.err" </dev/null &
+    BG_PID=$!
+    PIDS+=("$BG_PID")
+}
+
+free_port() {
+    python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'
+}
+
+# wait_port PORT PID NAME [TIMEOUT_S]: poll a TCP connect until it succeeds; fail early if PID died.
+wait_port() {
+    local port=$1 pid=$2 name=$3 timeout=${4:-15} i
+    for ((i = 0; i < timeout * 20; i++)); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
+        alive "$pid" || { cat "$WORK/$name.err" >&2 || true; die "$name exited before listening on $port"; }
+        sleep 0.05
+    done
+    cat "$WORK/$name.err" >&2 || true
+    die "$name not listening on 127.0.0.1:$port after ${timeout}s"
+}
+
+# http ADDR METHOD PATH: tiny HTTP client for the emulator's control paths.
+http() {
+    python3 - "$@" <<'EOF'
+import sys, urllib.request
+addr, method, path = sys.argv[1:4]
+req = urllib.request.Request(f"http://{addr}{path}", method=method, data=b"" if method == "POST" else None)
+with urllib.request.urlopen(req, timeout=10) as r:
+    sys.stdout.write(r.read().decode())
+EOF
+}
+
+proc_tree() { python3 "$BENCH_DIR/proc_tree.py" "$1"; }
+
+# ---------------------------------------------------------------- emulator and proxies
+
+# start_emu NAME: fresh emulator on a free port. Sets EMU_PID, EMU_ADDR.
+start_emu() {
+    local name=$1 i
+    start_bg "$name" "$BIN/legacy-emu" --listen 127.0.0.1:0 --workers "$WORKERS" \
+        --service-time "$SERVICE_TIME" --lockup-above "$LOCKUP_ABOVE" --lockup-duration "$LOCKUP_DURATION"
+    EMU_PID=$BG_PID
+    EMU_ADDR=
+    for ((i = 0; i < 200; i++)); do
+        EMU_ADDR=$(sed -n '1s/^listening on //p' "$WORK/$name.out" 2>/dev/null || true)
+        [[ -n $EMU_ADDR ]] && break
+        alive "$EMU_PID" || { cat "$WORK/$name.err" >&2; die "emulator $name exited"; }
+        sleep 0.05
+    done
+    [[ -n $EMU_ADDR ]] || die "emulator $name did not report its address"
+}
+
+# start_proxy KIND NAME BACKEND_ADDR: fresh proxy on a free port. Sets PROXY_PID, PROXY_ADDR, PROXY_STOP_SIG.
+start_proxy() {
+    local kind=$1 name=$2 backend=$3 port dir
+    port=$(free_port)
+    dir=$WORK/$name
+    mkdir -p "$dir"
+    case $kind in
+    sluice | sluice-noramp)
+        cat >"$dir/sluice.toml" <<EOF
+[proxy]
+listen = "127.0.0.1:$port"
+
+[admission]
+max_inflight = $MAX_INFLIGHT
+max_queue = $MAX_QUEUE
+queue_timeout = "$QUEUE_TIMEOUT"
+
+[[backend]]
+name = "legacy"
+address = "$backend"
+
+[server]
+threads = $PROXY_THREADS
+pid_file = "$dir/sluice.pid"
+upgrade_sock = "$dir/sluice_upgrade.sock"
+EOF
+        local extra=()
+        # Newer sluice has an admin listener (default 127.0.0.1:9090): give it a free port so
+        # runs never collide with anything else on the machine.
+        ((SLUICE_HAS_ADMIN)) && extra+=(--admin-listen "127.0.0.1:$(free_port)")
+        [[ $kind == sluice-noramp ]] && extra+=(--slow-start 0s)
+        start_bg "$name" "$BIN/sluice" run --config "$dir/sluice.toml" --listen "127.0.0.1:$port" \
+            --backend "$backend" --max-inflight "$MAX_INFLIGHT" --max-queue "$MAX_QUEUE" \
+            --queue-timeout "$QUEUE_TIMEOUT" --threads "$PROXY_THREADS" "${extra[@]}"
+        "$BIN/sluice" check --config "$dir/sluice.toml" --listen "127.0.0.1:$port" --backend "$backend" \
+            --max-inflight "$MAX_INFLIGHT" --max-queue "$MAX_QUEUE" --queue-timeout "$QUEUE_TIMEOUT" \
+            --threads "$PROXY_THREADS" "${extra[@]}" >"$dir/check.txt" 2>&1 ||
+            { cat "$dir/check.txt" >&2; die "sluice check failed"; }
+        echo "sluice run --config sluice.toml --listen 127.0.0.1:$port --backend $backend --max-inflight $MAX_INFLIGHT --max-queue $MAX_QUEUE --queue-timeout $QUEUE_TIMEOUT --threads $PROXY_THREADS ${extra[*]}" >"$dir/command.txt"
+        PROXY_STOP_SIG=INT # fast shutdown; SIGTERM would wait for the grace period
+        ;;
+    haproxy)
+        cat >"$dir/haproxy.cfg" <<EOF
+global
+    maxconn $HAPROXY_MAXCONN
+    nbthread $PROXY_THREADS
+
+defaults
+    mode http
+    maxconn $HAPROXY_MAXCONN
+    option http-keep-alive
+    http-reuse always
+    timeout connect 2s
+    timeout client 60s
+    timeout server 60s
+    timeout queue $QUEUE_TIMEOUT
+    timeout http-request 60s
+    timeout http-keep-alive 60s
+
+frontend terminals
+    bind 127.0.0.1:$port
+    default_backend legacy
+
+backend legacy
+    server legacy $backend maxconn $MAX_INFLIGHT maxqueue $MAX_QUEUE
+EOF
+        haproxy -c -q -f "$dir/haproxy.cfg" >"$WORK/$name.check" 2>&1 ||
+            { cat "$WORK/$name.check" >&2; die "haproxy config check failed"; }
+        start_bg "$name" haproxy -db -f "$dir/haproxy.cfg"
+        PROXY_STOP_SIG=TERM # hard stop
+        ;;
+    nginx)
+        mkdir -p "$dir/logs"
+        # max_conns is per worker process unless the upstream lives in shared memory: the zone
+        # makes max_conns=32 a global cap, as the other proxies have. backlog=4096 matches the
+        # accept queue the other two get (somaxconn); nginx's default is 511.
+        cat >"$dir/nginx.conf" <<EOF
+worker_processes $PROXY_THREADS;
+worker_rlimit_nofile 20000;
+pid $dir/nginx.pid;
+error_log $dir/logs/error.log warn;
+
+events {
+    worker_connections 10000;
+}
+
+http {
+    access_log off;
+    client_body_temp_path $dir/client_body;
+    proxy_temp_path $dir/proxy;
+    fastcgi_temp_path $dir/fastcgi;
+    uwsgi_temp_path $dir/uwsgi;
+    scgi_temp_path $dir/scgi;
+    keepalive_timeout 60s;
+
+    upstream legacy {
+        zone legacy 64k;
+        server $backend max_conns=$MAX_INFLIGHT;
+        keepalive $MAX_INFLIGHT;
+    }
+
+    server {
+        listen 127.0.0.1:$port backlog=4096;
+        location / {
+            proxy_pass http://legacy;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+EOF
+        nginx -t -q -p "$dir" -e "$dir/logs/error.log" -c "$dir/nginx.conf" >"$WORK/$name.check" 2>&1 ||
+            { cat "$WORK/$name.check" >&2; die "nginx config check failed"; }
+        start_bg "$name" nginx -p "$dir" -e "$dir/logs/error.log" -c "$dir/nginx.conf" -g 'daemon off;'
+        PROXY_STOP_SIG=TERM # fast shutdown
+        ;;
+    esac
+    PROXY_PID=$BG_PID
+    PROXY_ADDR=127.0.0.1:$port
+    wait_port "$port" "$PROXY_PID" "$name"
+}
+
+# ---------------------------------------------------------------- measurements
+
+# run_terminals NAME ADDR OUT_JSON ARGS...: the load generator, bounded in time.
+run_terminals() {
+    local name=$1 addr=$2 out=$3 pid
+    shift 3
+    start_bg "$name" timeout -k 5 "$((BENCH_SECONDS + 90))" "$BIN/terminals" --target "$addr" --json "$@"
+    pid=$BG_PID
+    wait "$pid" || die "load generator $name failed (exit $?): $(tail -3 "$WORK/$name.err")"
+    cp "$WORK/$name.out" "$out"
+}
+
+# Calibration: what the emulator really serves with 32 busy keep-alive connections on this
+# machine (timer granularity and loopback round trips make it a bit less than 1,600/s).
+run_ceiling() {
+    local run=$1 tag=r$1-ceiling
+    log "run $run: calibration, 32 keep-alive clients straight at the emulator for ${CEILING_SECONDS}s"
+    start_emu "emu-$tag"
+    http "$EMU_ADDR" POST /__emu/reset >/dev/null
+    run_terminals "load-$tag" "$EMU_ADDR" "$RES/$tag.terminals.json" --terminals "$MAX_INFLIGHT" \
+        --conn-mode keep-alive --http 1.1 --duration "${CEILING_SECONDS}s" --timeout "$CLIENT_TIMEOUT"
+    http "$EMU_ADDR" GET /__emu/stats >"$RES/$tag.emu.json"
+    stop_pid "$EMU_PID" INT
+}
+
+run_surge() {
+    local run=$1 target=$2 tag=r$1-$2 addr proxy_pid= before after emu_before
+    log "run $run: surge through $target (${TERMINALS} terminals, ${RATE} tx/s offered, ${BENCH_SECONDS}s)"
+    start_emu "emu-$tag"
+    if [[ $target == direct ]]; then
+        addr=$EMU_ADDR
+    else
+        start_proxy "$target" "$tag" "$EMU_ADDR"
+        addr=$PROXY_ADDR
+        proxy_pid=$PROXY_PID
+    fi
+    http "$EMU_ADDR" POST /__emu/reset >/dev/null
+    before=$( [[ -n $proxy_pid ]] && proc_tree "$proxy_pid" || echo null)
+    emu_before=$(proc_tree "$EMU_PID")
+    run_terminals "load-$tag" "$addr" "$RES/$tag.terminals.json" --terminals "$TERMINALS" \
+        --conn-mode per-transaction --http mixed --rate "$RATE" --duration "${BENCH_SECONDS}s" \
+        --timeout "$CLIENT_TIMEOUT"
+    http "$EMU_ADDR" GET /__emu/stats >"$RES/$tag.emu.json"
+    after=$( [[ -n $proxy_pid ]] && proc_tree "$proxy_pid" || echo null)
+    printf '{"proxy_before": %s, "proxy_after": %s, "emu_before": %s, "emu_after": %s}\n' \
+        "$before" "$after" "$emu_before" "$(proc_tree "$EMU_PID")" >"$RES/$tag.meta.json"
+    if [[ -n $proxy_pid ]]; then stop_pid "$proxy_pid" "$PROXY_STOP_SIG"; fi
+    stop_pid "$EMU_PID" INT
+    python3 - "$RES/$tag.terminals.json" "$RES/$tag.emu.json" <<'EOF' >&2
+import json, sys
+t = json.load(open(sys.argv[1])); e = json.load(open(sys.argv[2]))
+print(f"    ok {t['ok']} goodput {t['goodput']:.0f}/s status {t['by_status']} "
+      f"errors c/io/t {t['errors_connect']}/{t['errors_io']}/{t['errors_timeout']} "
+      f"| backend max_inside {e['max_inside']} lockups {e['lockups']} conns {e['accepted_connections']}")
+EOF
+}
+
+# wait_rss_stable PID: poll the tree's RSS until two readings 250 ms apart agree within 64 KiB
+# (bounded: 5 s). Prints the last proc_tree JSON.
+wait_rss_stable() {
+    local pid=$1 i prev=-1 cur json
+    for ((i = 0; i < 20; i++)); do
+        json=$(proc_tree "$pid")
+        cur=$(sed -E 's/.*"rss_kib": ([0-9]+).*/\1/' <<<"$json")
+        if ((prev >= 0 && cur - prev < 64 && prev - cur < 64)); then break; fi
+        prev=$cur
+        sleep 0.25
+    done
+    echo "$json"
+}
+
+run_memory() {
+    local run=$1 kind=$2 tag=r$1-mem-$2 n=$BENCH_IDLE_CONNS before after idle_pid i ready=
+    log "run $run: memory per idle client connection, $kind, $n connections"
+    start_emu "emu-$tag"
+    start_proxy "$kind" "$tag" "$EMU_ADDR"
+    # Warm-up: a few connections and requests, closed again, so pools, threads and the upstream
+    # connections exist before the baseline is taken.
+    timeout 60 python3 "$BENCH_DIR/idle_conns.py" --target "$PROXY_ADDR" -n 64 --concurrency 16 --no-hold \
+        >"$WORK/warm-$tag.out" 2>&1 || die "warm-up through $kind failed: $(cat "$WORK/warm-$tag.out")"
+    before=$(wait_rss_stable "$PROXY_PID")
+    start_bg "idle-$tag" python3 "$BENCH_DIR/idle_conns.py" --target "$PROXY_ADDR" -n "$n" \
+        --concurrency 16 --hold-max 300
+    idle_pid=$BG_PID
+    for ((i = 0; i < 2400; i++)); do # 120 s
+        ready=$(grep '^ready' "$WORK/idle-$tag.out" 2>/dev/null || true)
+        [[ -n $ready ]] && break
+        alive "$idle_pid" || break
+        sleep 0.05
+    done
+    [[ -n $ready ]] || die "idle connections through $kind never got ready: $(cat "$WORK/idle-$tag.err")"
+    after=$(wait_rss_stable "$PROXY_PID")
+    stop_pid "$idle_pid" TERM 30
+    python3 - "$kind" "$n" "$ready" "$(grep '^done' "$WORK/idle-$tag.out" || true)" "$before" "$after" \
+        >"$RES/$tag.json" <<'EOF2'
+import json, sys
+kind, n, ready, done, before, after = sys.argv[1:7]
+print(json.dumps({"kind": kind, "n": int(n), "ready": ready, "done": done,
+                  "before": json.loads(before), "after": json.loads(after)}))
+EOF2
+    stop_pid "$PROXY_PID" "$PROXY_STOP_SIG"
+    stop_pid "$EMU_PID" INT
+    python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print("    %s; RSS %d -> %d KiB = %.1f KiB/conn" % (d["ready"], d["before"]["rss_kib"], d["after"]["rss_kib"], (d["after"]["rss_kib"]-d["before"]["rss_kib"])/d["n"]))' "$RES/$tag.json" >&2
+}
+
+# ---------------------------------------------------------------- main
+
+START_TS=$(date +%s)
+log "work directory $WORK"
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+(($(ulimit -n) >= 12000)) || log "warning: open-file limit $(ulimit -n) is low for 2,000 terminals"
+# HAProxy refuses to start unless it can get 2 x maxconn + a few file descriptors.
+HAPROXY_MAXCONN=$(( $(ulimit -n) / 2 - 50 ))
+((HAPROXY_MAXCONN > 10000)) && HAPROXY_MAXCONN=10000
+
+missing=()
+for p in haproxy nginx; do
+    case " $BENCH_TARGETS " in *" $p "*) command -v "$p" >/dev/null || missing+=("$p") ;; esac
+done
+if ((${#missing[@]})); then
+    log "installing ${missing[*]} (Debian packages haproxy, nginx-light)"
+    pkgs=()
+    for p in "${missing[@]}"; do [[ $p == nginx ]] && pkgs+=(nginx-light) || pkgs+=(haproxy); done
+    export DEBIAN_FRONTEND=noninteractive
+    timeout 600 apt-get install -y "${pkgs[@]}" >"$WORK/apt.log" 2>&1 ||
+        { timeout 600 apt-get update >>"$WORK/apt.log" 2>&1 && timeout 600 apt-get install -y "${pkgs[@]}" >>"$WORK/apt.log" 2>&1; } ||
+        die "apt-get install ${pkgs[*]} failed, see $WORK/apt.log"
+    # The Debian packages start a system service; this benchmark runs its own instances.
+    for p in "${missing[@]}"; do
+        command -v systemctl >/dev/null && systemctl stop "$p" >/dev/null 2>&1 || true
+    done
+fi
+command -v python3 >/dev/null || die "python3 is required"
+
+if [[ $BENCH_SKIP_BUILD != 1 ]]; then
+    log "building release binaries (cargo build --release -p sluice -p sluice-tests)"
+    (cd "$ROOT" && timeout 3600 cargo build --release -p sluice -p sluice-tests) >"$WORK/build.log" 2>&1 ||
+        { tail -30 "$WORK/build.log" >&2; die "build failed"; }
+fi
+# Run private copies: target/release may be rebuilt by someone else while the benchmark runs,
+# and every target must be measured with the same binaries.
+mkdir -p "$WORK/bin"
+for b in sluice legacy-emu terminals; do
+    [[ -x $BIN/$b ]] || die "$BIN/$b missing"
+    cp "$BIN/$b" "$WORK/bin/$b"
+done
+BIN=$WORK/bin
+SLUICE_HELP=$("$BIN/sluice" run --help 2>&1 || true)
+SLUICE_HAS_ADMIN=0
+grep -q -- '--admin-listen' <<<"$SLUICE_HELP" && SLUICE_HAS_ADMIN=1
+SLUICE_HAS_SLOW_START=0
+grep -q -- '--slow-start' <<<"$SLUICE_HELP" && SLUICE_HAS_SLOW_START=1
+if ((!SLUICE_HAS_SLOW_START)) && [[ " $BENCH_TARGETS " == *" sluice-noramp "* ]]; then
+    log "this sluice has no --slow-start flag: skipping target sluice-noramp"
+    BENCH_TARGETS=$(sed 's/ *sluice-noramp//' <<<"$BENCH_TARGETS")
+fi
+
+LOAD_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
+targets=($BENCH_TARGETS)
+for ((run = 1; run <= BENCH_RUNS; run++)); do
+    run_ceiling "$run"
+    order=("${targets[@]}")
+    if ((run % 2 == 0)); then # alternate the order, so no target always runs first or last
+        order=()
+        for ((i = ${#targets[@]} - 1; i >= 0; i--)); do order+=("${targets[i]}"); done
+    fi
+    for t in "${order[@]}"; do run_surge "$run" "$t"; done
+    if ((BENCH_IDLE_CONNS > 0)); then
+        # Memory per idle connection does not depend on the ramp: measure sluice once.
+        for t in "${order[@]}"; do
+            case $t in direct | sluice-noramp) ;; *) run_memory "$run" "$t" ;; esac
+        done
+    fi
+done
+END_TS=$(date +%s)
+LOAD_AT_END=$(cut -d' ' -f1-3 /proc/loadavg)
+
+first_line() { "$@" 2>&1 | head -1 || true; }
+export P_DATE P_NPROC P_CPU P_KERNEL P_HAPROXY P_NGINX P_SLUICE P_RUSTC
+P_DATE=$(date -u '+%Y-%m-%d %H:%M:%S UTC')
+P_NPROC=$(nproc)
+P_CPU=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1 || true)
+P_KERNEL=$(uname -srm)
+P_HAPROXY=$(first_line haproxy -v)
+P_NGINX=$(first_line nginx -v)
+P_SLUICE="$(first_line "$BIN/sluice" --version) (binary sha256 $(sha256sum "$BIN/sluice" | cut -c1-12), built $(date -u -r "$BIN/sluice" '+%Y-%m-%d %H:%M UTC'))"
+P_RUSTC=$(first_line rustc --version)
+python3 - "$RES/params.json" <<EOF
+import json, os, sys
+e = os.environ
+p = {
+    "date": e["P_DATE"], "nproc": e["P_NPROC"], "cpu": e["P_CPU"], "kernel": e["P_KERNEL"],
+    "haproxy": e["P_HAPROXY"] or "n/a", "nginx": e["P_NGINX"] or "n/a",
+    "sluice": e["P_SLUICE"] or "n/a", "rustc": e["P_RUSTC"] or "n/a",
+    "load_at_start": "$LOAD_AT_START",
+    "load_at_end": "$LOAD_AT_END",
+    "wall_seconds": $((END_TS - START_TS)),
+    "bench_seconds": $BENCH_SECONDS,
+    "runs": $BENCH_RUNS,
+    "targets": "$BENCH_TARGETS",
+    "terminals": $TERMINALS,
+    "rate": $RATE,
+    "client_timeout": "$CLIENT_TIMEOUT",
+    "workers": $WORKERS,
+    "service_time": "$SERVICE_TIME",
+    "lockup_above": $LOCKUP_ABOVE,
+    "lockup_duration": "$LOCKUP_DURATION",
+    "capacity": $CAPACITY,
+    "max_inflight": $MAX_INFLIGHT,
+    "max_queue": $MAX_QUEUE,
+    "queue_timeout": "$QUEUE_TIMEOUT",
+    "proxy_threads": $PROXY_THREADS,
+    "haproxy_maxconn": $HAPROXY_MAXCONN,
+    "ceiling_seconds": $CEILING_SECONDS,
+    "idle_conns": $BENCH_IDLE_CONNS,
+    "sluice_has_slow_start": $SLUICE_HAS_SLOW_START,
+}
+json.dump(p, open(sys.argv[1], "w"), indent=2)
+EOF
+# Keep the configurations that were used next to the results.
+for f in "$WORK"/r1-sluice/sluice.toml "$WORK"/r1-haproxy/haproxy.cfg "$WORK"/r1-nginx/nginx.conf; do
+    if [[ -f $f ]]; then cp "$f" "$RES/"; fi
+done
+for t in sluice sluice-noramp; do
+    if [[ -f $WORK/r1-$t/command.txt ]]; then cp "$WORK/r1-$t/command.txt" "$RES/$t.command.txt"; fi
+    if [[ -f $WORK/r1-$t/check.txt ]]; then cp "$WORK/r1-$t/check.txt" "$RES/$t.check.txt"; fi
+done
+python3 "$BENCH_DIR/report.py" "$RES" "$BENCH_OUT"
+log "done in $((END_TS - START_TS)) s; results in $BENCH_OUT"

@@ -1,0 +1,347 @@
+//! End-to-end: bad input at both ends. Backend faults (reset, hang, truncated body, malformed
+//! response, early close) fail only the request that met them, never process a payment twice,
+//! and never leak a slot; ambiguous or oversized requests are refused before they reach the
+//! backend; thousands of random aborts leave the full capacity available.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::{config_with, eventually, raise_fd_limit, start};
+use sluice_tests::client::{Conn, Request};
+use sluice_tests::emulator::{Emulator, EmulatorConfig};
+
+const BASE: &str = "[slow_start]\nduration = \"0s\"\n[health]\ncheck = \"none\"\n";
+
+fn emulator_config(service_time: Duration) -> EmulatorConfig {
+    EmulatorConfig {
+        workers: 256,
+        service_time,
+        ..EmulatorConfig::default()
+    }
+}
+
+/// Each kind of backend fault: the client gets a 5xx (never another client's answer), the
+/// backend saw the POST exactly once, and the proxy serves the next request normally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_faults_fail_one_request_and_never_repeat_a_payment() {
+    let emu = Emulator::start(emulator_config(Duration::from_millis(5)))
+        .await
+        .expect("emulator");
+    let proxy = start(&config_with(
+        emu.addr(),
+        4,
+        100,
+        Duration::from_secs(10),
+        &format!("{BASE}[upstream]\nread_timeout = \"500ms\"\n"),
+    ));
+    let admission = proxy.admission().clone();
+    for fault in ["reset", "hang", "truncate", "malformed", "close"] {
+        let id = format!("pay-{fault}");
+        let mut c = Conn::connect(proxy.addr()).await.expect("connect");
+        c.set_timeout(Duration::from_secs(10));
+        let r = c
+            .send(
+                &Request::post("/pay", "amount=1")
+                    .txn(&id)
+                    .header("X-Fault", fault),
+            )
+            .await;
+        match fault {
+            // `close` answers normally, then closes: a success.
+            "close" => assert_eq!(r.expect("response").status, 200),
+            _ => match r {
+                Ok(resp) => {
+                    assert!(
+                        resp.status == 502 || resp.status == 504,
+                        "{fault}: got {} {}",
+                        resp.status,
+                        resp.text()
+                    );
+                    assert_ne!(
+                        resp.txn_id(),
+                        Some(id.as_str()),
+                        "{fault}: a broken answer passed"
+                    );
+                }
+                // A truncated body can only be cut short: the client sees the connection end.
+                Err(e) => assert_eq!(fault, "truncate", "{fault}: {e}"),
+            },
+        }
+        let seen = emu.transactions();
+        assert_eq!(
+            seen.iter().filter(|t| **t == id).count(),
+            1,
+            "{fault}: the backend must see the payment exactly once"
+        );
+        eventually("the slot is released", Duration::from_secs(5), || {
+            admission.snapshot().backends[0].inflight == 0
+        })
+        .await;
+        let mut c = Conn::connect(proxy.addr()).await.expect("connect");
+        let ok = c
+            .send(&Request::get("/pay").txn(format!("after-{fault}")))
+            .await
+            .expect("next request");
+        assert_eq!(ok.status, 200, "after {fault}");
+        assert_eq!(ok.txn_id(), Some(format!("after-{fault}").as_str()));
+    }
+}
+
+/// 200 concurrent clients while 10 % of backend responses are malformed: every other client
+/// gets its own correct response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_responses_hurt_only_their_own_clients() {
+    raise_fd_limit();
+    let emu = Emulator::start(emulator_config(Duration::from_millis(10)))
+        .await
+        .expect("emulator");
+    let proxy = start(&config_with(
+        emu.addr(),
+        8,
+        1000,
+        Duration::from_secs(30),
+        BASE,
+    ));
+    let addr = proxy.addr();
+    let clients: Vec<_> = (0..200)
+        .map(|i| {
+            tokio::spawn(async move {
+                let id = format!("m{i}");
+                let mut req = Request::post("/pay", "amount=1").txn(&id);
+                if i % 10 == 0 {
+                    req = req.header("X-Fault", "malformed");
+                }
+                let mut c = Conn::connect(addr).await.expect("connect");
+                (i, id, c.send(&req).await)
+            })
+        })
+        .collect();
+    let mut good = 0;
+    for c in clients {
+        let (i, id, r) = c.await.expect("join");
+        let r = r.expect("every client gets an answer");
+        if i % 10 == 0 {
+            assert_eq!(r.status, 502, "{id}");
+        } else {
+            assert_eq!(r.status, 200, "{id}");
+            assert_eq!(r.txn_id(), Some(id.as_str()), "{id} got another's response");
+            assert_eq!(r.text(), format!("ok {id}\n"));
+            good += 1;
+        }
+    }
+    assert_eq!(good, 180);
+    let seen = emu.transactions();
+    let unique: HashSet<&String> = seen.iter().collect();
+    assert_eq!(unique.len(), 200);
+    assert_eq!(seen.len(), 200, "no payment processed twice");
+    assert!(emu.stats().max_inside <= 8);
+}
+
+/// Ambiguous framing (the start of request smuggling) and oversized requests are refused with
+/// 400 / 413 / 431 and never reach the backend; CR/LF/NUL in headers are refused; an
+/// absolute-form target reaches the backend in origin-form; `Expect: 100-continue` works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smuggling_and_oversized_requests_never_reach_the_backend() {
+    let emu = Emulator::start(emulator_config(Duration::from_millis(1)))
+        .await
+        .expect("emulator");
+    let proxy = start(&config_with(
+        emu.addr(),
+        4,
+        100,
+        Duration::from_secs(10),
+        &format!("{BASE}[proxy]\nmax_header_bytes = 4096\nmax_body_bytes = 1000\n"),
+    ));
+    let addr = proxy.addr();
+    let smuggled = "GET /smuggled HTTP/1.1\r\nHost: x\r\nX-Txn-Id: smuggled\r\n\r\n";
+    let cases: Vec<(&str, String, u16)> = vec![
+        (
+            "CL.TE",
+            format!("POST /pay HTTP/1.1\r\nHost: x\r\nX-Txn-Id: clte\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}"),
+            400,
+        ),
+        (
+            "TE.CL",
+            format!("POST /pay HTTP/1.1\r\nHost: x\r\nX-Txn-Id: tecl\r\nTransfer-Encoding: chunked\r\nContent-Length: 60\r\n\r\n0\r\n\r\n{smuggled}"),
+            400,
+        ),
+        (
+            "double CL",
+            format!("POST /pay HTTP/1.1\r\nHost: x\r\nX-Txn-Id: dcl\r\nContent-Length: 5\r\nContent-Length: 60\r\n\r\nhello{smuggled}"),
+            400,
+        ),
+        (
+            "obfuscated TE",
+            format!("POST /pay HTTP/1.1\r\nHost: x\r\nX-Txn-Id: xte\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n{smuggled}"),
+            400,
+        ),
+        (
+            "bad chunk size",
+            format!("POST /pay HTTP/1.1\r\nHost: x\r\nX-Txn-Id: badchunk\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n{smuggled}"),
+            0,
+        ),
+        (
+            "NUL in header",
+            format!("GET /pay HTTP/1.1\r\nHost: x\r\nX-Txn-Id: nul\r\nX-Evil: a\0b\r\n\r\n{smuggled}"),
+            400,
+        ),
+        (
+            "bare LF in header value",
+            "GET /pay HTTP/1.1\r\nHost: x\r\nX-Txn-Id: lf\r\nX-Evil: a\nGET /smuggled HTTP/1.1\r\n\r\n".to_string(),
+            400,
+        ),
+        (
+            "body too large",
+            "POST /pay HTTP/1.1\r\nHost: x\r\nX-Txn-Id: big\r\nContent-Length: 5000\r\n\r\n".to_string(),
+            413,
+        ),
+        (
+            "header too large",
+            format!("GET /pay HTTP/1.1\r\nHost: x\r\nX-Txn-Id: bighead\r\nX-Pad: {}\r\n\r\n", "a".repeat(6000)),
+            431,
+        ),
+    ];
+    for (name, raw, want) in &cases {
+        let mut c = Conn::connect(addr).await.expect("connect");
+        c.set_timeout(Duration::from_secs(5));
+        c.send_raw(raw.as_bytes()).await.expect("send");
+        match c.read_response().await {
+            Ok(r) => {
+                assert!(
+                    r.status == *want || (*want == 0 && r.status >= 400),
+                    "{name}: got {} {}",
+                    r.status,
+                    r.text()
+                );
+                assert!(!r.keep_alive(), "{name}: the connection must close");
+            }
+            // Refused by closing the connection (a body that cannot be parsed).
+            Err(_) => assert_eq!(*want, 0, "{name}: no response"),
+        }
+        // Nothing more comes on this connection: the smuggled request was not answered.
+        assert!(
+            c.is_closed_by_peer().await,
+            "{name}: the connection must be closed"
+        );
+    }
+    let seen = emu.transactions();
+    for id in [
+        "smuggled", "clte", "tecl", "dcl", "xte", "nul", "lf", "big", "bighead",
+    ] {
+        assert!(
+            !seen.iter().any(|t| t == id),
+            "{id} reached the backend: {seen:?}"
+        );
+    }
+
+    // Absolute-form target: forwarded in origin-form.
+    let mut c = Conn::connect(addr).await.expect("connect");
+    c.send_raw(b"GET http://pos.example/pay?txn=abs HTTP/1.1\r\nHost: pos.example\r\nX-Txn-Id: abs\r\n\r\n")
+        .await
+        .expect("send");
+    let r = c.read_response().await.expect("response");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.txn_id(), Some("abs"));
+    // Expect: 100-continue with a body.
+    let mut c = Conn::connect(addr).await.expect("connect");
+    let r = c
+        .send(
+            &Request::post("/pay", "amount=1")
+                .txn("expect")
+                .header("Expect", "100-continue"),
+        )
+        .await
+        .expect("response");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.txn_id(), Some("expect"));
+}
+
+/// 10,000 clients that abort at random moments (before, while queued, while at the backend):
+/// afterwards every slot is free and `max_inflight` slow requests reach the backend together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_random_aborts_leave_full_capacity() {
+    raise_fd_limit();
+    let emu = Emulator::start(emulator_config(Duration::from_millis(3)))
+        .await
+        .expect("emulator");
+    let cap = 8u32;
+    let proxy = start(&config_with(
+        emu.addr(),
+        cap,
+        5000,
+        Duration::from_secs(30),
+        BASE,
+    ));
+    let addr = proxy.addr();
+    let admission = proxy.admission().clone();
+    // A small deterministic generator: reproducible "random" abort moments.
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for batch in 0..20 {
+        let tasks: Vec<_> = (0..500)
+            .map(|i| {
+                let r = next();
+                tokio::spawn(async move {
+                    let Ok(mut c) = Conn::connect(addr).await else {
+                        return;
+                    };
+                    let id = format!("abort-{batch}-{i}");
+                    match r % 4 {
+                        // Connect and leave.
+                        0 => {}
+                        // Half a request.
+                        1 => {
+                            let _ = c.send_raw(b"GET /pay HTTP/1.1\r\nHost: x\r\n").await;
+                        }
+                        // A whole request, then leave after a random moment.
+                        _ => {
+                            let _ = c.send_raw(&Request::get("/pay").txn(&id).encode("x")).await;
+                            tokio::time::sleep(Duration::from_micros(r % 20_000)).await;
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+    eventually("every slot released", Duration::from_secs(60), || {
+        let s = admission.snapshot();
+        s.queued == 0 && s.backends[0].inflight == 0
+    })
+    .await;
+    eventually("the backend is idle", Duration::from_secs(10), || {
+        emu.inside_now() == 0
+    })
+    .await;
+    emu.reset_stats();
+    let slow: Vec<_> = (0..cap)
+        .map(|i| {
+            tokio::spawn(async move {
+                let mut c = Conn::connect(addr).await.expect("connect");
+                c.send(
+                    &Request::get("/pay")
+                        .txn(format!("slow-{i}"))
+                        .header("X-Service-Time", "500ms"),
+                )
+                .await
+            })
+        })
+        .collect();
+    for s in slow {
+        assert_eq!(s.await.expect("join").expect("slow").status, 200);
+    }
+    assert_eq!(
+        emu.stats().max_inside,
+        cap as usize,
+        "full capacity after 10,000 aborts"
+    );
+}
