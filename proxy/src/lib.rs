@@ -15,6 +15,7 @@ pub mod config;
 pub mod demo;
 pub mod handoff;
 pub mod health;
+pub mod idle;
 pub mod metrics;
 pub mod reload;
 pub mod run;

@@ -105,13 +105,17 @@ pub fn build_server_from(
     let mut client = ConnectorOptions::from_server_conf(&conf);
     client.keepalive_pool_size = cfg.total_inflight().max(1);
 
-    let server_options = HttpServerOptions::default();
+    // pingora's HTTP/1 loop is replaced by sluice's own (see `crate::idle`), so an idle
+    // keep-alive connection holds a few KiB instead of pingora's per-request state.
+    let mut server_options = HttpServerOptions::default();
+    server_options.force_custom = true;
 
     let sluice = Sluice::new(shared.clone(), secret.clone());
     let mut service = ProxyServiceBuilder::new(&conf, sluice)
         .name("sluice")
         .client_options(client)
         .server_options(server_options)
+        .custom((), crate::idle::handler(cfg.client_keepalive_timeout))
         .build();
     let mut socket = TcpSocketOptions::default();
     // Detect terminals that vanished without a FIN (power loss, NAT timeouts).

@@ -165,3 +165,55 @@ async fn upgrade_under_load_keeps_the_cap_and_fails_nothing() {
         .await
         .expect("join");
 }
+
+/// SIGHUP re-reads the config file in the running binary: the new limit is in force without a
+/// restart, and `sluice status` shows it.
+#[test]
+fn sighup_reloads_the_config_file() {
+    let dir = std::env::temp_dir().join(format!("sluice-hup-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let listen = sluice::run::free_local_addr().expect("port");
+    let admin = sluice::run::free_local_addr().expect("port");
+    let config = dir.join("sluice.toml");
+    let file = |cap: u32| {
+        format!(
+            "[proxy]\nlisten = \"{listen}\"\n[admission]\nmax_inflight = {cap}\n\
+             [slow_start]\nduration = \"0s\"\n[health]\ncheck = \"none\"\n\
+             [admin]\nlisten = \"{admin}\"\n[log]\naccess = \"off\"\n\
+             [[backend]]\nname = \"iis\"\naddress = \"127.0.0.1:9\"\n\
+             [server]\npid_file = \"{}\"\nupgrade_sock = \"{}\"\n",
+            dir.join("pid").display(),
+            dir.join("sock").display()
+        )
+    };
+    std::fs::write(&config, file(4)).expect("write");
+    let mut cleanup = Cleanup(vec![sluice(&["run"], &config)], dir.clone());
+    let limit = || -> Option<u32> {
+        let (code, body) = sluice::admin::client::call(admin, "GET", "/status").ok()?;
+        (code == 200).then_some(())?;
+        let st: sluice::admin::Status = serde_json::from_str(&body).ok()?;
+        st.backends.first().map(|b| b.max_inflight)
+    };
+    wait_until(
+        "the admin listener answers",
+        Duration::from_secs(15),
+        || limit() == Some(4),
+    );
+    std::fs::write(&config, file(9)).expect("rewrite");
+    signal(cleanup.0[0].id(), "-HUP");
+    wait_until("the new limit is in force", Duration::from_secs(10), || {
+        limit() == Some(9)
+    });
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["status", "--admin", &admin.to_string()])
+        .output()
+        .expect("sluice status");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}");
+    assert!(table.contains("iis") && table.contains("/9"), "{table}");
+    // Still running after the reload (SIGHUP's default action would have killed it).
+    assert!(cleanup.0[0].try_wait().expect("wait").is_none());
+    signal(cleanup.0[0].id(), "-INT");
+    let mut child = cleanup.0.remove(0);
+    wait_exit(&mut child, Duration::from_secs(30));
+}

@@ -345,3 +345,37 @@ async fn ten_thousand_random_aborts_leave_full_capacity() {
         "full capacity after 10,000 aborts"
     );
 }
+
+/// An idle kept-alive client connection is closed after `proxy.client_keepalive_timeout`; one
+/// that sends its next request in time is served on the same connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_client_connections_close_after_the_keepalive_timeout() {
+    let emu = Emulator::start(emulator_config(Duration::from_millis(1)))
+        .await
+        .expect("emulator");
+    let proxy = start(&config_with(
+        emu.addr(),
+        4,
+        100,
+        Duration::from_secs(10),
+        &format!("{BASE}[proxy]\nclient_keepalive_timeout = \"1s\"\n"),
+    ));
+    let mut c = Conn::connect(proxy.addr()).await.expect("connect");
+    for i in 0..3 {
+        let r = c
+            .send(&Request::get("/pay").txn(format!("k{i}")))
+            .await
+            .expect("kept alive");
+        assert_eq!(r.txn_id(), Some(format!("k{i}").as_str()));
+    }
+    let started = std::time::Instant::now();
+    assert!(
+        c.is_closed_by_peer_within(Duration::from_secs(5)).await,
+        "an idle connection must be closed"
+    );
+    let idle = started.elapsed();
+    assert!(
+        idle >= Duration::from_millis(900),
+        "closed too early: {idle:?}"
+    );
+}
