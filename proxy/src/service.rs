@@ -781,18 +781,8 @@ async fn write_error(session: &mut Session, code: u16, retry_after_secs: u64) ->
         431 => "request header too large",
         _ => "error",
     };
-    let body = Bytes::from(format!("{code} {reason}\n"));
-    let mut h = ResponseHeader::build(code, Some(4))?;
-    if code >= 500 {
-        h.insert_header("Retry-After", retry_after_secs.to_string())?;
-    }
-    h.insert_header("Content-Type", "text/plain")?;
-    h.insert_header("Content-Length", body.len().to_string())?;
-    h.insert_header("Cache-Control", "no-store")?;
-    session.as_downstream_mut().set_keepalive(None);
-    session.write_response_header(Box::new(h), false).await?;
-    session.write_response_body(Some(body), true).await?;
-    Ok(())
+    let retry_after = (code >= 500).then_some(retry_after_secs);
+    write_error_with(session, code, reason, retry_after).await
 }
 
 #[cfg(test)]

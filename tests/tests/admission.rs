@@ -328,29 +328,7 @@ async fn aborted_clients_leak_no_slot() {
         emu.inside_now() == 0
     })
     .await;
-    emu.reset_stats();
-
-    let slow: Vec<_> = (0..cap)
-        .map(|i| {
-            tokio::spawn(async move {
-                let mut c = Conn::connect(addr).await.expect("connect");
-                c.send(
-                    &Request::get("/slow")
-                        .txn(format!("slow-{i}"))
-                        .header("X-Service-Time", "500ms"),
-                )
-                .await
-            })
-        })
-        .collect();
-    for s in slow {
-        assert_eq!(s.await.expect("join").expect("slow").status, 200);
-    }
-    assert_eq!(
-        emu.stats().max_inside,
-        cap as usize,
-        "all {cap} slow requests must be at the backend together"
-    );
+    common::assert_full_capacity(addr, &emu.handle(), cap).await;
 }
 
 /// Under concurrency and pool reuse, every response carries its own request's id.

@@ -322,28 +322,7 @@ async fn ten_thousand_random_aborts_leave_full_capacity() {
         emu.inside_now() == 0
     })
     .await;
-    emu.reset_stats();
-    let slow: Vec<_> = (0..cap)
-        .map(|i| {
-            tokio::spawn(async move {
-                let mut c = Conn::connect(addr).await.expect("connect");
-                c.send(
-                    &Request::get("/pay")
-                        .txn(format!("slow-{i}"))
-                        .header("X-Service-Time", "500ms"),
-                )
-                .await
-            })
-        })
-        .collect();
-    for s in slow {
-        assert_eq!(s.await.expect("join").expect("slow").status, 200);
-    }
-    assert_eq!(
-        emu.stats().max_inside,
-        cap as usize,
-        "full capacity after 10,000 aborts"
-    );
+    common::assert_full_capacity(addr, &emu.handle(), cap).await;
 }
 
 /// An idle kept-alive client connection is closed after `proxy.client_keepalive_timeout`; one

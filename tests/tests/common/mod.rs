@@ -92,3 +92,35 @@ pub async fn eventually(what: &str, within: Duration, mut cond: impl FnMut() -> 
 pub fn raise_fd_limit() {
     sluice_tests::raise_fd_limit();
 }
+
+/// Send `cap` slow requests at once through `addr` and assert that all of them were at the
+/// backend together: no slot of the cap has leaked.
+pub async fn assert_full_capacity(
+    addr: SocketAddr,
+    emu: &sluice_tests::emulator::EmulatorHandle,
+    cap: u32,
+) {
+    use sluice_tests::client::{Conn, Request};
+    emu.reset_stats();
+    let slow: Vec<_> = (0..cap)
+        .map(|i| {
+            tokio::spawn(async move {
+                let mut c = Conn::connect(addr).await.expect("connect");
+                c.send(
+                    &Request::get("/pay")
+                        .txn(format!("slow-{i}"))
+                        .header("X-Service-Time", "500ms"),
+                )
+                .await
+            })
+        })
+        .collect();
+    for s in slow {
+        assert_eq!(s.await.expect("join").expect("slow").status, 200);
+    }
+    assert_eq!(
+        emu.stats().max_inside,
+        cap as usize,
+        "all {cap} slow requests must be at the backend together"
+    );
+}
