@@ -166,8 +166,15 @@ async fn metrics_and_access_log_match_a_known_traffic_pattern() {
     // backend never had more than one connection open at a time.
     let (new, reused) = (new.unwrap_or(0.0), reused.unwrap_or(0.0));
     assert_eq!(new + reused, 6.0, "{text}");
-    assert!(new >= 1.0 && reused >= 1.0, "pooled connections are reused\n{text}");
-    assert_eq!(emu.stats().max_open_connections, 1, "cap 1: one connection at a time");
+    assert!(
+        new >= 1.0 && reused >= 1.0,
+        "pooled connections are reused\n{text}"
+    );
+    assert_eq!(
+        emu.stats().max_open_connections,
+        1,
+        "cap 1: one connection at a time"
+    );
     // Waits: B2 waited the whole deadline.
     let le_1s = metric(&text, "sluice_queue_wait_seconds_bucket{le=\"1\"}").expect("bucket");
     assert_eq!(le_1s, 8.0, "all but B2 waited under 1 s\n{text}");
