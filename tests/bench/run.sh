@@ -1,14 +1,23 @@
 #!/usr/bin/env bash
-# sluice surge benchmark: the emulated legacy server hit directly, through sluice, through
-# HAProxy and through nginx, plus memory per idle client connection for each proxy.
+# sluice benchmark, two scenarios. "surge": the emulated legacy server hit directly, through
+# sluice, through HAProxy and through nginx, plus memory per idle client connection for each
+# proxy. "restart": steady keep-alive load at 90 % of capacity while the backend crashes for 3 s
+# and comes back cold, through sluice and HAProxy.
 # See tests/bench/README.md. Usage: bash tests/bench/run.sh
 #
 # Environment overrides (defaults in brackets):
-#   BENCH_SECONDS [20]       length of the offered load per target, seconds
-#   BENCH_RUNS [2]           repetitions of the whole set (run 2 goes through the targets in reverse)
+#   BENCH_SCENARIOS ["surge,restart"]  which scenarios (comma or space separated)
+#   BENCH_SECONDS [20]       length of the surge's offered load per target, seconds
+#   BENCH_RUNS [2]           repetitions of the surge (run 2 goes through the targets in reverse)
 #   BENCH_TARGETS ["direct sluice sluice-noramp haproxy nginx"]; sluice-noramp is sluice with
 #                            --slow-start 0s (skipped if this sluice has no such flag)
 #   BENCH_IDLE_CONNS [2000]  idle client connections for the memory measurement (0 = skip)
+#   BENCH_RESTART_TARGETS ["sluice haproxy"]; also possible: "haproxy-noredispatch" (without
+#                            option redispatch) and "direct" (no proxy)
+#   BENCH_RESTART_RUNS [$BENCH_RUNS]  repetitions of the restart scenario with steady arrivals
+#                            (terminal start times spread over one firing interval)
+#   BENCH_RESTART_BURST_RUNS [1]  repetitions with all terminals starting at once (lock-step bursts)
+#   BENCH_RESTART_RATE [0.9 x measured ceiling]  offered tx/s in the restart scenario
 #   BENCH_OUT [tests/bench/RESULTS.md]
 #   BENCH_SKIP_BUILD [0]     1 = use the binaries already in target/release
 #   BENCH_KEEP_TMP [0]       1 = keep the work directory (configs, logs, raw JSON)
@@ -19,6 +28,8 @@ BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$BENCH_DIR/../.." && pwd)
 BIN=$ROOT/target/release
 
+BENCH_SCENARIOS=${BENCH_SCENARIOS:-surge,restart}
+BENCH_SCENARIOS=${BENCH_SCENARIOS//,/ }
 BENCH_SECONDS=${BENCH_SECONDS:-20}
 BENCH_RUNS=${BENCH_RUNS:-2}
 BENCH_TARGETS=${BENCH_TARGETS:-"direct sluice sluice-noramp haproxy nginx"}
@@ -26,6 +37,10 @@ BENCH_IDLE_CONNS=${BENCH_IDLE_CONNS:-2000}
 BENCH_OUT=${BENCH_OUT:-$BENCH_DIR/RESULTS.md}
 BENCH_SKIP_BUILD=${BENCH_SKIP_BUILD:-0}
 BENCH_KEEP_TMP=${BENCH_KEEP_TMP:-0}
+BENCH_RESTART_TARGETS=${BENCH_RESTART_TARGETS:-"sluice haproxy"}
+BENCH_RESTART_RUNS=${BENCH_RESTART_RUNS:-$BENCH_RUNS}
+BENCH_RESTART_RATE=${BENCH_RESTART_RATE:-}
+BENCH_RESTART_BURST_RUNS=${BENCH_RESTART_BURST_RUNS:-1}
 
 # The surge scenario (fixed; change here, not per run, so results stay comparable).
 TERMINALS=2000          # all start at once
@@ -42,13 +57,46 @@ QUEUE_TIMEOUT=10s
 PROXY_THREADS=2
 CEILING_SECONDS=10      # calibration: 32 keep-alive clients, closed loop, straight at the emulator
 
-for v in BENCH_SECONDS BENCH_RUNS BENCH_IDLE_CONNS; do
+# The restart scenario (fixed, like the surge): 600 keep-alive terminals offer 90 % of what the
+# emulator really serves (measured ceiling) for 30 s; at t = 10 s the emulator crashes (listener
+# closed, every connection dropped), stays down 3 s, and comes back cold: 10 % of its workers,
+# ramping to 100 % over 10 s. Same workers, service time and lock-up as above.
+RS_TERMINALS=600
+RS_SECONDS=30
+RS_LOAD_FRACTION=0.9    # of the measured ceiling (BENCH_RESTART_RATE overrides)
+RS_CLIENT_TIMEOUT=15s
+RS_OUTAGE_AT=10s        # on the emulator's clock, started (SIGUSR1) just before the load
+RS_OUTAGE_FOR=3s
+RS_COLD_FRACTION=0.1
+RS_COLD_DURATION=10s
+RS_HEALTH_INTERVAL=250ms # both proxies: active HTTP check GET / every 250 ms ...
+RS_HEALTH_TIMEOUT=500ms
+RS_RISE=2                # ... up after 2 passes, down after 2 failures
+RS_FALL=2
+RS_SLOW_START=10s        # both proxies ramp the backend's cap back up over 10 s
+RS_SLOW_START_INITIAL=3  # sluice: from 3 (= the emulator's 10 % of 32); HAProxy ramps from 1
+RS_WARM_TIMEOUT=40       # s: wait for the emulator's initial cold start and the proxy's ramp
+
+for v in BENCH_SECONDS BENCH_RUNS BENCH_IDLE_CONNS BENCH_RESTART_RUNS BENCH_RESTART_BURST_RUNS; do
     [[ ${!v} =~ ^[0-9]+$ ]] || { echo "run.sh: $v must be a whole number, got '${!v}'" >&2; exit 2; }
 done
 ((BENCH_SECONDS >= 1 && BENCH_RUNS >= 1)) || { echo "run.sh: BENCH_SECONDS and BENCH_RUNS must be >= 1" >&2; exit 2; }
 for t in $BENCH_TARGETS; do
     case $t in direct | sluice | sluice-noramp | haproxy | nginx) ;; *) echo "run.sh: unknown target '$t'" >&2; exit 2 ;; esac
 done
+for t in $BENCH_RESTART_TARGETS; do
+    case $t in direct | sluice | haproxy | haproxy-noredispatch) ;; *) echo "run.sh: unknown restart target '$t' (direct, sluice, haproxy, haproxy-noredispatch)" >&2; exit 2 ;; esac
+done
+RUN_SURGE=0 RUN_RESTART=0
+for s in $BENCH_SCENARIOS; do
+    case $s in surge) RUN_SURGE=1 ;; restart) RUN_RESTART=1 ;; *) echo "run.sh: unknown scenario '$s' (surge, restart)" >&2; exit 2 ;; esac
+done
+((RUN_SURGE || RUN_RESTART)) || { echo "run.sh: BENCH_SCENARIOS is empty" >&2; exit 2; }
+if [[ -n $BENCH_RESTART_RATE ]] && ! [[ $BENCH_RESTART_RATE =~ ^[0-9]+$ && $BENCH_RESTART_RATE -ge 1 ]]; then
+    echo "run.sh: BENCH_RESTART_RATE must be a whole number >= 1, got '$BENCH_RESTART_RATE'" >&2; exit 2
+fi
+((RUN_SURGE)) || BENCH_TARGETS=""
+((RUN_RESTART)) || BENCH_RESTART_TARGETS=""
 ((CEILING_SECONDS > BENCH_SECONDS)) && CEILING_SECONDS=$BENCH_SECONDS
 
 log() { printf '[bench %s] %s\n' "$(date +%T)" "$*" >&2; }
@@ -141,11 +189,12 @@ proc_tree() { python3 "$BENCH_DIR/proc_tree.py" "$1"; }
 
 # ---------------------------------------------------------------- emulator and proxies
 
-# start_emu NAME: fresh emulator on a free port. Sets EMU_PID, EMU_ADDR.
+# start_emu NAME [EXTRA_ARGS...]: fresh emulator on a free port. Sets EMU_PID, EMU_ADDR.
 start_emu() {
     local name=$1 i
+    shift
     start_bg "$name" "$BIN/legacy-emu" --listen 127.0.0.1:0 --workers "$WORKERS" \
-        --service-time "$SERVICE_TIME" --lockup-above "$LOCKUP_ABOVE" --lockup-duration "$LOCKUP_DURATION"
+        --service-time "$SERVICE_TIME" --lockup-above "$LOCKUP_ABOVE" --lockup-duration "$LOCKUP_DURATION" "$@"
     EMU_PID=$BG_PID
     EMU_ADDR=
     for ((i = 0; i < 200; i++)); do
@@ -281,11 +330,12 @@ EOF
 
 # ---------------------------------------------------------------- measurements
 
-# run_terminals NAME ADDR OUT_JSON ARGS...: the load generator, bounded in time.
+# run_terminals NAME ADDR OUT_JSON ARGS...: the load generator, bounded in time (LOAD_LIMIT
+# seconds if set, else the surge's length + 90 s).
 run_terminals() {
     local name=$1 addr=$2 out=$3 pid
     shift 3
-    start_bg "$name" timeout -k 5 "$((BENCH_SECONDS + 90))" "$BIN/terminals" --target "$addr" --json "$@"
+    start_bg "$name" timeout -k 5 "${LOAD_LIMIT:-$((BENCH_SECONDS + 90))}" "$BIN/terminals" --target "$addr" --json "$@"
     pid=$BG_PID
     wait "$pid" || die "load generator $name failed (exit $?): $(tail -3 "$WORK/$name.err")"
     cp "$WORK/$name.out" "$out"
@@ -384,6 +434,203 @@ EOF2
     python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print("    %s; RSS %d -> %d KiB = %.1f KiB/conn" % (d["ready"], d["before"]["rss_kib"], d["after"]["rss_kib"], (d["after"]["rss_kib"]-d["before"]["rss_kib"])/d["n"]))' "$RES/$tag.json" >&2
 }
 
+# ---------------------------------------------------------------- restart scenario
+
+# start_restart_proxy KIND NAME BACKEND_ADDR: a proxy tuned for the restart scenario (fast health
+# checks, slow start on recovery), on free ports. Sets PROXY_PID, PROXY_ADDR, PROXY_STOP_SIG and
+# PROBE_WHERE (sluice's admin address or HAProxy's stats socket).
+start_restart_proxy() {
+    local kind=$1 name=$2 backend=$3 port aport dir
+    port=$(free_port)
+    dir=$WORK/$name
+    mkdir -p "$dir"
+    case $kind in
+    sluice)
+        aport=$(free_port)
+        while [[ $aport == "$port" ]]; do aport=$(free_port); done
+        cat >"$dir/sluice.toml" <<EOF
+[proxy]
+listen = "127.0.0.1:$port"
+
+[admission]
+max_inflight = $MAX_INFLIGHT
+max_queue = $MAX_QUEUE
+queue_timeout = "$QUEUE_TIMEOUT"
+
+[slow_start]
+duration = "$RS_SLOW_START"
+initial = $RS_SLOW_START_INITIAL
+
+[health]
+check = "http"
+interval = "$RS_HEALTH_INTERVAL"
+timeout = "$RS_HEALTH_TIMEOUT"
+rise = $RS_RISE
+fall = $RS_FALL
+passive_failures = 1
+
+[admin]
+listen = "127.0.0.1:$aport"
+
+[log]
+access = "off"
+
+[[backend]]
+name = "legacy"
+address = "$backend"
+
+[server]
+threads = $PROXY_THREADS
+pid_file = "$dir/sluice.pid"
+upgrade_sock = "$dir/sluice_upgrade.sock"
+EOF
+        local args=(--config "$dir/sluice.toml" --max-inflight "$MAX_INFLIGHT" --max-queue "$MAX_QUEUE"
+            --queue-timeout "$QUEUE_TIMEOUT" --threads "$PROXY_THREADS")
+        "$BIN/sluice" check "${args[@]}" >"$dir/check.txt" 2>&1 ||
+            { cat "$dir/check.txt" >&2; die "sluice check failed"; }
+        echo "sluice run --config sluice.toml ${args[*]:2}" >"$dir/command.txt"
+        start_bg "$name" "$BIN/sluice" run "${args[@]}"
+        PROXY_STOP_SIG=INT
+        PROBE_WHERE=127.0.0.1:$aport
+        ;;
+    haproxy | haproxy-noredispatch)
+        local redispatch="option redispatch"
+        [[ $kind == haproxy-noredispatch ]] && redispatch="# no option redispatch (HAProxy's default)"
+        # retries 3 is HAProxy's default; with the default "retry-on conn-failure" HAProxy only
+        # re-sends a request whose connection could not be established, i.e. one that never
+        # reached the server, so a POST is never sent twice. With a single server, redispatch
+        # can only pick the same server again, but it also lets requests queued on a server that
+        # goes down wait in the backend's queue instead of failing; a careful operator sets it.
+        cat >"$dir/haproxy.cfg" <<EOF
+global
+    maxconn $HAPROXY_MAXCONN
+    nbthread $PROXY_THREADS
+    stats socket $dir/haproxy.sock mode 600 level operator
+
+defaults
+    mode http
+    maxconn $HAPROXY_MAXCONN
+    option http-keep-alive
+    http-reuse always
+    $redispatch
+    retries 3
+    timeout connect 2s
+    timeout client 60s
+    timeout server 60s
+    timeout queue $QUEUE_TIMEOUT
+    timeout check $RS_HEALTH_TIMEOUT
+    timeout http-request 60s
+    timeout http-keep-alive 60s
+
+frontend terminals
+    bind 127.0.0.1:$port
+    default_backend legacy
+
+backend legacy
+    option httpchk GET /
+    server legacy $backend maxconn $MAX_INFLIGHT maxqueue $MAX_QUEUE check inter $RS_HEALTH_INTERVAL fall $RS_FALL rise $RS_RISE slowstart $RS_SLOW_START
+EOF
+        haproxy -c -q -f "$dir/haproxy.cfg" >"$WORK/$name.check" 2>&1 ||
+            { cat "$WORK/$name.check" >&2; die "haproxy config check failed"; }
+        start_bg "$name" haproxy -db -f "$dir/haproxy.cfg"
+        PROXY_STOP_SIG=TERM
+        PROBE_WHERE=$dir/haproxy.sock
+        ;;
+    esac
+    PROXY_PID=$BG_PID
+    PROXY_ADDR=127.0.0.1:$port
+    wait_port "$port" "$PROXY_PID" "$name"
+}
+
+# wait_warm EMU_ADDR KIND PROBE_WHERE: wait (bounded) until the emulator has all its workers
+# (its cold start also applies at the first start) and the proxy sees the backend up at its full
+# cap (sluice's slow start also runs at its own start).
+wait_warm() {
+    timeout $((RS_WARM_TIMEOUT + 5)) python3 - "$@" "$WORKERS" "$MAX_INFLIGHT" "$RS_WARM_TIMEOUT" "$BENCH_DIR" <<'EOF' ||
+import json, sys, time, urllib.request
+emu, kind, where, workers, cap, limit, bench_dir = sys.argv[1:8]
+sys.path.insert(0, bench_dir)
+import proxy_probe
+deadline = time.monotonic() + float(limit)
+last = None
+while time.monotonic() < deadline:
+    try:
+        with urllib.request.urlopen(f"http://{emu}/__emu/stats", timeout=2) as r:
+            e = json.load(r)
+        ok = e["workers_now"] == int(workers)
+        last = f"emulator workers_now {e['workers_now']}"
+        if ok and kind == "sluice":
+            s = proxy_probe.poll("sluice", where)
+            ok = s["state"] == "up" and s["limit"] == int(cap)
+            last += f", sluice {s}"
+        elif ok and kind == "haproxy":
+            r = proxy_probe.haproxy_rows(where).get("legacy", {})
+            ok = r.get("status") == "UP" and not r.get("throttle")
+            last += f", haproxy status {r.get('status')} throttle {r.get('throttle')!r}"
+        if ok:
+            sys.exit(0)
+    except Exception as ex:
+        last = f"{type(ex).__name__}: {ex}"
+    time.sleep(0.25)
+print(f"not warm after {limit}s: {last}", file=sys.stderr)
+sys.exit(1)
+EOF
+        die "restart scenario: backend/proxy not ready"
+}
+
+# run_restart KEY TARGET: KEY is r<n> (steady arrivals: terminal starts spread over one firing
+# interval) or b<n> (all terminals start at once: lock-step bursts).
+run_restart() {
+    local key=$1 target=$2 tag=restart-$1-$2 addr proxy_pid= probe_pid= ramp=() shape="all at once"
+    if [[ $key == r* ]]; then
+        ramp=(--ramp "${RS_RAMP_MS}ms")
+        shape="starts spread over ${RS_RAMP_MS} ms"
+    fi
+    log "restart $key: $target (${RS_TERMINALS} keep-alive terminals, $shape, ${RS_RATE} tx/s, ${RS_SECONDS}s; crash at ${RS_OUTAGE_AT} for ${RS_OUTAGE_FOR}, cold restart)"
+    start_emu "emu-$tag" --cold-start-fraction "$RS_COLD_FRACTION" --cold-start-duration "$RS_COLD_DURATION" \
+        --outage-at "$RS_OUTAGE_AT" --outage-for "$RS_OUTAGE_FOR" --clock sigusr1 \
+        --timeline "$RES/$tag.timeline.jsonl" --transactions-out "$RES/$tag.txns.txt"
+    if [[ $target == direct ]]; then
+        addr=$EMU_ADDR
+        wait_warm "$EMU_ADDR" direct -
+    else
+        start_restart_proxy "$target" "$tag" "$EMU_ADDR"
+        addr=$PROXY_ADDR
+        proxy_pid=$PROXY_PID
+        wait_warm "$EMU_ADDR" "${target%-noredispatch}" "$PROBE_WHERE"
+        start_bg "probe-$tag" python3 "$BENCH_DIR/proxy_probe.py" "${target%-noredispatch}" "$PROBE_WHERE" "$RES/$tag.probe.jsonl"
+        probe_pid=$BG_PID
+    fi
+    http "$EMU_ADDR" POST /__emu/reset >/dev/null
+    # Starts the emulator's clock (outage at +10 s, timeline) together with the load.
+    kill -USR1 "$EMU_PID"
+    LOAD_LIMIT=$((RS_SECONDS + 90)) run_terminals "load-$tag" "$addr" "$RES/$tag.terminals.json" \
+        --terminals "$RS_TERMINALS" --conn-mode keep-alive --http 1.1 --method post --rate "$RS_RATE" \
+        --duration "${RS_SECONDS}s" --timeout "$RS_CLIENT_TIMEOUT" --record-ids "${ramp[@]}"
+    http "$EMU_ADDR" GET /__emu/stats >"$RES/$tag.emu.json"
+    if [[ -n $proxy_pid ]]; then
+        python3 "$BENCH_DIR/proxy_probe.py" "${target%-noredispatch}" "$PROBE_WHERE" - --once >"$RES/$tag.proxy.json" ||
+            log "warning: could not read $target's counters"
+        stop_pid "$probe_pid" TERM 5
+        stop_pid "$proxy_pid" "$PROXY_STOP_SIG"
+        head -c 2000000 "$WORK/$tag.err" >"$RES/$tag.proxy.err" || true
+    fi
+    stop_pid "$EMU_PID" INT # writes the transaction ids and the timeline's last line
+    cp "$WORK/emu-$tag.err" "$RES/$tag.emu.err" || true
+    python3 - "$RES" "$tag" <<'EOF' >&2
+import json, os, sys
+res, tag = sys.argv[1:3]
+t = json.load(open(os.path.join(res, tag + ".terminals.json")))
+e = json.load(open(os.path.join(res, tag + ".emu.json")))
+failed = t["sent"] - t["ok"]
+ids = open(os.path.join(res, tag + ".txns.txt")).read().split()
+print(f"    sent {t['sent']} ok {t['ok']} failed {failed} ({100.0 * failed / max(t['sent'], 1):.2f} %) "
+      f"status {t['by_status']} errors c/io/t {t['errors_connect']}/{t['errors_io']}/{t['errors_timeout']} "
+      f"| backend max_inside {e['max_inside']} lockups {e['lockups']} "
+      f"| backend arrivals {len(ids)} distinct {len(set(ids))}")
+EOF
+}
+
 # ---------------------------------------------------------------- main
 
 START_TS=$(date +%s)
@@ -396,7 +643,7 @@ HAPROXY_MAXCONN=$(( $(ulimit -n) / 2 - 50 ))
 
 missing=()
 for p in haproxy nginx; do
-    case " $BENCH_TARGETS " in *" $p "*) command -v "$p" >/dev/null || missing+=("$p") ;; esac
+    case " $BENCH_TARGETS $BENCH_RESTART_TARGETS " in *" $p"*) command -v "$p" >/dev/null || missing+=("$p") ;; esac
 done
 if ((${#missing[@]})); then
     log "installing ${missing[*]} (Debian packages haproxy, nginx-light)"
@@ -438,7 +685,9 @@ fi
 
 LOAD_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
 targets=($BENCH_TARGETS)
-for ((run = 1; run <= BENCH_RUNS; run++)); do
+SURGE_RUNS=$BENCH_RUNS
+((RUN_SURGE)) || SURGE_RUNS=0
+for ((run = 1; run <= SURGE_RUNS; run++)); do
     run_ceiling "$run"
     order=("${targets[@]}")
     if ((run % 2 == 0)); then # alternate the order, so no target always runs first or last
@@ -453,6 +702,44 @@ for ((run = 1; run <= BENCH_RUNS; run++)); do
         done
     fi
 done
+
+SURGE_END_TS=$(date +%s)
+RS_RATE=0 RS_CEILING=0 RS_RATE_SOURCE= RS_RAMP_MS=0
+if ((RUN_RESTART)); then
+    # Offer 90 % of what the emulator really serves here (the calibration of this script run),
+    # not of the nominal 1,600/s: the emulator delivers a few percent less, and a load of
+    # 0.9 x 1,600 would leave almost no headroom to work off the backlog of the outage.
+    ((RUN_SURGE)) || run_ceiling 1
+    RS_CEILING=$(python3 -c 'import glob, json, sys
+v = [json.load(open(f))["goodput"] for f in sorted(glob.glob(sys.argv[1] + "/r*-ceiling.terminals.json"))]
+print(round(sum(v) / len(v)) if v else 0)' "$RES")
+    if [[ -n $BENCH_RESTART_RATE ]]; then
+        RS_RATE=$BENCH_RESTART_RATE RS_RATE_SOURCE=BENCH_RESTART_RATE
+    else
+        ((RS_CEILING > 0)) || die "no calibration result to derive the restart scenario's rate from"
+        RS_RATE=$(python3 -c "print(round($RS_LOAD_FRACTION * $RS_CEILING))") RS_RATE_SOURCE=ceiling
+    fi
+    # Terminal start times. All at once, the 600 terminals fire in lock-step: a burst of 600
+    # every 600/rate s, which queues ~570 of them at every burst, so what the crash finds (most
+    # terminals parked in the proxy's queue, or most of them idle and about to fire into a
+    # backend that is down) depends on the burst's phase at t = 10 s, i.e. on the exact rate.
+    # Spread over one firing interval (the main runs), arrivals are steady, as "90 % of
+    # capacity" means; the burst runs keep the all-at-once load for comparison.
+    RS_RAMP_MS=$(python3 -c "print(round(1000 * $RS_TERMINALS / $RS_RATE))")
+    log "restart scenario: offering $RS_RATE tx/s (measured ceiling $RS_CEILING ok/s, source: $RS_RATE_SOURCE)"
+    rtargets=($BENCH_RESTART_TARGETS)
+    keys=()
+    for ((run = 1; run <= BENCH_RESTART_RUNS; run++)); do keys+=("r$run"); done
+    for ((run = 1; run <= BENCH_RESTART_BURST_RUNS; run++)); do keys+=("b$run"); done
+    for ((k = 0; k < ${#keys[@]}; k++)); do
+        order=("${rtargets[@]}")
+        if ((k % 2 == 1)); then # alternate the order, so no target always runs first or last
+            order=()
+            for ((i = ${#rtargets[@]} - 1; i >= 0; i--)); do order+=("${rtargets[i]}"); done
+        fi
+        for t in "${order[@]}"; do run_restart "${keys[k]}" "$t"; done
+    done
+fi
 END_TS=$(date +%s)
 LOAD_AT_END=$(cut -d' ' -f1-3 /proc/loadavg)
 
@@ -477,8 +764,34 @@ p = {
     "load_at_end": "$LOAD_AT_END",
     "wall_seconds": $((END_TS - START_TS)),
     "bench_seconds": $BENCH_SECONDS,
-    "runs": $BENCH_RUNS,
+    "runs": $SURGE_RUNS,
     "targets": "$BENCH_TARGETS",
+    "scenarios": "$BENCH_SCENARIOS",
+    "surge_seconds_wall": $((SURGE_END_TS - START_TS)),
+    "restart_seconds_wall": $((END_TS - SURGE_END_TS)),
+    "restart": {
+        "runs": $((RUN_RESTART ? BENCH_RESTART_RUNS : 0)),
+        "burst_runs": $((RUN_RESTART ? BENCH_RESTART_BURST_RUNS : 0)),
+        "targets": "$BENCH_RESTART_TARGETS",
+        "terminals": $RS_TERMINALS,
+        "seconds": $RS_SECONDS,
+        "rate": $RS_RATE,
+        "rate_source": "$RS_RATE_SOURCE",
+        "ramp_ms": $RS_RAMP_MS,
+        "load_fraction": $RS_LOAD_FRACTION,
+        "ceiling": $RS_CEILING,
+        "client_timeout": "$RS_CLIENT_TIMEOUT",
+        "outage_at": "$RS_OUTAGE_AT",
+        "outage_for": "$RS_OUTAGE_FOR",
+        "cold_fraction": $RS_COLD_FRACTION,
+        "cold_duration": "$RS_COLD_DURATION",
+        "health_interval": "$RS_HEALTH_INTERVAL",
+        "health_timeout": "$RS_HEALTH_TIMEOUT",
+        "rise": $RS_RISE,
+        "fall": $RS_FALL,
+        "slow_start": "$RS_SLOW_START",
+        "slow_start_initial": $RS_SLOW_START_INITIAL,
+    },
     "terminals": $TERMINALS,
     "rate": $RATE,
     "client_timeout": "$CLIENT_TIMEOUT",
@@ -505,6 +818,18 @@ done
 for t in sluice sluice-noramp; do
     if [[ -f $WORK/r1-$t/command.txt ]]; then cp "$WORK/r1-$t/command.txt" "$RES/$t.command.txt"; fi
     if [[ -f $WORK/r1-$t/check.txt ]]; then cp "$WORK/r1-$t/check.txt" "$RES/$t.check.txt"; fi
+done
+# The restart scenario's, from its first run (r1, else b1).
+for d in "$WORK"/restart-r1-sluice "$WORK"/restart-b1-sluice; do
+    if [[ -f $d/sluice.toml ]]; then
+        cp "$d/sluice.toml" "$RES/restart-sluice.toml"
+        cp "$d/command.txt" "$RES/restart-sluice.command.txt"
+        cp "$d/check.txt" "$RES/restart-sluice.check.txt"
+        break
+    fi
+done
+for d in "$WORK"/restart-r1-haproxy "$WORK"/restart-b1-haproxy; do
+    if [[ -f $d/haproxy.cfg ]]; then cp "$d/haproxy.cfg" "$RES/restart-haproxy.cfg" && break; fi
 done
 python3 "$BENCH_DIR/report.py" "$RES" "$BENCH_OUT"
 log "done in $((END_TS - START_TS)) s; results in $BENCH_OUT"

@@ -5,15 +5,53 @@
 //! stats as one line of JSON on stdout. While running, `GET /__emu/stats`
 //! returns the stats and `POST /__emu/reset` resets them.
 //!
+//! **Outage** (`--outage-at`, `--outage-for`): at `outage-at` on the clock
+//! the server stops like a crashed IIS (listener closed, every connection
+//! dropped, requests inside lost), and `outage-for` later it listens again on
+//! the same address, applying the cold start if one is configured. The clock
+//! starts when the emulator starts, or with `--clock sigusr1` at the first
+//! SIGUSR1 (so a script can start it together with its load, after warm-up).
+//! Counters are kept across the outage (the library's `stop`/`restart` keep
+//! them): totals and maxima cover the time since start or the last
+//! `POST /__emu/reset`, across the restart. Note that a configured cold start
+//! also applies at the first start.
+//!
+//! `--timeline FILE` records the stats every `--timeline-interval` from the
+//! clock's start, plus the outage events, as JSON lines. `--transactions-out
+//! FILE` writes, at exit, every transaction id that got inside since the last
+//! reset, one per line in order of arrival, duplicates kept (the stats
+//! endpoint only has counts), and a summary of duplicates to stderr.
+//!
 //! The soft open-files limit is raised to the hard limit at start; raise the
 //! hard limit (`ulimit -n`) beforehand for very many connections.
 
-use std::io::Write;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use clap::Parser;
-use sluice_tests::emulator::{ColdStart, Emulator, EmulatorConfig};
+use clap::{Parser, ValueEnum};
+use serde_json::{json, Value};
+use sluice_tests::emulator::{ColdStart, Emulator, EmulatorConfig, EmulatorHandle};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::time::Instant;
+
+/// Attempts to listen again after an outage (the port is normally free at once).
+const RESTART_ATTEMPTS: u32 = 50;
+/// Pause between those attempts.
+const RESTART_BACKOFF: Duration = Duration::from_millis(100);
+
+/// What starts the clock of `--outage-at` and `--timeline`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Clock {
+    /// The emulator's start.
+    Start,
+    /// The first SIGUSR1 the process receives.
+    Sigusr1,
+}
 
 /// Emulates a fragile legacy HTTP server (fixed worker pool, lock-ups).
 #[derive(Debug, Parser)]
@@ -37,21 +75,199 @@ struct Args {
     /// Idle keep-alive timeout per connection.
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     keepalive_timeout: Duration,
-    /// Cold start: fraction of workers available at start (0.0-1.0).
+    /// Cold start: fraction of workers available at start and after an outage (0.0-1.0).
     #[arg(long, requires = "cold_start_duration")]
     cold_start_fraction: Option<f64>,
     /// Cold start: time to ramp up to all workers.
     #[arg(long, requires = "cold_start_fraction", value_parser = humantime::parse_duration)]
     cold_start_duration: Option<Duration>,
+    /// Crash at this time on the clock: close the listener and drop every connection.
+    #[arg(long, requires = "outage_for", value_parser = humantime::parse_duration)]
+    outage_at: Option<Duration>,
+    /// Stay down this long, then listen again on the same address (cold, if configured).
+    #[arg(long, requires = "outage_at", value_parser = humantime::parse_duration)]
+    outage_for: Option<Duration>,
+    /// What starts the clock of --outage-at and --timeline: the emulator's start, or the
+    /// first SIGUSR1.
+    #[arg(long, value_enum, default_value = "start")]
+    clock: Clock,
+    /// Write the stats every --timeline-interval, and the outage events, to this file as
+    /// JSON lines (`t_ms` on the clock).
+    #[arg(long)]
+    timeline: Option<PathBuf>,
+    /// Sampling interval of --timeline.
+    #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
+    timeline_interval: Duration,
+    /// At exit, write every transaction id that got inside since the last reset to this
+    /// file, one per line, in order of arrival, duplicates kept.
+    #[arg(long)]
+    transactions_out: Option<PathBuf>,
 }
 
 /// Waits for SIGINT or SIGTERM.
 async fn shutdown_signal() -> std::io::Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut term = signal(SignalKind::terminate())?;
     tokio::select! {
         r = tokio::signal::ctrl_c() => r,
         _ = term.recv() => Ok(()),
     }
+}
+
+/// The `--timeline` file: JSON lines, shared by the sampler and the outage.
+#[derive(Clone)]
+struct Timeline(Option<Arc<Mutex<BufWriter<File>>>>);
+
+impl Timeline {
+    fn open(path: Option<&Path>) -> std::io::Result<Timeline> {
+        Ok(Timeline(match path {
+            Some(p) => Some(Arc::new(Mutex::new(BufWriter::new(File::create(p)?)))),
+            None => None,
+        }))
+    }
+
+    /// Appends one line (best effort: a full disk must not stop the emulator).
+    fn record(&self, line: &Value) {
+        if let Some(w) = &self.0 {
+            let mut w = w.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = writeln!(w, "{line}");
+            let _ = w.flush();
+        }
+    }
+}
+
+/// Milliseconds since `t0`, rounded to 0.1 ms.
+fn ms_since(t0: Instant) -> f64 {
+    (t0.elapsed().as_secs_f64() * 10_000.0).round() / 10.0
+}
+
+/// One timeline sample: the stats plus whether the server is listening.
+fn sample(emu: &EmulatorHandle, t0: Instant) -> Value {
+    let mut v = serde_json::to_value(emu.stats()).unwrap_or_else(|_| json!({}));
+    if let Value::Object(m) = &mut v {
+        m.insert("t_ms".into(), json!(ms_since(t0)));
+        m.insert("running".into(), json!(emu.is_running()));
+    }
+    v
+}
+
+/// Logs an event to stderr and the timeline.
+fn event(timeline: &Timeline, t0: Instant, name: &str, mut detail: Value, text: &str) {
+    let t = ms_since(t0);
+    eprintln!("legacy-emu: +{:.3}s {text}", t / 1000.0);
+    if let Value::Object(m) = &mut detail {
+        m.insert("t_ms".into(), json!(t));
+        m.insert("event".into(), json!(name));
+    }
+    timeline.record(&detail);
+}
+
+/// Waits for the clock to start, then samples the timeline and runs the outage.
+async fn schedule(
+    emu: EmulatorHandle,
+    usr1: Option<Signal>,
+    outage: Option<(Duration, Duration)>,
+    timeline: Timeline,
+    interval: Duration,
+) {
+    // Registered before the address was announced (see main), so no early signal is lost.
+    if let Some(mut usr1) = usr1 {
+        usr1.recv().await;
+    }
+    let t0 = Instant::now();
+    let epoch_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .unwrap_or(0.0);
+    event(
+        &timeline,
+        t0,
+        "clock",
+        json!({ "epoch_ms": epoch_ms }),
+        "clock started",
+    );
+    if timeline.0.is_some() && !interval.is_zero() {
+        let (emu, timeline) = (emu.clone(), timeline.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval_at(t0, interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // Runs until the process exits.
+            loop {
+                tick.tick().await;
+                timeline.record(&sample(&emu, t0));
+            }
+        });
+    }
+    let Some((at, down_for)) = outage else {
+        return;
+    };
+    tokio::time::sleep_until(t0 + at).await;
+    let before = emu.stats();
+    emu.stop().await;
+    event(
+        &timeline,
+        t0,
+        "down",
+        json!({ "inside_before": before.inside_now, "open_connections_before": before.open_connections }),
+        &format!(
+            "outage: listener closed, {} connections dropped with {} requests inside",
+            before.open_connections, before.inside_now
+        ),
+    );
+    tokio::time::sleep_until(t0 + at + down_for).await;
+    for attempt in 1..=RESTART_ATTEMPTS {
+        match emu.restart().await {
+            Ok(()) => {
+                let cold = emu.config().cold_start.map_or_else(
+                    || "at full capacity".to_string(),
+                    |c| {
+                        format!(
+                            "cold: {} of {} workers, ramping to all over {:?}",
+                            emu.stats().workers_now,
+                            emu.config().workers,
+                            c.duration
+                        )
+                    },
+                );
+                event(
+                    &timeline,
+                    t0,
+                    "up",
+                    json!({ "workers_now": emu.stats().workers_now, "attempt": attempt }),
+                    &format!("outage over: listening again on {}, {cold}", emu.addr()),
+                );
+                return;
+            }
+            Err(e) if attempt < RESTART_ATTEMPTS => {
+                eprintln!("legacy-emu: restart attempt {attempt} failed: {e}; retrying");
+                tokio::time::sleep(RESTART_BACKOFF).await;
+            }
+            Err(e) => event(
+                &timeline,
+                t0,
+                "restart_failed",
+                json!({ "error": e.to_string() }),
+                &format!("outage: could not listen again: {e}; staying down"),
+            ),
+        }
+    }
+}
+
+/// Writes the transaction ids and prints a summary of duplicates to stderr.
+fn write_transactions(path: &Path, ids: &[String]) -> std::io::Result<()> {
+    let mut w = BufWriter::new(File::create(path)?);
+    let mut seen: HashMap<&str, u32> = HashMap::with_capacity(ids.len());
+    for id in ids {
+        writeln!(w, "{id}")?;
+        *seen.entry(id.as_str()).or_insert(0) += 1;
+    }
+    w.flush()?;
+    let dup_ids = seen.values().filter(|&&n| n > 1).count();
+    eprintln!(
+        "legacy-emu: transactions: {} arrivals, {} distinct ids, {dup_ids} ids arrived more than once",
+        ids.len(),
+        seen.len()
+    );
+    Ok(())
 }
 
 #[tokio::main]
@@ -75,16 +291,51 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         keepalive_timeout: args.keepalive_timeout,
         cold_start,
     };
+    let timeline = Timeline::open(args.timeline.as_deref())?;
     let emu = Emulator::start_on(cfg, args.listen).await?;
+    let outage = args.outage_at.zip(args.outage_for);
+    let needs_schedule = outage.is_some() || args.timeline.is_some();
+    // With --clock sigusr1, register the handler before announcing the address: a script
+    // that signals right after reading it must not kill the process (SIGUSR1's default).
+    let usr1 = if args.clock == Clock::Sigusr1 {
+        Some(signal(SignalKind::user_defined1())?)
+    } else {
+        None
+    };
+    let scheduler = needs_schedule.then(|| {
+        tokio::spawn(schedule(
+            emu.handle(),
+            usr1,
+            outage,
+            timeline.clone(),
+            args.timeline_interval,
+        ))
+    });
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "listening on {}", emu.addr())?;
         out.flush()?;
     }
     shutdown_signal().await?;
+    if let Some(task) = scheduler {
+        task.abort();
+    }
     emu.stop().await;
+    let stats = emu.stats();
+    if timeline.0.is_some() {
+        let mut last = serde_json::to_value(&stats).unwrap_or_else(|_| json!({}));
+        if let Value::Object(m) = &mut last {
+            m.insert("event".into(), json!("exit"));
+        }
+        timeline.record(&last);
+    }
+    if let Some(path) = &args.transactions_out {
+        if let Err(e) = write_transactions(path, &emu.transactions()) {
+            eprintln!("legacy-emu: could not write {}: {e}", path.display());
+        }
+    }
     let mut out = std::io::stdout().lock();
-    writeln!(out, "{}", serde_json::to_string(&emu.stats())?)?;
+    writeln!(out, "{}", serde_json::to_string(&stats)?)?;
     out.flush()?;
     Ok(())
 }
