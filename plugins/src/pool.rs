@@ -288,6 +288,19 @@ impl<W> AdmissionPool<W> {
     /// A request is admitted at once only if nobody is queued (FIFO: no overtaking) and some
     /// backend that is up has a free slot; it goes to the backend with the most free slots.
     pub fn acquire(&mut self, now: Instant, deadline: Instant, waiter: W) -> Acquire {
+        self.acquire_at(now, deadline, waiter, false)
+    }
+
+    /// Queue a request again *ahead of* every normal waiter, keeping its deadline: for a
+    /// request whose admission was undone before anything reached the backend (a refused
+    /// connection). Never rejected for a full queue, since it already held its place.
+    pub fn requeue(&mut self, now: Instant, deadline: Instant, waiter: W) -> Acquire {
+        self.acquire_at(now, deadline, waiter, true)
+    }
+
+    /// Admit at once if nobody waits and a backend can take it; else queue at the back (or,
+    /// with `front`, ahead of every normal waiter and regardless of `max_queue`).
+    fn acquire_at(&mut self, now: Instant, deadline: Instant, waiter: W, front: bool) -> Acquire {
         self.tick(now);
         if self.queue.is_empty() {
             if let Some(backend) = self.pick(now) {
@@ -295,35 +308,18 @@ impl<W> AdmissionPool<W> {
                 return Acquire::Admitted(backend);
             }
         }
-        if self.queue.len() >= self.max_queue {
-            return Acquire::Rejected(QueueFull);
-        }
-        let ticket = Ticket(self.next_ticket);
-        self.next_ticket += 1;
-        self.queue.insert(
-            ticket,
-            Waiter {
-                deadline,
-                value: waiter,
-            },
-        );
-        Acquire::Queued(ticket)
-    }
-
-    /// Queue a request again *ahead of* every normal waiter, keeping its deadline: for a
-    /// request whose admission was undone before anything reached the backend (a refused
-    /// connection). Never rejected for a full queue, since it already held its place.
-    pub fn requeue(&mut self, now: Instant, deadline: Instant, waiter: W) -> Acquire {
-        self.tick(now);
-        let front_is_free = self.queue.keys().next().is_none_or(|t| t.0 >= TICKET_BASE);
-        if front_is_free && self.queue.is_empty() {
-            if let Some(backend) = self.pick(now) {
-                self.admit(backend, now);
-                return Acquire::Admitted(backend);
+        let ticket = if front {
+            let t = Ticket(self.next_front_ticket);
+            self.next_front_ticket = self.next_front_ticket.saturating_sub(1);
+            t
+        } else {
+            if self.queue.len() >= self.max_queue {
+                return Acquire::Rejected(QueueFull);
             }
-        }
-        let ticket = Ticket(self.next_front_ticket);
-        self.next_front_ticket = self.next_front_ticket.saturating_sub(1);
+            let t = Ticket(self.next_ticket);
+            self.next_ticket += 1;
+            t
+        };
         self.queue.insert(
             ticket,
             Waiter {
