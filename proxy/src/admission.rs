@@ -284,8 +284,17 @@ impl Admission {
 
     /// Change a backend's concurrency limit at runtime.
     pub fn set_limit(&self, backend: BackendId, limit: u32) {
+        self.change(|pool, now| pool.set_limit(backend, limit, now));
+    }
+
+    /// Apply a pool change that may free capacity: hand the grants it made to their waiters,
+    /// and wake the timer, whose next wake-up may have moved.
+    fn change(
+        &self,
+        op: impl FnOnce(&mut Pool, std::time::Instant) -> Vec<Grant<oneshot::Sender<BackendId>>>,
+    ) {
         let mut pool = self.pool();
-        let grants = pool.set_limit(backend, limit, Instant::now().into_std());
+        let grants = op(&mut pool, Instant::now().into_std());
         hand_over(&mut pool, grants);
         drop(pool);
         self.timer.notify_one();
@@ -293,11 +302,7 @@ impl Admission {
 
     /// Hold back `reserved` slots of a backend for another process (upgrade hand-over).
     pub fn set_reserved(&self, backend: BackendId, reserved: u32) {
-        let mut pool = self.pool();
-        let grants = pool.set_reserved(backend, reserved, Instant::now().into_std());
-        hand_over(&mut pool, grants);
-        drop(pool);
-        self.timer.notify_one();
+        self.change(|pool, now| pool.set_reserved(backend, reserved, now));
     }
 
     /// Lower a backend's capacity to its in-flight work plus `extra` (never up); returns the
@@ -309,11 +314,7 @@ impl Admission {
 
     /// Replace a backend's policy (hot reload).
     pub fn set_policy(&self, backend: BackendId, policy: BackendPolicy) {
-        let mut pool = self.pool();
-        let grants = pool.set_policy(backend, policy, Instant::now().into_std());
-        hand_over(&mut pool, grants);
-        drop(pool);
-        self.timer.notify_one();
+        self.change(|pool, now| pool.set_policy(backend, policy, now));
     }
 
     /// Add a backend (hot reload); it starts up, ramping with its slow start.
@@ -408,39 +409,33 @@ impl Admission {
         } else {
             BackendState::Down
         };
-        let mut pool = self.pool();
-        let before = pool.state(backend);
-        if before == Some(state) {
+        if self.pool().state(backend) == Some(state) {
             return;
         }
         if state == BackendState::Up {
             b.generation += 1;
         }
-        let grants = pool.set_state(backend, state, Instant::now().into_std());
-        hand_over(&mut pool, grants);
-        drop(pool);
-        self.timer.notify_one();
+        self.change(|pool, now| pool.set_state(backend, state, now));
     }
 
     /// Operator: stop sending new requests to `name`; in-flight ones finish.
     pub fn drain(&self, name: &str) -> Result<(), CommandError> {
-        let id = self.backend_id(name)?;
-        let mut backends = self.backends();
-        let b = &mut backends[id.0];
-        b.drained = true;
-        self.apply_state(id, b);
-        log::warn!("backend {name}: draining (operator)");
-        Ok(())
+        self.set_drained(name, true)
     }
 
     /// Operator: take `name` back into service; it ramps up with slow start.
     pub fn ready(&self, name: &str) -> Result<(), CommandError> {
+        self.set_drained(name, false)
+    }
+
+    fn set_drained(&self, name: &str, drained: bool) -> Result<(), CommandError> {
         let id = self.backend_id(name)?;
         let mut backends = self.backends();
         let b = &mut backends[id.0];
-        b.drained = false;
+        b.drained = drained;
         self.apply_state(id, b);
-        log::warn!("backend {name}: ready (operator)");
+        let what = if drained { "draining" } else { "ready" };
+        log::warn!("backend {name}: {what} (operator)");
         Ok(())
     }
 
