@@ -166,13 +166,12 @@ pub fn hand_over(shared: Arc<Shared>, path: PathBuf) {
             };
             let admission = &shared.admission;
             let names = admission.backend_names();
-            let backends = names.len();
             loop {
                 let snap = admission.snapshot();
                 let accepting = started.elapsed() < OLD_ACCEPTING;
                 let mut line = String::new();
                 let mut total = 0;
-                for (i, name) in names.iter().enumerate().take(backends) {
+                for (i, name) in names.iter().enumerate() {
                     let Some(b) = snap.backends.get(i) else { continue };
                     let headroom = if accepting { b.limit / 2 } else { 0 };
                     let extra = (snap.queued as u64 + u64::from(headroom))

@@ -172,7 +172,15 @@ fn raw_has_header(raw: &[u8], name: &[u8]) -> bool {
 }
 
 /// Check a request's framing and size before it may wait for, or reach, a backend.
-pub fn validate(req: &RequestHeader, settings: &Settings) -> std::result::Result<(), Invalid> {
+///
+/// `raw` is the header block as the client sent it: pingora drops Content-Length when
+/// Transfer-Encoding is also present (RFC 9112 lets a server do that), while a payment proxy
+/// refuses such a request, so the raw header is consulted when Transfer-Encoding is present.
+pub fn validate(
+    req: &RequestHeader,
+    raw: Option<&[u8]>,
+    settings: &Settings,
+) -> std::result::Result<(), Invalid> {
     let header_bytes: usize = req.uri.to_string().len()
         + req
             .headers
@@ -195,7 +203,7 @@ pub fn validate(req: &RequestHeader, settings: &Settings) -> std::result::Result
         .map(|v| v.as_bytes())
         .collect();
     if !te.is_empty() {
-        if !cl.is_empty() {
+        if !cl.is_empty() || raw.is_some_and(|r| raw_has_header(r, b"content-length")) {
             return Err(Invalid::Framing(
                 "both Content-Length and Transfer-Encoding: ambiguous framing",
             ));
@@ -376,28 +384,11 @@ impl ProxyHttp for Sluice {
                 .await;
         }
         let settings = self.shared.settings();
-        // pingora drops Content-Length when Transfer-Encoding is also present (RFC 9112 lets a
-        // server do that); a payment proxy refuses such a request instead, so look at the raw
-        // header as the client sent it.
-        let raw_has_cl = session
+        let raw = session
             .as_downstream()
             .as_http1()
-            .map(|h1| raw_has_header(&h1.get_headers_raw_bytes(), b"content-length"))
-            .unwrap_or(false);
-        let checked = match validate(session.req_header(), &settings) {
-            Ok(())
-                if raw_has_cl
-                    && session
-                        .req_header()
-                        .headers
-                        .contains_key(http::header::TRANSFER_ENCODING) =>
-            {
-                Err(Invalid::Framing(
-                    "both Content-Length and Transfer-Encoding: ambiguous framing",
-                ))
-            }
-            other => other,
-        };
+            .map(|h1| h1.get_headers_raw_bytes());
+        let checked = validate(session.req_header(), raw.as_deref(), &settings);
         if let Err(invalid) = checked {
             ctx.invalid = Some(invalid);
             // The rest of this connection cannot be trusted to be framed as the client meant.
@@ -808,39 +799,62 @@ mod tests {
         r
     }
 
+    fn validate_parsed(req: &RequestHeader, s: &Settings) -> std::result::Result<(), Invalid> {
+        validate(req, None, s)
+    }
+
     #[test]
     fn framing_and_size_rules() {
         let s = settings();
-        assert_eq!(validate(&req(&[("content-length", "10")]), &s), Ok(()));
-        assert_eq!(validate(&req(&[("content-length", "10, 10")]), &s), Ok(()));
         assert_eq!(
-            validate(&req(&[("transfer-encoding", "chunked")]), &s),
+            validate_parsed(&req(&[("content-length", "10")]), &s),
+            Ok(())
+        );
+        assert_eq!(
+            validate_parsed(&req(&[("content-length", "10, 10")]), &s),
+            Ok(())
+        );
+        assert_eq!(
+            validate_parsed(&req(&[("transfer-encoding", "chunked")]), &s),
             Ok(())
         );
         assert!(matches!(
-            validate(
+            validate_parsed(
                 &req(&[("content-length", "10"), ("content-length", "11")]),
                 &s
             ),
             Err(Invalid::Framing(_))
         ));
         assert!(matches!(
-            validate(&req(&[("transfer-encoding", "gzip, chunked")]), &s),
+            validate_parsed(&req(&[("transfer-encoding", "gzip, chunked")]), &s),
             Err(Invalid::Framing(_))
         ));
         assert!(matches!(
-            validate(&req(&[("content-length", "+5")]), &s),
+            validate_parsed(&req(&[("content-length", "+5")]), &s),
             Err(Invalid::Framing(_))
         ));
         assert_eq!(
-            validate(&req(&[("content-length", "101")]), &s),
+            validate_parsed(&req(&[("content-length", "101")]), &s),
             Err(Invalid::BodyTooLarge)
         );
         let pad = "a".repeat(3000);
         assert_eq!(
-            validate(&req(&[("x-pad", &pad)]), &s),
+            validate_parsed(&req(&[("x-pad", &pad)]), &s),
             Err(Invalid::HeaderTooLarge)
         );
+    }
+
+    #[test]
+    fn content_length_hidden_by_the_parser_is_still_refused() {
+        let s = settings();
+        let te = req(&[("transfer-encoding", "chunked")]);
+        let raw = b"POST /pay HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert!(matches!(
+            validate(&te, Some(raw), &s),
+            Err(Invalid::Framing(_))
+        ));
+        let raw = b"POST /pay HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(validate(&te, Some(raw), &s), Ok(()));
     }
 
     #[test]
