@@ -93,14 +93,26 @@ pub fn raise_fd_limit() {
     sluice_tests::raise_fd_limit();
 }
 
-/// Send `cap` slow requests at once through `addr` and assert that all of them were at the
-/// backend together: no slot of the cap has leaked.
+/// After clients went away: wait (bounded by `within`) until sluice has released every slot
+/// and the backend is idle, then send `cap` slow requests at once through `addr` and assert
+/// that all of them were at the backend together: no slot of the cap has leaked.
 pub async fn assert_full_capacity(
     addr: SocketAddr,
+    admission: &sluice::Admission,
     emu: &sluice_tests::emulator::EmulatorHandle,
     cap: u32,
+    within: Duration,
 ) {
     use sluice_tests::client::{Conn, Request};
+    eventually("every slot released", within, || {
+        let s = admission.snapshot();
+        s.queued == 0 && s.backends[0].inflight == 0
+    })
+    .await;
+    eventually("the backend is idle", Duration::from_secs(10), || {
+        emu.inside_now() == 0
+    })
+    .await;
     emu.reset_stats();
     let slow: Vec<_> = (0..cap)
         .map(|i| {
