@@ -65,6 +65,8 @@ pub struct RequestCtx {
     invalid: Option<Invalid>,
     /// Request body bytes seen so far.
     body_bytes: usize,
+    /// The settings in force when the request arrived; one consistent snapshot per request.
+    settings: Option<Arc<Settings>>,
 }
 
 /// A backend as the service sees it.
@@ -288,18 +290,23 @@ impl Sluice {
         }
     }
 
+    /// The request's settings snapshot, taken on first use (one lock per request, and a reload
+    /// never changes a request half-way).
+    fn settings(&self, ctx: &mut RequestCtx) -> Arc<Settings> {
+        ctx.settings
+            .get_or_insert_with(|| self.shared.settings())
+            .clone()
+    }
+
     /// Write a 503 with `Retry-After` and keep the client connection open.
-    async fn reject(&self, session: &mut Session, shed: Shed) -> Result<()> {
+    async fn reject(&self, session: &mut Session, shed: Shed, retry_after_secs: u64) -> Result<()> {
         let body = Bytes::from(match shed {
             Shed::QueueFull => "503 service busy: queue full, retry later\n",
             Shed::QueueTimeout => "503 service busy: waited too long in the queue, retry later\n",
             Shed::BackendDown => "503 service unavailable: the backend is down, retry later\n",
         });
         let mut h = ResponseHeader::build(503, Some(4))?;
-        h.insert_header(
-            "Retry-After",
-            self.shared.settings().retry_after_secs.to_string(),
-        )?;
+        h.insert_header("Retry-After", retry_after_secs.to_string())?;
         h.insert_header("Content-Type", "text/plain")?;
         h.insert_header("Content-Length", body.len().to_string())?;
         h.insert_header("Cache-Control", "no-store")?;
@@ -325,7 +332,7 @@ impl Sluice {
             .get(PROBE_BACKEND_HEADER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<usize>().ok())
-            .filter(|&i| i < self.shared.settings().upstreams.len());
+            .filter(|&i| i < self.settings(ctx).upstreams.len());
         let (true, Some(backend)) = (authentic, backend) else {
             // Not our checker: refuse rather than let a client pick a backend.
             return Err(Error::explain(
@@ -383,7 +390,7 @@ impl ProxyHttp for Sluice {
                 )
                 .await;
         }
-        let settings = self.shared.settings();
+        let settings = self.settings(ctx);
         let raw = session
             .as_downstream()
             .as_http1()
@@ -440,12 +447,13 @@ impl ProxyHttp for Sluice {
                 // From here on the backend may be working on this request: keep its slot until
                 // the backend answers, even if the client leaves.
                 downstream.set_abort_on_close(false);
-                downstream.set_write_timeout(Some(self.shared.settings().client_write_timeout));
+                downstream.set_write_timeout(Some(settings.client_write_timeout));
                 Ok(false)
             }
             Err(shed) => {
                 ctx.shed = Some(shed);
-                self.reject(session, shed).await?;
+                self.reject(session, shed, settings.retry_after_secs)
+                    .await?;
                 Ok(true)
             }
         }
@@ -481,7 +489,10 @@ impl ProxyHttp for Sluice {
                 "upstream_peer reached without an admission permit",
             )
         })?;
-        let settings = self.shared.settings();
+        // Refresh the snapshot now that the request is admitted: a reload while it waited may
+        // have added the backend it was admitted to.
+        ctx.settings = Some(self.shared.settings());
+        let settings = self.settings(ctx);
         let up = settings.upstreams.get(backend.0).ok_or_else(|| {
             Error::explain(ErrorType::InternalError, "permit for an unknown backend")
         })?;
@@ -497,7 +508,7 @@ impl ProxyHttp for Sluice {
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let settings = self.shared.settings();
+        let settings = self.settings(ctx);
         let host = ctx
             .permit
             .as_ref()
@@ -548,7 +559,7 @@ impl ProxyHttp for Sluice {
     ) -> Result<()> {
         if let Some(b) = body {
             ctx.body_bytes += b.len();
-            if ctx.body_bytes > self.shared.settings().max_body_bytes {
+            if ctx.body_bytes > self.settings(ctx).max_body_bytes {
                 ctx.invalid = Some(Invalid::BodyTooLarge);
                 return Err(Error::explain(
                     ErrorType::HTTPStatus(413),
@@ -623,7 +634,7 @@ impl ProxyHttp for Sluice {
         &self,
         session: &mut Session,
         e: &Error,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> FailToProxy {
         let code = match e.etype() {
             ErrorType::HTTPStatus(code) => *code,
@@ -645,7 +656,7 @@ impl ProxyHttp for Sluice {
         };
         // Nothing can be sent once the response has started, or to a client that is gone.
         if code > 0 && session.response_written().is_none() {
-            let retry_after = self.shared.settings().retry_after_secs;
+            let retry_after = self.settings(ctx).retry_after_secs;
             if let Err(err) = write_error(session, code, retry_after).await {
                 log::debug!("could not send {code} to the client: {err}");
             }
@@ -666,7 +677,7 @@ impl ProxyHttp for Sluice {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         if let Some(b) = ctx.backend {
-            if let Some(up) = self.shared.settings().upstreams.get(b.0) {
+            if let Some(up) = self.settings(ctx).upstreams.get(b.0) {
                 self.shared.metrics.upstream_connection(&up.name, reused);
             }
         }
@@ -703,7 +714,7 @@ impl ProxyHttp for Sluice {
             (None, None) if status >= 500 => Outcome::BackendError,
             (None, None) => Outcome::Ok,
         };
-        let settings = self.shared.settings();
+        let settings = self.settings(ctx);
         let backend = ctx
             .backend
             .and_then(|b| settings.upstreams.get(b.0))
