@@ -50,6 +50,23 @@ pub mod defaults {
     pub const MAX_HEADER_BYTES: usize = 16 * 1024;
     /// Largest request body accepted, bytes; larger gets 413.
     pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+    /// Open client connections, all clients together. Above it a new connection gets a 503
+    /// and is closed. Thousands of terminals fit; a flood cannot exhaust file descriptors.
+    pub const MAX_CONNECTIONS: usize = 10_000;
+    /// Open client connections per client IP; 0 = no per-IP cap (the default: many terminals
+    /// share one store NAT address).
+    pub const MAX_CONNECTIONS_PER_IP: usize = 0;
+    /// Time a client has to send a whole request header, from its first byte (from the
+    /// connection's accept for its first request). pingora alone only times each read.
+    pub const CLIENT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Time a client has to send a request body of up to [`BODY_BUFFER_BYTES`], received whole
+    /// before the request may take a backend slot.
+    pub const CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+    /// Longest a request may take, from its complete header to its delivered response.
+    pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+    /// Request bodies up to this size (pingora's retry buffer) are received whole before
+    /// admission, so a slow sender never holds a backend slot. Larger ones stream after it.
+    pub const BODY_BUFFER_BYTES: usize = 64 * 1024;
     /// Read buffer per client connection (bytes). 0: reads go straight from the socket into
     /// pingora's request buffers. pingora's default is 64 KiB; POS requests are small, and
     /// thousands of idle terminals would each hold one buffer (measured: 8 KiB of a 32 KiB idle
@@ -207,6 +224,19 @@ pub mod file {
         pub max_header_bytes: Option<i64>,
         /// `max_body_bytes = 1048576`
         pub max_body_bytes: Option<i64>,
+        /// `max_connections = 10000`
+        pub max_connections: Option<i64>,
+        /// `max_connections_per_ip = 0`
+        pub max_connections_per_ip: Option<i64>,
+        /// `client_header_timeout = "10s"`
+        #[serde(default, with = "opt_duration")]
+        pub client_header_timeout: Option<Duration>,
+        /// `client_body_timeout = "30s"`
+        #[serde(default, with = "opt_duration")]
+        pub client_body_timeout: Option<Duration>,
+        /// `request_timeout = "300s"`
+        #[serde(default, with = "opt_duration")]
+        pub request_timeout: Option<Duration>,
     }
 
     /// `[admission]`
@@ -399,6 +429,16 @@ pub struct Config {
     pub max_header_bytes: usize,
     /// Largest request body, bytes (413 above).
     pub max_body_bytes: usize,
+    /// Open client connections, all clients together.
+    pub max_connections: usize,
+    /// Open client connections per client IP; 0 = no per-IP cap.
+    pub max_connections_per_ip: usize,
+    /// Time to send a whole request header.
+    pub client_header_timeout: Duration,
+    /// Time to send a buffered request body.
+    pub client_body_timeout: Duration,
+    /// Longest a request may take, complete header to delivered response.
+    pub request_timeout: Duration,
     /// Queue bound, across all backends.
     pub max_queue: usize,
     /// Longest wait in the queue.
@@ -644,6 +684,46 @@ impl Config {
             1 << 40,
         )?;
 
+        let connections = |key: &str, v: Option<i64>, default: usize, min: i64, what: &str| match v
+        {
+            None => Ok(default),
+            Some(n) if (min..=1_000_000).contains(&n) => Ok(n as usize),
+            Some(n) => Err(ConfigError::new(
+                key,
+                n,
+                format!("must be between {min}{what} and 1000000 (default {default})"),
+            )),
+        };
+        let max_connections = connections(
+            "proxy.max_connections",
+            f.proxy.max_connections,
+            defaults::MAX_CONNECTIONS,
+            1,
+            "",
+        )?;
+        let max_connections_per_ip = connections(
+            "proxy.max_connections_per_ip",
+            f.proxy.max_connections_per_ip,
+            defaults::MAX_CONNECTIONS_PER_IP,
+            0,
+            " (no per-IP cap)",
+        )?;
+        let client_header_timeout = positive(
+            "proxy.client_header_timeout",
+            f.proxy.client_header_timeout,
+            defaults::CLIENT_HEADER_TIMEOUT,
+        )?;
+        let client_body_timeout = positive(
+            "proxy.client_body_timeout",
+            f.proxy.client_body_timeout,
+            defaults::CLIENT_BODY_TIMEOUT,
+        )?;
+        let request_timeout = positive(
+            "proxy.request_timeout",
+            f.proxy.request_timeout,
+            defaults::REQUEST_TIMEOUT,
+        )?;
+
         let default_inflight = match f.admission.max_inflight {
             Some(n) => Some(limit("admission.max_inflight", n)?),
             None => None,
@@ -665,6 +745,17 @@ impl Config {
             defaults::QUEUE_TIMEOUT,
         )?;
         let retry_after = f.admission.retry_after.unwrap_or(defaults::RETRY_AFTER);
+        if request_timeout <= queue_timeout {
+            return Err(ConfigError::new(
+                "proxy.request_timeout",
+                format!("\"{}\"", humantime::format_duration(request_timeout)),
+                format!(
+                    "must be longer than admission.queue_timeout ({}): the request deadline \
+                     counts the time in the queue, and a queued request must get its 503",
+                    humantime::format_duration(queue_timeout)
+                ),
+            ));
+        }
 
         let upstream = Upstream {
             connect_timeout: positive(
@@ -860,6 +951,11 @@ impl Config {
             client_keepalive_timeout,
             max_header_bytes,
             max_body_bytes,
+            max_connections,
+            max_connections_per_ip,
+            client_header_timeout,
+            client_body_timeout,
+            request_timeout,
             max_queue,
             queue_timeout,
             retry_after,
@@ -1189,5 +1285,41 @@ mod tests {
         let e = c.preflight_bind().expect_err("must be rejected");
         assert_eq!(e.key, "proxy.listen");
         assert!(e.fix.contains("already in use"), "{e}");
+    }
+
+    #[test]
+    fn client_protections_have_defaults_and_checked_bounds() {
+        let c = parse(MINIMAL).expect("valid");
+        assert_eq!(c.max_connections, defaults::MAX_CONNECTIONS);
+        assert_eq!(c.max_connections_per_ip, 0, "no per-IP cap unless asked");
+        assert_eq!(c.client_header_timeout, defaults::CLIENT_HEADER_TIMEOUT);
+        assert_eq!(c.client_body_timeout, defaults::CLIENT_BODY_TIMEOUT);
+        assert_eq!(c.request_timeout, defaults::REQUEST_TIMEOUT);
+        for (line, key) in [
+            ("max_connections = 0", "proxy.max_connections"),
+            (
+                "max_connections_per_ip = -1",
+                "proxy.max_connections_per_ip",
+            ),
+            (
+                "client_header_timeout = \"0s\"",
+                "proxy.client_header_timeout",
+            ),
+            ("client_body_timeout = \"0s\"", "proxy.client_body_timeout"),
+            ("request_timeout = \"5s\"", "proxy.request_timeout"),
+        ] {
+            let e = parse(&format!("{MINIMAL}[proxy]\n{line}\n")).expect_err(line);
+            assert!(e.to_string().contains(key), "{line}: {e}");
+        }
+        // The request deadline must outlast the queue deadline, which it includes.
+        let e = parse(&format!("{MINIMAL}[proxy]\nrequest_timeout = \"10s\"\n"))
+            .expect_err("not longer than queue_timeout");
+        assert!(e.to_string().contains("admission.queue_timeout"), "{e}");
+        let c = parse(&format!(
+            "{MINIMAL}[proxy]\nmax_connections_per_ip = 8\nrequest_timeout = \"11s\"\n"
+        ))
+        .expect("valid");
+        assert_eq!(c.max_connections_per_ip, 8);
+        assert_eq!(c.request_timeout, Duration::from_secs(11));
     }
 }

@@ -1,4 +1,5 @@
-//! Idle keep-alive client connections wait in a small task of sluice's own.
+//! sluice's own HTTP/1 connection loop: client connection caps, the request-header and
+//! total-request deadlines, and small idle keep-alive connections.
 //!
 //! pingora waits for a connection's next request *inside* its per-request machinery: while a
 //! terminal's kept-alive connection sits idle, the connection still holds pingora's boxed
@@ -13,10 +14,29 @@
 //! for at most the client keep-alive timeout, or until shutdown. The requests themselves go
 //! through pingora's `process_new_http`, exactly as in pingora's own loop (persistent
 //! keep-alive settings included). This serves HTTP/1 only; sluice offers neither TLS nor h2c.
+//!
+//! Owning the loop is also what makes three protections sound:
+//! - **Connection caps.** Every connection is counted from accept to close, in total and per
+//!   client IP. One over `proxy.max_connections` (or `proxy.max_connections_per_ip`, off by
+//!   default because a store's terminals share one NAT address) gets a `503` with
+//!   `Retry-After` and `Connection: close` at once and is closed; it never reaches pingora.
+//! - **Header deadline.** pingora times each read of a request header separately (60 s), so a
+//!   client trickling one byte at a time holds its connection for ever. Here the whole request
+//!   runs in a future raced against `proxy.client_header_timeout`, counted from the accept (first
+//!   request) or from the first byte (later requests). The service marks the moment the header
+//!   is complete ([`header_read`], from `early_request_filter`, through a task-local); if the
+//!   deadline passes before that, the future is dropped and the connection closed. Nothing has
+//!   been admitted or sent upstream at that point, so dropping it is safe.
+//! - **Request deadline.** From the complete header, the exchange has `proxy.request_timeout`
+//!   in all; past it the future is dropped: the client's connection and the backend connection
+//!   are closed and the backend slot is released with them.
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
@@ -24,10 +44,115 @@ use pingora::protocols::http::ServerSession;
 use pingora::protocols::Stream;
 use pingora::proxy::{HttpProxy, ProcessCustomSession};
 use pingora::server::ShutdownWatch;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
 
-use crate::service::Sluice;
+use crate::metrics::{Deadline, Metrics, Refused};
+use crate::service::{Shared, Sluice};
 
 type Proxy = HttpProxy<Sluice, ()>;
+
+/// How long a refused connection is drained after its 503, so the client reads the answer
+/// instead of a reset caused by its own unread request bytes.
+const REFUSE_LINGER: Duration = Duration::from_secs(1);
+/// At most this much of a refused connection's request is read and discarded.
+const REFUSE_LINGER_BYTES: usize = 64 * 1024;
+
+/// Progress of the request being served, shared with the service's hooks.
+#[derive(Debug, Default)]
+struct Progress {
+    /// When the request header was complete.
+    header_read: OnceLock<Instant>,
+    /// Woken when it is.
+    header_done: tokio::sync::Notify,
+}
+
+tokio::task_local! {
+    static PROGRESS: Arc<Progress>;
+}
+
+/// Mark the current request's header as complete: its header deadline no longer applies, its
+/// request deadline starts. Called by the service once the header has been parsed; a no-op
+/// outside sluice's connection loop.
+pub fn header_read() {
+    let _ = PROGRESS.try_with(|p| {
+        if p.header_read.set(Instant::now()).is_ok() {
+            // A stored permit if nobody waits yet: the connection loop sees it either way.
+            p.header_done.notify_one();
+        }
+    });
+}
+
+/// Open client connections, in total and per client IP.
+#[derive(Debug, Default)]
+struct Connections {
+    open: AtomicUsize,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One counted connection; uncounted when dropped.
+struct Counted {
+    conns: Arc<Connections>,
+    ip: Option<IpAddr>,
+    metrics: Metrics,
+}
+
+impl Connections {
+    fn per_ip(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
+        self.per_ip.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Count a new connection, unless a cap is reached.
+    fn open(
+        self: &Arc<Self>,
+        ip: Option<IpAddr>,
+        max: usize,
+        max_per_ip: usize,
+        metrics: &Metrics,
+    ) -> Result<Counted, Refused> {
+        if self.open.fetch_add(1, Ordering::AcqRel) >= max {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            return Err(Refused::Total);
+        }
+        // Every connection is counted per IP, capped or not, so a cap set by a reload is
+        // right from the start.
+        if let Some(ip) = ip {
+            let mut per_ip = self.per_ip();
+            let n = per_ip.entry(ip).or_insert(0);
+            if max_per_ip > 0 && *n >= max_per_ip {
+                if *n == 0 {
+                    per_ip.remove(&ip);
+                }
+                drop(per_ip);
+                self.open.fetch_sub(1, Ordering::AcqRel);
+                return Err(Refused::PerIp);
+            }
+            *n += 1;
+        }
+        metrics.client_connection(1);
+        Ok(Counted {
+            conns: self.clone(),
+            ip,
+            metrics: metrics.clone(),
+        })
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        if let Some(ip) = self.ip {
+            let mut per_ip = self.conns.per_ip();
+            if let Some(n) = per_ip.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    per_ip.remove(&ip);
+                }
+            }
+        }
+        self.conns.open.fetch_sub(1, Ordering::AcqRel);
+        self.metrics.client_connection(-1);
+    }
+}
 
 /// Wait until the client sends a byte (true), or closes, idles out, or shutdown starts (false).
 async fn wait_readable(stream: &mut Stream, idle: Duration, shutdown: &mut ShutdownWatch) -> bool {
@@ -42,46 +167,192 @@ async fn wait_readable(stream: &mut Stream, idle: Duration, shutdown: &mut Shutd
     }
 }
 
-/// One request; boxed by the caller so its state is gone once it returns.
+/// One request, under its header and request deadlines; boxed by the caller so its state is
+/// gone once it returns. `started` is when the header deadline starts counting.
 async fn one(
     proxy: Arc<Proxy>,
+    shared: &Shared,
     stream: Stream,
-    settings: Option<HttpPersistentSettings>,
-    idle: Duration,
+    persistent: Option<HttpPersistentSettings>,
+    started: Instant,
     shutdown: ShutdownWatch,
 ) -> Option<ReusedHttpStream> {
+    let settings = shared.settings();
     let mut session = ServerSession::new_http1(stream);
-    match settings {
-        Some(settings) => settings.apply_to_session(&mut session),
+    match persistent {
+        Some(p) => p.apply_to_session(&mut session),
         None => {
-            let keepalive = (!*shutdown.borrow()).then_some(idle.as_secs().max(1));
+            let keepalive =
+                (!*shutdown.borrow()).then_some(settings.client_keepalive_timeout.as_secs().max(1));
             session.set_keepalive(keepalive);
         }
     }
-    proxy.process_new_http(session, &shutdown).await
-}
-
-async fn serve(proxy: Arc<Proxy>, stream: Stream, idle: Duration, mut shutdown: ShutdownWatch) {
-    let mut next = Box::pin(one(proxy.clone(), stream, None, idle, shutdown.clone())).await;
-    while let Some((mut stream, settings)) = next.map(|r| r.consume()) {
-        if !wait_readable(&mut stream, idle, &mut shutdown).await {
-            return;
+    let progress = Arc::new(Progress::default());
+    let exchange = PROGRESS.scope(progress.clone(), proxy.process_new_http(session, &shutdown));
+    tokio::pin!(exchange);
+    tokio::select! {
+        biased;
+        r = &mut exchange => return r,
+        _ = progress.header_done.notified() => {}
+        _ = tokio::time::sleep_until(started + settings.client_header_timeout) => {}
+    }
+    let Some(&header_read) = progress.header_read.get() else {
+        shared.metrics.client_timeout(Deadline::Header);
+        log::debug!(
+            "client cut off: no complete request header within proxy.client_header_timeout"
+        );
+        return None;
+    };
+    tokio::select! {
+        biased;
+        r = &mut exchange => r,
+        _ = tokio::time::sleep_until(header_read + settings.request_timeout) => {
+            shared.metrics.client_timeout(Deadline::Request);
+            log::warn!("request cut off after proxy.request_timeout ({:?})", settings.request_timeout);
+            None
         }
-        next = Box::pin(one(proxy.clone(), stream, settings, idle, shutdown.clone())).await;
     }
 }
 
-/// The connection handler: runs each connection in its own small task.
-pub fn handler(idle: Duration) -> ProcessCustomSession<Sluice, ()> {
+async fn serve(
+    proxy: Arc<Proxy>,
+    shared: Arc<Shared>,
+    stream: Stream,
+    accepted: Instant,
+    mut shutdown: ShutdownWatch,
+    counted: Counted,
+) {
+    let first = one(
+        proxy.clone(),
+        &shared,
+        stream,
+        None,
+        accepted,
+        shutdown.clone(),
+    );
+    let mut next = Box::pin(first).await;
+    while let Some((mut stream, persistent)) = next.map(|r| r.consume()) {
+        let idle = shared.settings().client_keepalive_timeout;
+        if !wait_readable(&mut stream, idle, &mut shutdown).await {
+            break;
+        }
+        let request = one(
+            proxy.clone(),
+            &shared,
+            stream,
+            persistent,
+            Instant::now(),
+            shutdown.clone(),
+        );
+        next = Box::pin(request).await;
+    }
+    drop(counted);
+}
+
+/// Answer a connection over a cap with a 503 and close it.
+async fn refuse(mut stream: Stream, reason: Refused, retry_after_secs: u64) {
+    let body = match reason {
+        Refused::Total => "503 too many client connections: retry later\n",
+        Refused::PerIp => "503 too many connections from this address: retry later\n",
+    };
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nRetry-After: {retry_after_secs}\r\n\
+         Content-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let written = tokio::time::timeout(REFUSE_LINGER, async {
+        stream.write_all(response.as_bytes()).await?;
+        stream.flush().await
+    })
+    .await;
+    if !matches!(written, Ok(Ok(()))) {
+        return;
+    }
+    let _ = AsyncWriteExt::shutdown(&mut stream).await;
+    // Read (and discard) what the client sent, briefly, so closing does not reset the
+    // connection before the client has read the 503.
+    let _ = tokio::time::timeout(REFUSE_LINGER, async {
+        let mut buf = [0u8; 4096];
+        let mut seen = 0;
+        while seen < REFUSE_LINGER_BYTES {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen += n,
+            }
+        }
+    })
+    .await;
+}
+
+/// The connection handler: counts each connection against the caps and runs it in its own
+/// small task.
+pub fn handler(shared: Arc<Shared>) -> ProcessCustomSession<Sluice, ()> {
+    let conns = Arc::new(Connections::default());
     Arc::new(
         move |proxy: Arc<Proxy>,
               stream: Stream,
               shutdown: &ShutdownWatch|
               -> Pin<Box<dyn Future<Output = Option<Stream>> + Send + 'static>> {
-            // Returning at once frees pingora's own connection task and future; the spawned
-            // task holds only what an idle connection needs.
-            tokio::spawn(serve(proxy, stream, idle, shutdown.clone()));
+            let accepted = Instant::now();
+            let settings = shared.settings();
+            let ip = stream
+                .get_socket_digest()
+                .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+            match conns.open(
+                ip,
+                settings.max_connections,
+                settings.max_connections_per_ip,
+                &shared.metrics,
+            ) {
+                // Returning at once frees pingora's own connection task and future; the
+                // spawned task holds only what an idle connection needs.
+                Ok(counted) => {
+                    tokio::spawn(serve(
+                        proxy,
+                        shared.clone(),
+                        stream,
+                        accepted,
+                        shutdown.clone(),
+                        counted,
+                    ));
+                }
+                Err(reason) => {
+                    shared.metrics.connection_refused(reason);
+                    log::debug!("client connection from {ip:?} refused: {}", reason.as_str());
+                    tokio::spawn(refuse(stream, reason, settings.retry_after_secs));
+                }
+            }
             Box::pin(std::future::ready(None))
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    #[test]
+    fn caps_count_total_and_per_ip_and_release_on_drop() {
+        let s = Metrics::new();
+        let c = Arc::new(Connections::default());
+        let a = Some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)));
+        let b = Some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)));
+        let a1 = c.open(a, 3, 2, &s).expect("first from a");
+        let a2 = c.open(a, 3, 2, &s).expect("second from a");
+        assert_eq!(c.open(a, 3, 2, &s).err(), Some(Refused::PerIp));
+        let b1 = c.open(b, 3, 2, &s).expect("first from b");
+        assert_eq!(c.open(b, 3, 2, &s).err(), Some(Refused::Total));
+        assert_eq!(c.open.load(Ordering::Acquire), 3);
+        drop(a1);
+        let a3 = c.open(a, 3, 2, &s).expect("a again after a close");
+        drop((a2, a3, b1));
+        assert_eq!(c.open.load(Ordering::Acquire), 0);
+        assert!(c.per_ip().is_empty(), "no per-IP entry is left behind");
+        // Without a per-IP cap, one address may use the whole total.
+        let all: Vec<_> = (0..3).map(|_| c.open(a, 3, 0, &s).expect("open")).collect();
+        assert_eq!(c.open(a, 3, 0, &s).err(), Some(Refused::Total));
+        drop(all);
+        assert!(c.per_ip().is_empty());
+    }
 }

@@ -82,6 +82,51 @@ pub struct Metrics {
     slow_start: prometheus::GaugeVec,
     queue_depth: IntGauge,
     queue_max: IntGauge,
+    client_connections: IntGauge,
+    connections_refused: IntCounterVec,
+    client_timeouts: IntCounterVec,
+}
+
+/// Why a client connection was refused at accept, for
+/// `sluice_client_connections_refused_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// `proxy.max_connections` open connections already.
+    Total,
+    /// `proxy.max_connections_per_ip` open connections from this client IP already.
+    PerIp,
+}
+
+impl Refused {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refused::Total => "max_connections",
+            Refused::PerIp => "max_connections_per_ip",
+        }
+    }
+}
+
+/// Which client deadline cut a connection, for `sluice_client_timeouts_total{phase}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deadline {
+    /// `proxy.client_header_timeout`: the request header did not arrive in time.
+    Header,
+    /// `proxy.client_body_timeout`: the request body did not arrive in time.
+    Body,
+    /// `proxy.request_timeout`: the whole exchange took too long.
+    Request,
+}
+
+impl Deadline {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Deadline::Header => "header",
+            Deadline::Body => "body",
+            Deadline::Request => "request",
+        }
+    }
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -188,6 +233,21 @@ impl Metrics {
         must(registry.register(Box::new(queue_depth.clone())));
         let queue_max = must(IntGauge::new("sluice_queue_max", "The queue's bound."));
         must(registry.register(Box::new(queue_max.clone())));
+        let client_connections = must(IntGauge::new(
+            "sluice_client_connections",
+            "Open client connections.",
+        ));
+        must(registry.register(Box::new(client_connections.clone())));
+        let connections_refused = counter(
+            "sluice_client_connections_refused_total",
+            "Client connections refused at accept (503, then closed), by the cap that refused them.",
+            &["reason"],
+        );
+        let client_timeouts = counter(
+            "sluice_client_timeouts_total",
+            "Client connections cut off by a deadline, by phase (header, body, request).",
+            &["phase"],
+        );
         Metrics {
             registry,
             requests,
@@ -204,7 +264,29 @@ impl Metrics {
             slow_start,
             queue_depth,
             queue_max,
+            client_connections,
+            connections_refused,
+            client_timeouts,
         }
+    }
+
+    /// A client connection opened (+1) or closed (-1).
+    pub fn client_connection(&self, delta: i64) {
+        self.client_connections.add(delta);
+    }
+
+    /// Count a client connection refused at accept.
+    pub fn connection_refused(&self, reason: Refused) {
+        self.connections_refused
+            .with_label_values(&[reason.as_str()])
+            .inc();
+    }
+
+    /// Count a client cut off by a deadline.
+    pub fn client_timeout(&self, phase: Deadline) {
+        self.client_timeouts
+            .with_label_values(&[phase.as_str()])
+            .inc();
     }
 
     /// Count a finished request.
@@ -290,6 +372,9 @@ mod tests {
         m.upstream_duration("b0", 0.02);
         m.upstream_connection("b0", false);
         m.reload(true);
+        m.client_connection(1);
+        m.connection_refused(Refused::PerIp);
+        m.client_timeout(Deadline::Header);
         let text = m.render(&a);
         for needle in [
             "sluice_requests_total{backend=\"b0\",outcome=\"ok\"} 1",
@@ -303,6 +388,9 @@ mod tests {
             "sluice_backend_up{backend=\"b0\"} 1",
             "sluice_queue_max 10",
             "sluice_reloads_total{result=\"ok\"} 1",
+            "sluice_client_connections 1",
+            "sluice_client_connections_refused_total{reason=\"max_connections_per_ip\"} 1",
+            "sluice_client_timeouts_total{phase=\"header\"} 1",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in\n{text}");
         }

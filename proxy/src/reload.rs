@@ -4,8 +4,8 @@
 //! in place, without dropping a connection or an in-flight request:
 //! - limits, rate, burst and slow start of every backend (a lowered limit admits nothing more
 //!   until the work in flight drains below it; a raised one admits waiters at once);
-//! - the queue bound and deadline, `Retry-After`, client write timeout, upstream timeouts and
-//!   Host overrides;
+//! - the queue bound and deadline, `Retry-After`, client timeouts and connection caps (for new
+//!   connections and requests), body limits, upstream timeouts and Host overrides;
 //! - the backend list: a new name is added (up, ramping with slow start); a removed name is
 //!   drained (its in-flight requests finish; it takes no new work); a changed address sends new
 //!   requests to the new address;
@@ -184,11 +184,20 @@ fn apply(shared: &Shared, old: &Config, new: &Config) -> ReloadReport {
     }
     if old.retry_after != new.retry_after
         || old.client_write_timeout != new.client_write_timeout
+        || old.client_keepalive_timeout != new.client_keepalive_timeout
+        || old.client_header_timeout != new.client_header_timeout
+        || old.client_body_timeout != new.client_body_timeout
+        || old.request_timeout != new.request_timeout
+        || old.max_connections != new.max_connections
+        || old.max_connections_per_ip != new.max_connections_per_ip
+        || old.max_header_bytes != new.max_header_bytes
+        || old.max_body_bytes != new.max_body_bytes
         || old.upstream != new.upstream
     {
-        report
-            .applied
-            .push("retry_after, client write timeout and upstream timeouts".into());
+        report.applied.push(
+            "retry_after, client timeouts and connection caps, size limits and upstream timeouts"
+                .into(),
+        );
     }
     let fresh = Settings::new(new);
     let next = Settings { upstreams, ..fresh };

@@ -115,7 +115,7 @@ pub fn build_server_from(
         .name("sluice")
         .client_options(client)
         .server_options(server_options)
-        .custom((), crate::idle::handler(cfg.client_keepalive_timeout))
+        .custom((), crate::idle::handler(shared.clone()))
         .build();
     let mut socket = TcpSocketOptions::default();
     // Detect terminals that vanished without a FIN (power loss, NAT timeouts).

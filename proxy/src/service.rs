@@ -32,8 +32,8 @@ use sluice_plugins::BackendId;
 
 use crate::access_log::{self, AccessLog};
 use crate::admission::{Admission, Permit, Shed};
-use crate::config::Config;
-use crate::metrics::{Metrics, Outcome, NO_BACKEND};
+use crate::config::{defaults, Config};
+use crate::metrics::{Deadline, Metrics, Outcome, NO_BACKEND};
 
 /// Request header carrying the health checker's secret: marks a request as a health probe.
 pub const PROBE_HEADER: &str = "x-sluice-probe";
@@ -65,6 +65,8 @@ pub struct RequestCtx {
     invalid: Option<Invalid>,
     /// Request body bytes seen so far.
     body_bytes: usize,
+    /// The whole body was received before admission (and a `100 Continue` sent if asked for).
+    body_buffered: bool,
     /// The settings in force when the request arrived; one consistent snapshot per request.
     settings: Option<Arc<Settings>>,
 }
@@ -99,6 +101,18 @@ pub struct Settings {
     pub max_header_bytes: usize,
     /// Largest request body, bytes.
     pub max_body_bytes: usize,
+    /// Open client connections, all clients together.
+    pub max_connections: usize,
+    /// Open client connections per client IP; 0 = no per-IP cap.
+    pub max_connections_per_ip: usize,
+    /// Idle keep-alive timeout toward clients.
+    pub client_keepalive_timeout: Duration,
+    /// Time to send a whole request header.
+    pub client_header_timeout: Duration,
+    /// Time to send a buffered request body.
+    pub client_body_timeout: Duration,
+    /// Longest a request may take, complete header to delivered response.
+    pub request_timeout: Duration,
 }
 
 /// Build an upstream peer for a configured backend.
@@ -129,6 +143,12 @@ impl Settings {
             client_keepalive_secs: cfg.client_keepalive_timeout.as_secs().max(1),
             max_header_bytes: cfg.max_header_bytes,
             max_body_bytes: cfg.max_body_bytes,
+            max_connections: cfg.max_connections,
+            max_connections_per_ip: cfg.max_connections_per_ip,
+            client_keepalive_timeout: cfg.client_keepalive_timeout,
+            client_header_timeout: cfg.client_header_timeout,
+            client_body_timeout: cfg.client_body_timeout,
+            request_timeout: cfg.request_timeout,
         }
     }
 }
@@ -144,6 +164,10 @@ pub enum Invalid {
     HeaderTooLarge,
     /// Declared body over `max_body_bytes`: 413.
     BodyTooLarge,
+    /// A chunked body longer than the pre-admission buffer (and so of unknown size): 413.
+    ChunkedTooLarge,
+    /// The body did not arrive within `client_body_timeout`: 408.
+    BodyTimeout,
 }
 
 impl Invalid {
@@ -151,7 +175,8 @@ impl Invalid {
         match self {
             Invalid::Framing(_) => 400,
             Invalid::HeaderTooLarge => 431,
-            Invalid::BodyTooLarge => 413,
+            Invalid::BodyTooLarge | Invalid::ChunkedTooLarge => 413,
+            Invalid::BodyTimeout => 408,
         }
     }
 
@@ -160,6 +185,10 @@ impl Invalid {
             Invalid::Framing(why) => why,
             Invalid::HeaderTooLarge => "request header too large",
             Invalid::BodyTooLarge => "request body too large",
+            Invalid::ChunkedTooLarge => {
+                "chunked request body over 64 KiB: send a Content-Length for larger bodies"
+            }
+            Invalid::BodyTimeout => "request body not received in time",
         }
     }
 }
@@ -320,6 +349,74 @@ impl Sluice {
     /// A health probe from our own checker: take a slot on the named backend whatever its
     /// state (the probe counts inside the backend's cap and uses its pooled connections), or
     /// answer 204 at once when the backend is too busy to probe.
+    /// Receive a request body of up to [`defaults::BODY_BUFFER_BYTES`] whole, within
+    /// `client_body_timeout`, before the request may take a backend slot: a slow or stalled
+    /// sender then never holds the backend's capacity, and a body that cannot be parsed (a bad
+    /// chunk size) is refused before any of it reaches the backend. pingora's retry buffer holds
+    /// the body and sends it upstream once admitted. A larger declared body streams after
+    /// admission, each read bounded by `client_body_timeout`.
+    async fn receive_body(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        settings: &Settings,
+    ) -> Result<std::result::Result<(), Invalid>> {
+        let downstream = session.as_downstream_mut();
+        if downstream.is_body_done() {
+            return Ok(Ok(()));
+        }
+        let declared = session
+            .req_header()
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        let buffer = defaults::BODY_BUFFER_BYTES.min(settings.max_body_bytes);
+        if declared.is_some_and(|n| n > buffer as u64) {
+            session
+                .as_downstream_mut()
+                .set_read_timeout(Some(settings.client_body_timeout));
+            return Ok(Ok(()));
+        }
+        let expects_continue = session
+            .req_header()
+            .headers
+            .get(http::header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        let downstream = session.as_downstream_mut();
+        if expects_continue {
+            downstream.write_continue_response().await?;
+        }
+        downstream.enable_retry_buffering();
+        let read = tokio::time::timeout(settings.client_body_timeout, async {
+            let mut received = 0usize;
+            while let Some(chunk) = downstream.read_request_body().await? {
+                received += chunk.len();
+                if received > buffer {
+                    return Ok(Err(if received > settings.max_body_bytes {
+                        Invalid::BodyTooLarge
+                    } else {
+                        Invalid::ChunkedTooLarge
+                    }));
+                }
+            }
+            Ok(Ok(()))
+        })
+        .await;
+        match read {
+            Err(_elapsed) => {
+                self.shared.metrics.client_timeout(Deadline::Body);
+                Ok(Err(Invalid::BodyTimeout))
+            }
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(Err(invalid))) => Ok(Err(invalid)),
+            Ok(Ok(Ok(()))) => {
+                ctx.body_buffered = true;
+                Ok(Ok(()))
+            }
+        }
+    }
+
     async fn admit_probe(
         &self,
         session: &mut Session,
@@ -378,6 +475,16 @@ impl ProxyHttp for Sluice {
         RequestCtx::default()
     }
 
+    async fn early_request_filter(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        // The header is complete: its deadline is met, the request deadline starts.
+        crate::idle::header_read();
+        Ok(())
+    }
+
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let arrived = Instant::now();
         ctx.arrived = Some(arrived);
@@ -408,10 +515,16 @@ impl ProxyHttp for Sluice {
         session
             .as_downstream_mut()
             .set_keepalive(Some(settings.client_keepalive_secs));
+        if let Err(invalid) = self.receive_body(session, ctx, &settings).await? {
+            ctx.invalid = Some(invalid);
+            session.as_downstream_mut().set_keepalive(None);
+            write_error_with(session, invalid.status(), invalid.message(), None).await?;
+            return Ok(true);
+        }
         let deadline = self.admission.deadline();
         ctx.deadline = Some(deadline);
         let downstream = session.as_downstream_mut();
-        let admitted = if downstream.is_body_empty() {
+        let admitted = if downstream.is_body_done() {
             // Nothing left to read from this request, so any readable event on the socket means
             // the client hung up (or broke protocol): stop waiting for it.
             let acquire = self.admission.acquire_until(deadline, false);
@@ -422,7 +535,8 @@ impl ProxyHttp for Sluice {
                 _ = downstream.read_body_or_idle(true) => return Err(client_gone()),
             }
         } else {
-            // Watching the socket would consume body bytes; the deadline still bounds the wait.
+            // A body too large to buffer streams after admission: watching the socket would
+            // consume its bytes. The queue deadline still bounds the wait.
             self.admission.acquire_until(deadline, false).await
         };
         ctx.queue_wait = arrived.elapsed();
@@ -431,7 +545,7 @@ impl ProxyHttp for Sluice {
                 let downstream = session.as_downstream_mut();
                 // A slot granted in the very instant the client hung up: look once more before
                 // the request is forwarded, so a leaver's payment never reaches the backend.
-                if permit.was_queued() && downstream.is_body_empty() {
+                if permit.was_queued() && downstream.is_body_done() {
                     let gone = tokio::select! {
                         biased;
                         _ = downstream.read_body_or_idle(true) => true,
@@ -529,6 +643,10 @@ impl ProxyHttp for Sluice {
                 upstream_request.set_uri(uri);
             }
         }
+        if ctx.body_buffered {
+            // sluice already answered `100 Continue` and holds the whole body.
+            upstream_request.remove_header(&http::header::EXPECT);
+        }
         upstream_request.remove_header(PROBE_HEADER);
         upstream_request.remove_header(PROBE_BACKEND_HEADER);
         ctx.upstream_start = Some(Instant::now());
@@ -557,6 +675,10 @@ impl ProxyHttp for Sluice {
         _end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if ctx.body_buffered {
+            // Received and checked whole before admission (and re-sent as a whole on a retry).
+            return Ok(());
+        }
         if let Some(b) = body {
             ctx.body_bytes += b.len();
             if ctx.body_bytes > self.settings(ctx).max_body_bytes {
@@ -655,7 +777,7 @@ impl ProxyHttp for Sluice {
             },
         };
         // Nothing can be sent once the response has started, or to a client that is gone.
-        if code > 0 && session.response_written().is_none() {
+        if code > 0 && final_response(session).is_none() {
             let retry_after = self.settings(ctx).retry_after_secs;
             if let Err(err) = write_error(session, code, retry_after).await {
                 log::debug!("could not send {code} to the client: {err}");
@@ -691,8 +813,7 @@ impl ProxyHttp for Sluice {
         if ctx.probe {
             return;
         }
-        let status = session
-            .response_written()
+        let status = final_response(session)
             .map(|h| h.status.as_u16())
             .unwrap_or(0);
         let outcome = match (ctx.shed, e) {
@@ -751,6 +872,14 @@ impl ProxyHttp for Sluice {
 }
 
 /// A short error response with `Connection: close`.
+/// The final (non-1xx) response header sent to the client, if any: a `100 Continue` does not
+/// count, an error can still follow it.
+fn final_response(session: &Session) -> Option<&ResponseHeader> {
+    session
+        .response_written()
+        .filter(|h| !h.status.is_informational())
+}
+
 async fn write_error_with(
     session: &mut Session,
     code: u16,
@@ -799,6 +928,12 @@ mod tests {
             client_keepalive_secs: 1,
             max_header_bytes: 2048,
             max_body_bytes: 100,
+            max_connections: 10,
+            max_connections_per_ip: 0,
+            client_keepalive_timeout: Duration::from_secs(1),
+            client_header_timeout: Duration::from_secs(1),
+            client_body_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(1),
         }
     }
 

@@ -205,6 +205,30 @@ impl Conn {
         })
     }
 
+    /// Connects from the local address `from` (port chosen by the system), e.g. another
+    /// loopback address such as 127.0.0.2, to look like a second client host.
+    pub async fn connect_from(
+        from: std::net::IpAddr,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> io::Result<Conn> {
+        let socket = match from {
+            std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.bind(SocketAddr::new(from, 0))?;
+        let stream = tokio::time::timeout(timeout, socket.connect(addr))
+            .await
+            .map_err(|_| wire::timed_out("connecting"))??;
+        stream.set_nodelay(true)?;
+        Ok(Conn {
+            wire: Wire::new(stream),
+            peer: addr,
+            timeout,
+            peer_closing: false,
+        })
+    }
+
     /// Changes the bound on each response read.
     pub fn set_timeout(&mut self, timeout: Duration) {
         self.timeout = timeout;
