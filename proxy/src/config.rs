@@ -133,6 +133,9 @@ pub mod file {
         /// `[[backend]]`: the legacy servers.
         #[serde(default, rename = "backend")]
         pub backends: Vec<BackendSection>,
+        /// `[tls]`: an optional TLS listener for clients.
+        #[serde(default)]
+        pub tls: TlsSection,
         /// `[server]`: process settings passed to pingora.
         #[serde(default)]
         pub server: ServerSection,
@@ -275,6 +278,20 @@ pub mod file {
         /// `write_timeout = "30s"`
         #[serde(default, with = "opt_duration")]
         pub write_timeout: Option<Duration>,
+        /// `ca_file = "/etc/sluice/backend-ca.pem"`: CAs for TLS backends.
+        pub ca_file: Option<String>,
+    }
+
+    /// `[tls]`
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct TlsSection {
+        /// `listen = "0.0.0.0:8443"`
+        pub listen: Option<String>,
+        /// `cert = "/etc/sluice/tls/cert.pem"`: certificate chain, PEM.
+        pub cert: Option<String>,
+        /// `key = "/etc/sluice/tls/key.pem"`: private key, PEM.
+        pub key: Option<String>,
     }
 
     /// One `[[backend]]` entry.
@@ -291,6 +308,12 @@ pub mod file {
         pub max_inflight: Option<i64>,
         /// `rate = 100.0`: overrides `[admission] rate`.
         pub rate: Option<f64>,
+        /// `tls = true`: speak TLS to this backend.
+        pub tls: Option<bool>,
+        /// `sni = "pos.example.com"`: the name sent and verified (TLS backends).
+        pub sni: Option<String>,
+        /// `tls_verify = true`: verify the backend's certificate and name.
+        pub tls_verify: Option<bool>,
     }
 
     /// `[server]`
@@ -341,7 +364,11 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(key: impl Into<String>, value: impl fmt::Display, fix: impl Into<String>) -> Self {
+    pub(crate) fn new(
+        key: impl Into<String>,
+        value: impl fmt::Display,
+        fix: impl Into<String>,
+    ) -> Self {
         ConfigError {
             key: key.into(),
             value: value.to_string(),
@@ -455,8 +482,30 @@ pub struct Config {
     pub health: HealthConfig,
     /// Admin listener, if enabled.
     pub admin_listen: Option<SocketAddr>,
+    /// The TLS listener for clients, if enabled.
+    pub tls: Option<TlsListener>,
     /// Access log target.
     pub access_log: crate::access_log::Target,
+}
+
+/// A client-facing TLS listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsListener {
+    /// Its address.
+    pub listen: SocketAddr,
+    /// Certificate chain file, PEM (re-read on every reload).
+    pub cert: PathBuf,
+    /// Private key file, PEM (re-read on every reload).
+    pub key: PathBuf,
+}
+
+/// TLS toward one backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendTls {
+    /// Server name sent (SNI) and verified.
+    pub sni: String,
+    /// Verify the backend's certificate chain and name.
+    pub verify: bool,
 }
 
 /// The slow-start ramp of a backend.
@@ -516,6 +565,8 @@ pub struct Upstream {
     pub read_timeout: Duration,
     /// Per-write timeout.
     pub write_timeout: Duration,
+    /// CA bundle for verifying TLS backends; the system's roots when `None`.
+    pub ca_file: Option<String>,
 }
 
 /// One legacy server.
@@ -535,6 +586,8 @@ pub struct Backend {
     pub rate: Option<(f64, u32)>,
     /// Slow-start ramp, if enabled.
     pub slow_start: Option<SlowStart>,
+    /// TLS toward the backend, if enabled.
+    pub tls: Option<BackendTls>,
 }
 
 /// Process settings handed to pingora.
@@ -778,6 +831,10 @@ impl Config {
                 f.upstream.write_timeout,
                 defaults::WRITE_TIMEOUT,
             )?,
+            ca_file: match &f.upstream.ca_file {
+                None => None,
+                Some(p) => Some(crate::tls::check_ca_file("upstream.ca_file", p)?),
+            },
         };
 
         if f.backends.is_empty() {
@@ -867,6 +924,7 @@ impl Config {
                 }
             };
             let slow_start = slow_start_for(&f.slow_start, max_inflight)?;
+            let tls = backend_tls(b, &address, &key)?;
             backends.push(Backend {
                 name,
                 address,
@@ -875,6 +933,7 @@ impl Config {
                 max_inflight,
                 rate,
                 slow_start,
+                tls,
             });
         }
 
@@ -928,6 +987,7 @@ impl Config {
             }
             Some(a)
         };
+        let tls = tls_listener(&f.tls, listen, admin_listen)?;
 
         let access_text = f.log.access.as_deref().unwrap_or(defaults::ACCESS_LOG);
         let access_log = crate::access_log::Target::parse(access_text);
@@ -945,6 +1005,7 @@ impl Config {
             access_log,
             health,
             admin_listen,
+            tls,
             listen,
             client_read_buffer_bytes,
             client_write_timeout,
@@ -969,6 +1030,9 @@ impl Config {
     /// clear message (pingora alone retries for 30 s and then fails inside its service task).
     pub fn preflight_bind(&self) -> Result<(), ConfigError> {
         preflight("proxy.listen", self.listen)?;
+        if let Some(tls) = &self.tls {
+            preflight("tls.listen", tls.listen)?;
+        }
         match self.admin_listen {
             Some(a) => preflight("admin.listen", a),
             None => Ok(()),
@@ -1139,6 +1203,97 @@ fn health_config(f: &file::HealthSection) -> Result<HealthConfig, ConfigError> {
             0,
         )?,
     })
+}
+
+/// The client-facing TLS listener: all of `[tls]` or none of it; the certificate and key are
+/// loaded now, so `sluice check` and a reload report a bad file before anything changes.
+fn tls_listener(
+    t: &file::TlsSection,
+    listen: SocketAddr,
+    admin: Option<SocketAddr>,
+) -> Result<Option<TlsListener>, ConfigError> {
+    let (text, cert, key) = match (&t.listen, &t.cert, &t.key) {
+        (None, None, None) => return Ok(None),
+        (Some(l), Some(c), Some(k)) => (l, c, k),
+        (l, c, _) => {
+            let missing = if l.is_none() {
+                "tls.listen"
+            } else if c.is_none() {
+                "tls.cert"
+            } else {
+                "tls.key"
+            };
+            return Err(ConfigError::new(
+                missing,
+                "",
+                "missing; a TLS listener needs listen, cert and key (remove [tls] for none)",
+            ));
+        }
+    };
+    let addr: SocketAddr = text.parse().map_err(|_| {
+        ConfigError::new(
+            "tls.listen",
+            format!("{text:?}"),
+            "not an IP:port address; write it like \"0.0.0.0:8443\"",
+        )
+    })?;
+    if addr == listen || Some(addr) == admin {
+        return Err(ConfigError::new(
+            "tls.listen",
+            format!("{text:?}"),
+            "must differ from proxy.listen and admin.listen",
+        ));
+    }
+    crate::tls::load_certified_key(Path::new(cert), Path::new(key))?;
+    Ok(Some(TlsListener {
+        listen: addr,
+        cert: PathBuf::from(cert),
+        key: PathBuf::from(key),
+    }))
+}
+
+/// TLS toward a backend: off unless `tls = true`; the name defaults to the Host override, else
+/// the address's host part (never empty: pingora skips verification for an empty name).
+fn backend_tls(
+    b: &file::BackendSection,
+    address: &str,
+    key: &dyn Fn(&str) -> String,
+) -> Result<Option<BackendTls>, ConfigError> {
+    if !b.tls.unwrap_or(false) {
+        for (k, set) in [
+            ("sni", b.sni.is_some()),
+            ("tls_verify", b.tls_verify.is_some()),
+        ] {
+            if set {
+                return Err(ConfigError::new(
+                    key(k),
+                    "set",
+                    "applies only to a TLS backend; add `tls = true` or remove the key",
+                ));
+            }
+        }
+        return Ok(None);
+    }
+    let host_part = address
+        .rsplit_once(':')
+        .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
+        .unwrap_or(address);
+    let sni = b
+        .sni
+        .clone()
+        .or_else(|| b.host.clone())
+        .unwrap_or_else(|| host_part.to_string());
+    if sni.is_empty() || sni.bytes().any(|c| c.is_ascii_control() || c == b' ') {
+        return Err(ConfigError::new(
+            key("sni"),
+            format!("{sni:?}"),
+            "must be the backend's DNS name or IP address, as its certificate names it",
+        ));
+    }
+    Ok(Some(BackendTls {
+        sni,
+        verify: b.tls_verify.unwrap_or(true),
+    }))
 }
 
 fn limit(key: &str, n: i64) -> Result<u32, ConfigError> {
@@ -1321,5 +1476,35 @@ mod tests {
         .expect("valid");
         assert_eq!(c.max_connections_per_ip, 8);
         assert_eq!(c.request_timeout, Duration::from_secs(11));
+    }
+
+    #[test]
+    fn tls_settings_are_all_or_nothing_and_backend_tls_keys_need_tls() {
+        let e = parse(&format!(
+            "{MINIMAL}[tls]\nlisten = \"127.0.0.1:8443\"\ncert = \"/x/cert.pem\"\n"
+        ))
+        .expect_err("no key");
+        assert!(e.to_string().contains("tls.key"), "{e}");
+        let e = parse(&format!(
+            "{MINIMAL}[tls]\nlisten = \"127.0.0.1:8443\"\ncert = \"/nonexistent/c.pem\"\nkey = \"/nonexistent/k.pem\"\n"
+        ))
+        .expect_err("unreadable certificate");
+        assert!(e.to_string().contains("tls.cert"), "{e}");
+        let e = parse(
+            "[admission]\nmax_inflight = 4\n[[backend]]\naddress = \"127.0.0.1:9\"\nsni = \"pos\"\n",
+        )
+        .expect_err("sni without tls");
+        assert!(e.to_string().contains("backend[0].sni"), "{e}");
+        let c = parse(
+            "[admission]\nmax_inflight = 4\n[[backend]]\naddress = \"127.0.0.1:9\"\ntls = true\n",
+        )
+        .expect("valid");
+        let tls = c.backends[0].tls.clone().expect("tls on");
+        assert_eq!(
+            tls.sni, "127.0.0.1",
+            "the name defaults to the address's host"
+        );
+        assert!(tls.verify, "verified unless turned off");
+        assert!(c.tls.is_none(), "no TLS listener unless configured");
     }
 }

@@ -13,7 +13,9 @@
 //! connection waits in a small task of its own for one readable byte (peeked, not consumed),
 //! for at most the client keep-alive timeout, or until shutdown. The requests themselves go
 //! through pingora's `process_new_http`, exactly as in pingora's own loop (persistent
-//! keep-alive settings included). This serves HTTP/1 only; sluice offers neither TLS nor h2c.
+//! keep-alive settings included). This serves HTTP/1 (plain or over TLS); sluice offers no h2.
+//! A TLS stream cannot be peeked, so a kept-alive TLS connection waits for its next request
+//! in pingora's header read instead (bounded by the keep-alive timeout), holding more memory.
 //!
 //! Owning the loop is also what makes three protections sound:
 //! - **Connection caps.** Every connection is counted from accept to close, in total and per
@@ -154,16 +156,30 @@ impl Drop for Counted {
     }
 }
 
-/// Wait until the client sends a byte (true), or closes, idles out, or shutdown starts (false).
-async fn wait_readable(stream: &mut Stream, idle: Duration, shutdown: &mut ShutdownWatch) -> bool {
+/// What the wait for a kept-alive connection's next request saw.
+enum Next {
+    /// A byte of the next request arrived.
+    Request,
+    /// The client closed, idled out, or shutdown started.
+    Done,
+    /// The stream cannot be peeked (TLS): pingora's own header read waits for the request.
+    Unpeekable,
+}
+
+/// Wait until the client sends a byte, closes, idles out, or shutdown starts.
+async fn wait_readable(stream: &mut Stream, idle: Duration, shutdown: &mut ShutdownWatch) -> Next {
     if *shutdown.borrow() {
-        return false;
+        return Next::Done;
     }
     let mut byte = [0u8; 1];
     tokio::select! {
         biased;
-        r = tokio::time::timeout(idle, stream.try_peek(&mut byte)) => matches!(r, Ok(Ok(true))),
-        _ = shutdown.wait_for(|s| *s) => false,
+        r = tokio::time::timeout(idle, stream.try_peek(&mut byte)) => match r {
+            Ok(Ok(true)) => Next::Request,
+            Ok(Ok(false)) => Next::Unpeekable,
+            _ => Next::Done,
+        },
+        _ = shutdown.wait_for(|s| *s) => Next::Done,
     }
 }
 
@@ -233,15 +249,19 @@ async fn serve(
     let mut next = Box::pin(first).await;
     while let Some((mut stream, persistent)) = next.map(|r| r.consume()) {
         let idle = shared.settings().client_keepalive_timeout;
-        if !wait_readable(&mut stream, idle, &mut shutdown).await {
-            break;
-        }
+        let started = match wait_readable(&mut stream, idle, &mut shutdown).await {
+            Next::Request => Instant::now(),
+            Next::Done => break,
+            // A TLS connection waits inside pingora's header read (bounded by the keep-alive
+            // timeout), so its header deadline starts after the longest idle wait.
+            Next::Unpeekable => Instant::now() + idle,
+        };
         let request = one(
             proxy.clone(),
             &shared,
             stream,
             persistent,
-            Instant::now(),
+            started,
             shutdown.clone(),
         );
         next = Box::pin(request).await;

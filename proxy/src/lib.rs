@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod reload;
 pub mod run;
 pub mod service;
+pub mod tls;
 
 pub use admission::{Admission, Permit, Shed};
 pub use config::{Config, ConfigError, LoadError, Overrides};

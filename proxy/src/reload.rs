@@ -9,10 +9,12 @@
 //! - the backend list: a new name is added (up, ramping with slow start); a removed name is
 //!   drained (its in-flight requests finish; it takes no new work); a changed address sends new
 //!   requests to the new address;
-//! - the access log target.
+//! - the access log target;
+//! - the TLS listener's certificate and key, re-read from their files on every reload (new
+//!   handshakes get the new certificate), and TLS toward backends (`tls`, `sni`, `tls_verify`).
 //!
-//! What needs new sockets or threads (listen and admin addresses, `[server]`, the client read
-//! buffer, health-check settings) is reported as needing an upgrade (`sluice run --upgrade`).
+//! What needs new sockets or threads (listen, TLS listen and admin addresses, `[server]`, the
+//! client read buffer, health-check settings, the backend CA file) is reported as needing an upgrade (`sluice run --upgrade`).
 //! An invalid file is refused with its error and the running configuration stays.
 
 use std::path::PathBuf;
@@ -114,6 +116,14 @@ fn apply(shared: &Shared, old: &Config, new: &Config) -> ReloadReport {
     );
     needs("[server]", old.server != new.server);
     needs("[health]", old.health != new.health);
+    needs(
+        "tls.listen",
+        old.tls.as_ref().map(|t| t.listen) != new.tls.as_ref().map(|t| t.listen),
+    );
+    needs(
+        "upstream.ca_file",
+        old.upstream.ca_file != new.upstream.ca_file,
+    );
 
     let admission = &shared.admission;
     let settings = shared.settings();
@@ -143,10 +153,11 @@ fn apply(shared: &Shared, old: &Config, new: &Config) -> ReloadReport {
                 }
                 let up = upstream(new, b);
                 if let Some(slot) = upstreams.get_mut(i) {
-                    if slot.addr != up.addr || slot.host != up.host {
+                    let was_tls = before.map(|o| &o.tls);
+                    if slot.addr != up.addr || slot.host != up.host || was_tls != Some(&b.tls) {
                         report.applied.push(format!(
-                            "backend {}: address {} host {:?}",
-                            b.name, b.address, b.host
+                            "backend {}: address {} host {:?} tls {:?}",
+                            b.name, b.address, b.host, b.tls
                         ));
                     }
                     *slot = up;
@@ -202,6 +213,22 @@ fn apply(shared: &Shared, old: &Config, new: &Config) -> ReloadReport {
     let fresh = Settings::new(new);
     let next = Settings { upstreams, ..fresh };
     *shared.settings.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+
+    // The certificate files are re-read on every reload: a renewed certificate keeps its path.
+    if let (Some(store), Some(tls)) = (&shared.tls, &new.tls) {
+        match crate::tls::load_certified_key(&tls.cert, &tls.key) {
+            Ok(key) => {
+                store.replace(key);
+                report.applied.push(format!(
+                    "TLS certificate {} (new handshakes)",
+                    tls.cert.display()
+                ));
+            }
+            Err(e) => report
+                .needs_upgrade
+                .push(format!("TLS certificate not replaced: {e}")),
+        }
+    }
 
     if old.access_log != new.access_log {
         match AccessLog::open(&new.access_log) {

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use pingora::apps::HttpServerOptions;
 use pingora::connectors::ConnectorOptions;
+use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::{ListenerConfig, TcpSocketOptions};
 use pingora::protocols::l4::stream::L4BufferSettings;
 use pingora::protocols::TcpKeepalive;
@@ -43,6 +44,19 @@ fn whole_seconds_rounded_up(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
+/// The TLS listener's certificate store, loaded from the files `cfg` names (already checked by
+/// config validation; a file changed since then is reported and leaves TLS off).
+fn tls_store(cfg: &Config) -> Option<Arc<crate::tls::CertStore>> {
+    let tls = cfg.tls.as_ref()?;
+    match crate::tls::load_certified_key(&tls.cert, &tls.key) {
+        Ok(key) => Some(Arc::new(crate::tls::CertStore::new(key))),
+        Err(e) => {
+            log::error!("the TLS listener is off: {e}");
+            None
+        }
+    }
+}
+
 /// pingora's process settings, taken from our `[server]` section.
 pub fn server_conf(cfg: &Config) -> ServerConf {
     let mut conf = ServerConf {
@@ -54,6 +68,7 @@ pub fn server_conf(cfg: &Config) -> ServerConf {
         pid_file: cfg.server.pid_file.clone(),
         upgrade_sock: cfg.server.upgrade_sock.clone(),
         error_log: cfg.server.error_log.clone(),
+        ca_file: cfg.upstream.ca_file.clone(),
         ..ServerConf::default()
     };
     // Retries happen only where pingora judges them safe (idempotent requests on a reused
@@ -94,6 +109,7 @@ pub fn build_server_from(
         settings: RwLock::new(Arc::new(Settings::new(cfg))),
         metrics: Metrics::new(),
         access_log: RwLock::new(access_log),
+        tls: tls_store(cfg),
         reload: Reloader::new(path, overrides, cfg.clone()),
     });
 
@@ -126,12 +142,21 @@ pub fn build_server_from(
         #[cfg(target_os = "linux")]
         user_timeout: Duration::from_secs(0),
     });
+    let buffers = L4BufferSettings::new(cfg.client_read_buffer_bytes, CLIENT_WRITE_BUFFER_BYTES);
+    if let (Some(tls), Some(store)) = (&cfg.tls, &shared.tls) {
+        let mut settings = TlsSettings::intermediate("", "")
+            .unwrap_or_else(|e| unreachable!("TlsSettings::intermediate never fails: {e}"));
+        settings.set_cert_resolver(store.clone());
+        service.add_listener(
+            ListenerConfig::tcp(tls.listen.to_string())
+                .tls(settings)
+                .l4_buffer(buffers)
+                .tcp_socket_options(socket.clone()),
+        );
+    }
     service.add_listener(
         ListenerConfig::tcp(cfg.listen.to_string())
-            .l4_buffer(L4BufferSettings::new(
-                cfg.client_read_buffer_bytes,
-                CLIENT_WRITE_BUFFER_BYTES,
-            ))
+            .l4_buffer(buffers)
             .tcp_socket_options(socket),
     );
     server.add_service(service);

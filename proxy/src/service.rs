@@ -117,8 +117,16 @@ pub struct Settings {
 
 /// Build an upstream peer for a configured backend.
 pub fn upstream(cfg: &Config, b: &crate::config::Backend) -> Upstream {
-    let mut peer = HttpPeer::new(b.addr, false, String::new());
+    let (tls, sni) = match &b.tls {
+        Some(t) => (true, t.sni.clone()),
+        None => (false, String::new()),
+    };
+    let mut peer = HttpPeer::new(b.addr, tls, sni);
     let o = &mut peer.options;
+    if let Some(t) = &b.tls {
+        o.verify_cert = t.verify;
+        o.verify_hostname = t.verify;
+    }
     o.connection_timeout = Some(cfg.upstream.connect_timeout);
     o.idle_timeout = Some(cfg.upstream.idle_timeout);
     o.read_timeout = Some(cfg.upstream.read_timeout);
@@ -280,6 +288,8 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Access log.
     pub access_log: RwLock<AccessLog>,
+    /// The TLS listener's certificate, if there is one (replaced on reload).
+    pub tls: Option<Arc<crate::tls::CertStore>>,
     /// Where a reload reads the configuration from.
     pub reload: crate::reload::Reloader,
 }

@@ -1,0 +1,156 @@
+//! TLS by rustls: the client-facing certificate, swapped in place on reload, and the checks
+//! that turn a bad certificate, key or CA file into a config error naming the key.
+//!
+//! The TLS listener serves its certificate through [`CertStore`], a rustls certificate
+//! resolver holding the current certificate and key. A reload re-reads both files (a renewed
+//! certificate is picked up without a restart or an upgrade); new handshakes get the new
+//! certificate, established connections keep theirs. A file that does not load leaves the
+//! current certificate in force.
+
+use std::fmt;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use pingora::tls::sign::CertifiedKey;
+use pingora::tls::{ClientHello, CryptoProvider, ResolvesServerCert};
+
+use crate::config::ConfigError;
+
+/// The certificate the TLS listener presents; replaced whole on reload.
+pub struct CertStore {
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl fmt::Debug for CertStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertStore").finish_non_exhaustive()
+    }
+}
+
+impl CertStore {
+    /// A store presenting `key`.
+    pub fn new(key: CertifiedKey) -> Self {
+        CertStore {
+            current: RwLock::new(Arc::new(key)),
+        }
+    }
+
+    /// Present `key` from the next handshake on.
+    pub fn replace(&self, key: CertifiedKey) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(key);
+    }
+
+    fn current(&self) -> Arc<CertifiedKey> {
+        self.current
+            .read()
+            .map(|k| k.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+}
+
+impl ResolvesServerCert for CertStore {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+}
+
+fn provider() -> &'static Arc<CryptoProvider> {
+    pingora::tls::install_default_crypto_provider();
+    // Installed just above (or earlier, by us or pingora): always present.
+    #[allow(clippy::expect_used)]
+    CryptoProvider::get_default().expect("a rustls crypto provider is installed")
+}
+
+fn read(key: &str, path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::new(
+            key,
+            format!("{:?}", path.display().to_string()),
+            format!("cannot read the file ({e}); give the path of a readable PEM file"),
+        )
+    })
+}
+
+/// Load a certificate chain and its private key (PEM files) and check that they match.
+pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, ConfigError> {
+    let cert_text = read("tls.cert", cert)?;
+    read("tls.key", key)?;
+    let cert_value = format!("{:?}", cert.display().to_string());
+    let key_value = format!("{:?}", key.display().to_string());
+    let loaded = pingora::tls::load_certs_and_key_files(
+        &cert.display().to_string(),
+        &key.display().to_string(),
+    )
+    .map_err(|e| {
+        ConfigError::new(
+            "tls.cert",
+            cert_value.clone(),
+            format!("cannot be parsed as PEM ({e})"),
+        )
+    })?;
+    let Some((certs, private_key)) = loaded else {
+        return Err(if !cert_text.contains("-----BEGIN CERTIFICATE-----") {
+            ConfigError::new(
+                "tls.cert",
+                cert_value,
+                "holds no PEM certificate; give the certificate chain, server certificate first",
+            )
+        } else {
+            ConfigError::new(
+                "tls.key",
+                key_value,
+                "holds no PEM private key (PKCS#8, PKCS#1 or SEC1); give the certificate's key",
+            )
+        });
+    };
+    CertifiedKey::from_der(certs, private_key, provider()).map_err(|e| {
+        ConfigError::new(
+            "tls.key",
+            key_value,
+            format!("does not go with the certificate in tls.cert ({e}); give the matching key"),
+        )
+    })
+}
+
+/// Check that a CA bundle holds at least one PEM certificate; returns its path.
+pub fn check_ca_file(key: &str, path: &str) -> Result<String, ConfigError> {
+    let text = read(key, Path::new(path))?;
+    if !text.contains("-----BEGIN CERTIFICATE-----") {
+        return Err(ConfigError::new(
+            key,
+            format!("{path:?}"),
+            "holds no PEM certificate; give a file of CA certificates",
+        ));
+    }
+    Ok(path.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp(name: &str, text: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("sluice-tls-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let p = dir.join(name);
+        std::fs::write(&p, text).expect("write");
+        p
+    }
+
+    #[test]
+    fn bad_files_name_the_key_and_the_fix() {
+        let missing = Path::new("/nonexistent/sluice/cert.pem");
+        let e = load_certified_key(missing, missing).expect_err("missing file");
+        assert_eq!(e.key, "tls.cert");
+        assert!(e.fix.contains("cannot read"), "{e}");
+
+        let not_pem = temp("not.pem", "hello\n");
+        let e = load_certified_key(&not_pem, &not_pem).expect_err("not PEM");
+        assert_eq!(e.key, "tls.cert");
+        assert!(e.fix.contains("no PEM certificate"), "{e}");
+
+        let e = check_ca_file("upstream.ca_file", &not_pem.display().to_string())
+            .expect_err("not a CA bundle");
+        assert_eq!(e.key, "upstream.ca_file");
+    }
+}
