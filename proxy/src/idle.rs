@@ -183,6 +183,17 @@ async fn wait_readable(stream: &mut Stream, idle: Duration, shutdown: &mut Shutd
     }
 }
 
+/// Whether the next request on a connection has already been read (the client pipelined it):
+/// then it is served at once instead of waiting for the socket to become readable.
+///
+/// pingora 0.9 keeps those bytes inside `HttpPersistentSettings` and offers no getter, so this
+/// reads its `Debug` form. Both ways of being wrong are safe: a missed prefix waits for the
+/// keep-alive timeout and then closes (the client retries, RFC 9112 §9.3.2); a false one waits
+/// inside pingora's header read instead of sluice's. The pipelining test catches a change.
+fn has_pipelined_request(persistent: Option<&HttpPersistentSettings>) -> bool {
+    persistent.is_some_and(|p| format!("{p:?}").contains("pipelined_prefix: Some"))
+}
+
 /// One request, under its header and request deadlines; boxed by the caller so its state is
 /// gone once it returns. `started` is when the header deadline starts counting.
 async fn one(
@@ -201,6 +212,13 @@ async fn one(
             let keepalive =
                 (!*shutdown.borrow()).then_some(settings.client_keepalive_timeout.as_secs().max(1));
             session.set_keepalive(keepalive);
+            // Bytes a client sends after its complete request (a pipelined next request) are
+            // kept for the next request instead of failing this one: pingora would otherwise
+            // abort the exchange and drop the backend connection while the backend still works
+            // on the request, and its slot would be reused too early.
+            if let ServerSession::H1(h1) = &mut session {
+                h1.set_pipelining_enabled(true);
+            }
         }
     }
     let progress = Arc::new(Progress::default());
@@ -249,12 +267,16 @@ async fn serve(
     let mut next = Box::pin(first).await;
     while let Some((mut stream, persistent)) = next.map(|r| r.consume()) {
         let idle = shared.settings().client_keepalive_timeout;
-        let started = match wait_readable(&mut stream, idle, &mut shutdown).await {
-            Next::Request => Instant::now(),
-            Next::Done => break,
-            // A TLS connection waits inside pingora's header read (bounded by the keep-alive
-            // timeout), so its header deadline starts after the longest idle wait.
-            Next::Unpeekable => Instant::now() + idle,
+        let started = if has_pipelined_request(persistent.as_ref()) {
+            Instant::now()
+        } else {
+            match wait_readable(&mut stream, idle, &mut shutdown).await {
+                Next::Request => Instant::now(),
+                Next::Done => break,
+                // A TLS connection waits inside pingora's header read (bounded by the
+                // keep-alive timeout), so its header deadline starts after the longest idle wait.
+                Next::Unpeekable => Instant::now() + idle,
+            }
         };
         let request = one(
             proxy.clone(),

@@ -366,3 +366,85 @@ async fn an_exchange_past_the_request_deadline_is_cut_and_releases_its_slot() {
     )
     .await;
 }
+
+/// HTTP/1.1 pipelining: a client that sends its next request before reading the answer gets
+/// both answers, in order, each with its own id, on the same connection, whether the second
+/// request arrives with the first, while the first waits in the queue, or while the first is
+/// at the backend. The second never overtakes the first, so the cap (1 here) holds; and bytes
+/// arriving during an exchange never cut it short (which would free its slot while the backend
+/// still works on it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_are_answered_in_order_within_the_cap() {
+    let emu = Emulator::start(emulator()).await.expect("emulator");
+    let proxy = start(&config_with(
+        emu.addr(),
+        1,
+        100,
+        Duration::from_secs(5),
+        BASE,
+    ));
+    let addr = proxy.addr();
+    let admission = proxy.admission().clone();
+    for case in ["together", "queued", "in-flight"] {
+        let mut blocker = None;
+        if case == "queued" {
+            // Hold the one slot, so the pipelining client waits in the queue.
+            let mut b = Conn::connect(addr).await.expect("connect");
+            b.send_raw(b"GET /slow HTTP/1.1\r\nHost: x\r\nX-Txn-Id: blocker\r\nX-Service-Time: 500ms\r\n\r\n")
+                .await
+                .expect("send");
+            eventually("the blocker holds the slot", Duration::from_secs(5), || {
+                admission.snapshot().backends[0].inflight == 1
+            })
+            .await;
+            blocker = Some(b);
+        }
+        let mut c = Conn::connect(addr).await.expect("connect");
+        let first = format!(
+            "GET /a HTTP/1.1\r\nHost: x\r\nX-Txn-Id: {case}-1\r\nX-Service-Time: 300ms\r\n\r\n"
+        );
+        let second = format!("GET /b HTTP/1.1\r\nHost: x\r\nX-Txn-Id: {case}-2\r\n\r\n");
+        if case == "together" {
+            c.send_raw(format!("{first}{second}").as_bytes())
+                .await
+                .expect("send");
+        } else {
+            c.send_raw(first.as_bytes()).await.expect("send");
+            match case {
+                "queued" => {
+                    eventually("the first request waits", Duration::from_secs(5), || {
+                        admission.snapshot().queued == 1
+                    })
+                    .await
+                }
+                _ => {
+                    eventually(
+                        "the first request is at the backend",
+                        Duration::from_secs(5),
+                        || emu.inside_now() == 1,
+                    )
+                    .await
+                }
+            }
+            c.send_raw(second.as_bytes()).await.expect("send");
+        }
+        for n in 1..=2 {
+            let r = c.read_response().await.expect("an answer");
+            let id = format!("{case}-{n}");
+            assert_eq!(r.status, 200, "{id}: {}", r.text());
+            assert_eq!(r.txn_id(), Some(id.as_str()), "{case}: answers in order");
+            assert!(r.keep_alive(), "{id}");
+        }
+        assert_eq!(
+            c.send(&Request::get("/c").txn(format!("{case}-3")))
+                .await
+                .expect("reused")
+                .status,
+            200
+        );
+        if let Some(mut b) = blocker {
+            assert_eq!(b.read_response().await.expect("blocker").status, 200);
+        }
+    }
+    assert_eq!(emu.stats().max_inside, 1, "the cap holds");
+}
