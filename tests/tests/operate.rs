@@ -162,19 +162,20 @@ async fn metrics_and_access_log_match_a_known_traffic_pattern() {
         &text,
         "sluice_upstream_connections_total{backend=\"iis\",reused=\"true\"}",
     );
-    // Six requests went upstream, each on a new or a reused connection; with a cap of 1 the
-    // backend never had more than one connection open at a time.
+    // Six requests went upstream, each on a new or a reused connection.
     let (new, reused) = (new.unwrap_or(0.0), reused.unwrap_or(0.0));
     assert_eq!(new + reused, 6.0, "{text}");
     assert!(
         new >= 1.0 && reused >= 1.0,
         "pooled connections are reused\n{text}"
     );
-    assert_eq!(
-        emu.stats().max_open_connections,
-        1,
-        "cap 1: one connection at a time"
-    );
+    // Every connection sluice dialed is one the backend accepted, and requests never overlapped.
+    // (Not "one connection open at a time": pingora 0.9 can lose a pooled connection to a race
+    // with its idle poller, pingora#998, and dial a new one while the old one is closing; the
+    // emulator may see the close after the new accept.)
+    let stats = emu.stats();
+    assert_eq!(stats.accepted_connections as f64, new, "{stats:?}\n{text}");
+    assert_eq!(stats.max_inside, 1, "cap 1: one request at a time");
     // Waits: B2 waited the whole deadline.
     let le_1s = metric(&text, "sluice_queue_wait_seconds_bucket{le=\"1\"}").expect("bucket");
     assert_eq!(le_1s, 8.0, "all but B2 waited under 1 s\n{text}");
