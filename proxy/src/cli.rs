@@ -220,10 +220,33 @@ pub fn describe(cfg: &Config) -> String {
     let d = |d: Duration| humantime::format_duration(d).to_string();
     let mut s = String::new();
     let _ = writeln!(s, "listen            {}", cfg.listen);
+    if let Some(tls) = &cfg.tls {
+        let _ = writeln!(
+            s,
+            "listen (TLS)      {}, certificate {}, key {} (re-read on reload)",
+            tls.listen,
+            tls.cert.display(),
+            tls.key.display()
+        );
+    }
+    let _ = writeln!(
+        s,
+        "clients           at most {} connections{}; header within {}, body (up to 64 KiB, \
+         received before admission) within {}, whole request within {}; idle {}",
+        cfg.max_connections,
+        match cfg.max_connections_per_ip {
+            0 => String::new(),
+            n => format!(", {n} per client IP"),
+        },
+        d(cfg.client_header_timeout),
+        d(cfg.client_body_timeout),
+        d(cfg.request_timeout),
+        d(cfg.client_keepalive_timeout)
+    );
     for b in &cfg.backends {
         let _ = writeln!(
             s,
-            "backend {:<9} {} (resolved {}), max_inflight {}{}",
+            "backend {:<9} {} (resolved {}), max_inflight {}{}{}",
             b.name,
             b.address,
             b.addr,
@@ -231,6 +254,18 @@ pub fn describe(cfg: &Config) -> String {
             b.host
                 .as_deref()
                 .map(|h| format!(", Host: {h}"))
+                .unwrap_or_default(),
+            b.tls
+                .as_ref()
+                .map(|t| format!(
+                    ", TLS to {}{}",
+                    t.sni,
+                    if t.verify {
+                        " (verified)"
+                    } else {
+                        " (NOT verified)"
+                    }
+                ))
                 .unwrap_or_default()
         );
     }
