@@ -272,6 +272,7 @@ impl Admission {
             admission: self.clone(),
             backend,
             queued,
+            hold: None,
         }
     }
 
@@ -575,6 +576,8 @@ pub struct Permit {
     admission: Arc<Admission>,
     backend: BackendId,
     queued: bool,
+    /// Keep the slot this much longer when dropped (the backend may still be working).
+    hold: Option<std::time::Duration>,
 }
 
 impl Permit {
@@ -587,10 +590,27 @@ impl Permit {
     pub fn was_queued(&self) -> bool {
         self.queued
     }
+
+    /// From now on, if this permit is dropped, keep its slot taken for `hold` more (`None`:
+    /// release at once). Set while a request may be at the backend without its answer having
+    /// been seen, so that work the backend still does after an upstream timeout or a cut
+    /// exchange keeps counting against the cap.
+    pub fn hold_on_drop(&mut self, hold: Option<std::time::Duration>) {
+        self.hold = hold.filter(|d| !d.is_zero());
+    }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
+        if let (Some(hold), Ok(rt)) = (self.hold, tokio::runtime::Handle::try_current()) {
+            let admission = self.admission.clone();
+            let backend = self.backend;
+            rt.spawn(async move {
+                tokio::time::sleep(hold).await;
+                admission.release(backend);
+            });
+            return;
+        }
         self.admission.release(self.backend);
     }
 }
@@ -618,6 +638,27 @@ mod tests {
         // Paused time: the waiter's deadline passes without any real sleep.
         assert_eq!(waiter.await.expect("join"), Err(Shed::QueueTimeout));
         assert_eq!(a.snapshot().queued, 0);
+        drop(p);
+        assert_eq!(inflight(&a), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_held_permit_keeps_its_slot_for_the_hold_then_hands_it_over() {
+        let a = Admission::new(&[1], 10, Duration::from_secs(60));
+        let mut p = a.acquire().await.expect("admitted");
+        p.hold_on_drop(Some(Duration::from_secs(5)));
+        let a2 = a.clone();
+        let waiter = tokio::spawn(async move { a2.acquire().await.map(|p| p.backend()) });
+        tokio::task::yield_now().await;
+        drop(p);
+        tokio::time::sleep(Duration::from_millis(4_900)).await;
+        assert_eq!(inflight(&a), 1, "held for the whole hold");
+        assert!(!waiter.is_finished(), "the waiter still waits");
+        assert_eq!(waiter.await.expect("join"), Ok(BackendId(0)));
+        // A hold withdrawn (the answer was seen) releases at once.
+        let mut p = a.acquire().await.expect("admitted");
+        p.hold_on_drop(Some(Duration::from_secs(5)));
+        p.hold_on_drop(None);
         drop(p);
         assert_eq!(inflight(&a), 0);
     }

@@ -40,6 +40,9 @@ pub mod defaults {
     pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
     /// Longest wait for each write to a backend (30 s).
     pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+    /// After an upstream timeout the backend is most likely still working on the request:
+    /// its slot stays taken this much longer.
+    pub const TIMEOUT_HOLD: Duration = Duration::from_secs(30);
     /// Longest wait for each write to a client (30 s). A client that reads slower than this
     /// would otherwise keep a backend slot busy.
     pub const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -280,6 +283,9 @@ pub mod file {
         pub write_timeout: Option<Duration>,
         /// `ca_file = "/etc/sluice/backend-ca.pem"`: CAs for TLS backends.
         pub ca_file: Option<String>,
+        /// `timeout_hold = "30s"`
+        #[serde(default, with = "opt_duration")]
+        pub timeout_hold: Option<Duration>,
     }
 
     /// `[tls]`
@@ -567,6 +573,8 @@ pub struct Upstream {
     pub write_timeout: Duration,
     /// CA bundle for verifying TLS backends; the system's roots when `None`.
     pub ca_file: Option<String>,
+    /// How long a slot stays taken after an upstream timeout (or a cut exchange); zero: none.
+    pub timeout_hold: Duration,
 }
 
 /// One legacy server.
@@ -831,6 +839,7 @@ impl Config {
                 f.upstream.write_timeout,
                 defaults::WRITE_TIMEOUT,
             )?,
+            timeout_hold: f.upstream.timeout_hold.unwrap_or(defaults::TIMEOUT_HOLD),
             ca_file: match &f.upstream.ca_file {
                 None => None,
                 Some(p) => Some(crate::tls::check_ca_file("upstream.ca_file", p)?),

@@ -85,6 +85,7 @@ pub struct Metrics {
     client_connections: IntGauge,
     connections_refused: IntCounterVec,
     client_timeouts: IntCounterVec,
+    timeout_holds: IntCounterVec,
 }
 
 /// Why a client connection was refused at accept, for
@@ -243,6 +244,11 @@ impl Metrics {
             "Client connections refused at accept (503, then closed), by the cap that refused them.",
             &["reason"],
         );
+        let timeout_holds = counter(
+            "sluice_timeout_holds_total",
+            "Slots kept taken for upstream.timeout_hold after an upstream timeout, by backend.",
+            &["backend"],
+        );
         let client_timeouts = counter(
             "sluice_client_timeouts_total",
             "Client connections cut off by a deadline, by phase (header, body, request).",
@@ -267,7 +273,13 @@ impl Metrics {
             client_connections,
             connections_refused,
             client_timeouts,
+            timeout_holds,
         }
+    }
+
+    /// Count a slot held after an upstream timeout.
+    pub fn timeout_hold(&self, backend: &str) {
+        self.timeout_holds.with_label_values(&[backend]).inc();
     }
 
     /// A client connection opened (+1) or closed (-1).

@@ -113,6 +113,8 @@ pub struct Settings {
     pub client_body_timeout: Duration,
     /// Longest a request may take, complete header to delivered response.
     pub request_timeout: Duration,
+    /// How long a slot stays taken after an upstream timeout or a cut exchange.
+    pub timeout_hold: Duration,
 }
 
 /// Build an upstream peer for a configured backend.
@@ -157,6 +159,7 @@ impl Settings {
             client_header_timeout: cfg.client_header_timeout,
             client_body_timeout: cfg.client_body_timeout,
             request_timeout: cfg.request_timeout,
+            timeout_hold: cfg.upstream.timeout_hold,
         }
     }
 }
@@ -660,6 +663,15 @@ impl ProxyHttp for Sluice {
         upstream_request.remove_header(PROBE_HEADER);
         upstream_request.remove_header(PROBE_BACKEND_HEADER);
         ctx.upstream_start = Some(Instant::now());
+        if !ctx.probe {
+            // From here the backend may be working on the request. Should the exchange end
+            // without its answer (an upstream timeout, or the request deadline cutting it), the
+            // slot stays taken a while longer: that work still occupies the backend.
+            let hold = settings.timeout_hold;
+            if let Some(p) = ctx.permit.as_mut() {
+                p.hold_on_drop(Some(hold));
+            }
+        }
         Ok(())
     }
 
@@ -818,8 +830,33 @@ impl ProxyHttp for Sluice {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         // Release the backend slot first: the response has been delivered or the request is
-        // over, and the next waiter should not wait for bookkeeping.
-        drop(ctx.permit.take());
+        // over, and the next waiter should not wait for bookkeeping. After an upstream timeout
+        // the backend is most likely still working on the request: the slot is held a while.
+        if let Some(mut permit) = ctx.permit.take() {
+            let timed_out = e.is_some_and(|e| {
+                matches!(e.esource(), ErrorSource::Upstream)
+                    && matches!(
+                        e.etype(),
+                        ErrorType::ReadTimedout | ErrorType::WriteTimedout
+                    )
+            });
+            if timed_out && !ctx.probe {
+                let hold = self.settings(ctx).timeout_hold;
+                if !hold.is_zero() {
+                    if let Some(up) = self.settings(ctx).upstreams.get(permit.backend().0) {
+                        self.shared.metrics.timeout_hold(&up.name);
+                        log::warn!(
+                            "backend {}: upstream timeout; its slot stays taken for {hold:?} \
+                             (upstream.timeout_hold), the backend is likely still working",
+                            up.name
+                        );
+                    }
+                }
+            } else {
+                permit.hold_on_drop(None);
+            }
+            drop(permit);
+        }
         if ctx.probe {
             return;
         }
@@ -944,6 +981,7 @@ mod tests {
             client_header_timeout: Duration::from_secs(1),
             client_body_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(1),
+            timeout_hold: Duration::from_secs(1),
         }
     }
 

@@ -326,16 +326,17 @@ async fn connection_caps_refuse_with_503_and_free_on_close() {
 }
 
 /// `request_timeout`: an exchange still running past it is cut (the client's connection
-/// closes without an answer) and its slot is released: the whole cap is available after.
+/// closes without an answer); its slot stays taken for `upstream.timeout_hold`, since the
+/// backend is still working on it, and is then released: the whole cap is available after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_exchange_past_the_request_deadline_is_cut_and_releases_its_slot() {
+async fn an_exchange_past_the_request_deadline_is_cut_and_its_slot_held_then_released() {
     let emu = Emulator::start(emulator()).await.expect("emulator");
     let proxy = start(&config_with(
         emu.addr(),
         2,
         100,
         Duration::from_millis(500),
-        &format!("{BASE}[proxy]\nrequest_timeout = \"1s\"\n"),
+        &format!("{BASE}[proxy]\nrequest_timeout = \"1s\"\n[upstream]\ntimeout_hold = \"1s\"\n"),
     ));
     let addr = proxy.addr();
     let mut c = Conn::connect(addr).await.expect("connect");
@@ -356,6 +357,11 @@ async fn an_exchange_past_the_request_deadline_is_cut_and_releases_its_slot() {
     assert_eq!(
         metric(&proxy, "sluice_client_timeouts_total{phase=\"request\"}"),
         Some(1)
+    );
+    assert_eq!(
+        proxy.admission().snapshot().backends[0].inflight,
+        1,
+        "the cut exchange's slot is held while the backend works"
     );
     assert_full_capacity(
         addr,

@@ -34,7 +34,8 @@ async fn backend_faults_fail_one_request_and_never_repeat_a_payment() {
         4,
         100,
         Duration::from_secs(10),
-        &format!("{BASE}[upstream]\nread_timeout = \"500ms\"\n"),
+        // A hung request's slot is held briefly after its 504 (the backend may still work).
+        &format!("{BASE}[upstream]\nread_timeout = \"500ms\"\ntimeout_hold = \"500ms\"\n"),
     ));
     let admission = proxy.admission().clone();
     for fault in ["reset", "hang", "truncate", "malformed", "close"] {
@@ -355,4 +356,71 @@ async fn idle_client_connections_close_after_the_keepalive_timeout() {
         idle >= Duration::from_millis(900),
         "closed too early: {idle:?}"
     );
+}
+
+/// After an upstream timeout the backend is still working on the request: its slot stays taken
+/// for `upstream.timeout_hold`, so new requests never join that leftover work above the cap.
+/// (Releasing at the 504 would put 3 requests inside a backend capped at 2.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_timeout_keeps_the_slot_while_the_backend_still_works() {
+    let emu = Emulator::start(emulator_config(Duration::from_millis(5)))
+        .await
+        .expect("emulator");
+    let proxy = start(&config_with(
+        emu.addr(),
+        2,
+        100,
+        Duration::from_secs(10),
+        &format!("{BASE}[upstream]\nread_timeout = \"300ms\"\ntimeout_hold = \"2s\"\n"),
+    ));
+    let addr = proxy.addr();
+    let admission = proxy.admission().clone();
+    let mut c = Conn::connect(addr).await.expect("connect");
+    let r = c
+        .send(
+            &Request::post("/pay", "amount=1")
+                .txn("slow-payment")
+                .header("X-Service-Time", "1500ms"),
+        )
+        .await
+        .expect("an answer");
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert_eq!(emu.inside_now(), 1, "the backend is still working on it");
+    assert_eq!(
+        admission.snapshot().backends[0].inflight,
+        1,
+        "its slot is still taken"
+    );
+    // Two more requests at once: only one fits beside the leftover work.
+    emu.reset_stats();
+    let more: Vec<_> = (0..2)
+        .map(|i| {
+            tokio::spawn(async move {
+                let mut c = Conn::connect(addr).await.expect("connect");
+                c.set_timeout(Duration::from_secs(10));
+                let r = c
+                    .send(
+                        &Request::get("/pay")
+                            .txn(format!("after-{i}"))
+                            .header("X-Service-Time", "200ms"),
+                    )
+                    .await
+                    .expect("an answer");
+                r.status
+            })
+        })
+        .collect();
+    for m in more {
+        assert_eq!(m.await.expect("client"), 200);
+    }
+    assert!(
+        emu.stats().max_inside <= 2,
+        "cap 2 with the leftover work counted: {:?}",
+        emu.stats()
+    );
+    // The hold ends: the whole cap is free again.
+    eventually("the held slot is released", Duration::from_secs(5), || {
+        admission.snapshot().backends[0].inflight == 0
+    })
+    .await;
 }
