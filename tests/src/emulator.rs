@@ -10,7 +10,8 @@
 //! * At most [`EmulatorConfig::workers`] requests are **served** at once; the
 //!   others wait inside for a worker, first come first served. A worker spends
 //!   [`EmulatorConfig::service_time`] on each request (overridable per request
-//!   with `X-Service-Time: 250ms`).
+//!   with `X-Service-Time: 250ms`). `X-Pad-Bytes: N` adds N bytes to the
+//!   response body (a large response).
 //! * When more than [`EmulatorConfig::lockup_above`] requests are inside, the
 //!   server **locks up**: for [`EmulatorConfig::lockup_duration`] it answers
 //!   nothing (requests that finish their service time stall before writing
@@ -57,6 +58,8 @@ use crate::wire::{self, Framing, Wire};
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bound on how long [`EmulatorHandle::stop`] waits for connections to close.
 const STOP_WAIT: Duration = Duration::from_secs(5);
+/// Largest `X-Pad-Bytes`.
+const MAX_PAD_BYTES: usize = 64 * 1024 * 1024;
 /// Longest a `X-Fault: hang` request is held if the peer never closes.
 const HANG_MAX: Duration = Duration::from_secs(600);
 /// Requests served on one connection before the emulator closes it.
@@ -1069,6 +1072,16 @@ async fn handle_request(
             }
         },
     };
+    // `X-Pad-Bytes: N` pads the body with N bytes (at most 64 MiB): a large response.
+    let pad =
+        match wire::find_header(&head.headers, "x-pad-bytes").map(|v| v.trim().parse::<usize>()) {
+            None => 0,
+            Some(Ok(n)) if n <= MAX_PAD_BYTES => n,
+            Some(_) => {
+                bad_request(shared, wire, "bad X-Pad-Bytes: a byte count up to 67108864").await;
+                return Next::Close;
+            }
+        };
     let txn = txn_id(&head);
 
     // Inside from here until the response is handed to the socket (guard dropped).
@@ -1116,10 +1129,11 @@ async fn handle_request(
     shared.gate_open().await;
 
     let id = txn.as_deref();
-    let body = match id {
+    let mut body = match id {
         Some(id) => format!("ok {id}\n"),
         None => "ok\n".to_string(),
     };
+    body.extend(std::iter::repeat_n('.', pad));
     match fault {
         Some(Fault::Reset) => {
             // Abortive close: the connection is reset when the socket drops.

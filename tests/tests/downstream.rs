@@ -454,3 +454,44 @@ async fn pipelined_requests_are_answered_in_order_within_the_cap() {
     }
     assert_eq!(emu.stats().max_inside, 1, "the cap holds");
 }
+
+/// `client_write_timeout`: a client that stops reading a large response holds the backend
+/// slot only until a write to it has waited that long; then its connection is dropped and the
+/// slot serves the next payment (whose queue timeout is far shorter than the request deadline).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_frees_its_slot_after_the_write_timeout() {
+    let emu = Emulator::start(emulator()).await.expect("emulator");
+    let proxy = start(&config_with(
+        emu.addr(),
+        1,
+        100,
+        Duration::from_secs(3),
+        &format!("{BASE}[proxy]\nclient_write_timeout = \"500ms\"\n"),
+    ));
+    let addr = proxy.addr();
+    // 32 MiB answered to a client that never reads: the socket buffers fill and stay full.
+    let mut stalled = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stalled
+        .write_all(
+            b"GET /big HTTP/1.1\r\nHost: x\r\nX-Txn-Id: big\r\nX-Pad-Bytes: 33554432\r\n\r\n",
+        )
+        .await
+        .expect("send");
+    let admission = proxy.admission().clone();
+    eventually(
+        "the stalled client holds the slot",
+        Duration::from_secs(5),
+        || admission.snapshot().backends[0].inflight == 1,
+    )
+    .await;
+    let mut c = Conn::connect(addr).await.expect("connect");
+    c.set_timeout(Duration::from_secs(10));
+    let r = c
+        .send(&Request::post("/pay", "amount=1").txn("next"))
+        .await
+        .expect("an answer");
+    assert_eq!(r.status, 200, "the slot was freed: {}", r.text());
+    assert_eq!(r.txn_id(), Some("next"));
+    assert_eq!(emu.stats().max_inside, 1);
+    drop(stalled);
+}
