@@ -330,3 +330,64 @@ async fn reload_changes_the_limit_under_load_and_refuses_a_bad_file() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A `tcp` health check takes a stopped backend down and brings it back when it listens again
+/// (with passive checks off, the active check alone decides), and the admin `slow-start`
+/// command restarts the ramp from its initial limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_health_check_and_the_slow_start_command() {
+    use sluice_plugins::BackendState;
+    let emu = Emulator::start(emulator_config()).await.expect("emulator");
+    let cfg = farm_config(&format!(
+        "[admission]\nmax_inflight = 10\n\
+         [slow_start]\nduration = \"2s\"\ninitial = 2\n\
+         [health]\ncheck = \"tcp\"\ninterval = \"100ms\"\ntimeout = \"200ms\"\nrise = 1\nfall = 1\n\
+         passive_failures = 0\n\
+         [[backend]]\nname = \"iis\"\naddress = \"{}\"\n",
+        emu.addr()
+    ));
+    let admin_addr = cfg.admin_listen.expect("admin");
+    let proxy = start(&cfg);
+    let admission = proxy.admission().clone();
+    let limit = || admission.snapshot().backends[0].effective_limit;
+    eventually("the start-up ramp ends", Duration::from_secs(10), || {
+        limit() == 10
+    })
+    .await;
+
+    emu.stop().await;
+    eventually(
+        "the tcp check takes it down",
+        Duration::from_secs(5),
+        || admission.status()[0].state == BackendState::Down,
+    )
+    .await;
+    emu.restart().await.expect("restart");
+    eventually(
+        "the tcp check brings it back",
+        Duration::from_secs(5),
+        || admission.status()[0].state == BackendState::Up,
+    )
+    .await;
+    eventually("the recovery ramp ends", Duration::from_secs(10), || {
+        limit() == 10
+    })
+    .await;
+
+    let (code, body) = admin(admin_addr, "POST", "/backends/iis/slow-start").await;
+    assert_eq!(code, 200, "{body}");
+    assert!(limit() < 10, "the ramp restarted: limit {}", limit());
+    eventually("the commanded ramp ends", Duration::from_secs(10), || {
+        limit() == 10
+    })
+    .await;
+    let (code, _) = admin(admin_addr, "POST", "/backends/nosuch/slow-start").await;
+    assert_eq!(code, 404);
+    let r = Conn::connect(proxy.addr())
+        .await
+        .expect("connect")
+        .send(&Request::get("/pay").txn("after"))
+        .await
+        .expect("served");
+    assert_eq!(r.status, 200);
+}
