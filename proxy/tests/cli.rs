@@ -194,3 +194,43 @@ fn listen_address_in_use_fails_at_once() {
     );
     drop(held);
 }
+
+/// `sluice demo` (the README's first command, shortened): hit directly, the emulated server
+/// locks up; through sluice it is held at exactly 32 requests inside, never locks up, and every
+/// terminal gets an answer.
+#[test]
+fn demo_shows_the_backend_held_at_its_cap() {
+    let out = sluice()
+        .args(["demo", "--terminals", "300", "--seconds", "2"])
+        .output()
+        .expect("run sluice demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let row = |path: &str| -> Vec<String> {
+        stdout
+            .lines()
+            .find(|l| {
+                let mut w = l.split_whitespace();
+                w.next() == Some(path) && w.next().is_some_and(|n| n.parse::<u64>().is_ok())
+            })
+            .unwrap_or_else(|| panic!("no {path} row in:\n{stdout}"))
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
+    // Columns: path, ok, goodput, errors, 503s, backend max conc, backend conns, lockups, p99.
+    let direct = row("direct");
+    let through = row("sluice");
+    assert!(direct[7].parse::<u32>().expect("lockups") >= 1, "{stdout}");
+    assert_eq!(through[3], "0", "errors through sluice: {stdout}");
+    assert_eq!(
+        through[5], "32",
+        "backend max concurrency through sluice: {stdout}"
+    );
+    assert_eq!(through[7], "0", "lock-ups through sluice: {stdout}");
+    assert!(through[6].parse::<u32>().expect("conns") <= 32, "{stdout}");
+}
