@@ -46,6 +46,7 @@ use pingora::protocols::http::ServerSession;
 use pingora::protocols::Stream;
 use pingora::proxy::{HttpProxy, ProcessCustomSession};
 use pingora::server::ShutdownWatch;
+use prometheus::IntGauge;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
@@ -96,7 +97,9 @@ struct Connections {
 struct Counted {
     conns: Arc<Connections>,
     ip: Option<IpAddr>,
-    metrics: Metrics,
+    /// `sluice_client_connections` (one handle, not the whole metrics set: this lives as long
+    /// as the connection).
+    gauge: IntGauge,
 }
 
 impl Connections {
@@ -131,11 +134,12 @@ impl Connections {
             }
             *n += 1;
         }
-        metrics.client_connection(1);
+        let gauge = metrics.client_connections();
+        gauge.inc();
         Ok(Counted {
             conns: self.clone(),
             ip,
-            metrics: metrics.clone(),
+            gauge,
         })
     }
 }
@@ -152,7 +156,7 @@ impl Drop for Counted {
             }
         }
         self.conns.open.fetch_sub(1, Ordering::AcqRel);
-        self.metrics.client_connection(-1);
+        self.gauge.dec();
     }
 }
 

@@ -282,9 +282,9 @@ impl Metrics {
         self.timeout_holds.with_label_values(&[backend]).inc();
     }
 
-    /// A client connection opened (+1) or closed (-1).
-    pub fn client_connection(&self, delta: i64) {
-        self.client_connections.add(delta);
+    /// The open-client-connections gauge (a cheap handle to keep per connection).
+    pub fn client_connections(&self) -> IntGauge {
+        self.client_connections.clone()
     }
 
     /// Count a client connection refused at accept.
@@ -384,7 +384,7 @@ mod tests {
         m.upstream_duration("b0", 0.02);
         m.upstream_connection("b0", false);
         m.reload(true);
-        m.client_connection(1);
+        m.client_connections().inc();
         m.connection_refused(Refused::PerIp);
         m.client_timeout(Deadline::Header);
         let text = m.render(&a);
@@ -406,5 +406,50 @@ mod tests {
         ] {
             assert!(text.contains(needle), "missing {needle:?} in\n{text}");
         }
+    }
+
+    /// Every `sluice_*` metric the Grafana dashboard in `conf/` queries is one sluice serves.
+    #[test]
+    fn the_dashboard_queries_only_metrics_that_exist() {
+        let m = Metrics::new();
+        // A backend with a rate, so the token gauge has a sample too.
+        let cfg = crate::config::Config::parse(
+            "[admission]\nmax_inflight = 4\nrate = 10.0\n[[backend]]\naddress = \"127.0.0.1:9\"\n",
+            None,
+            &crate::config::Overrides::default(),
+        )
+        .expect("config");
+        let a = Admission::from_config(&cfg);
+        m.request("b0", Outcome::Ok);
+        m.queue_wait(0.002);
+        m.upstream_duration("b0", 0.02);
+        m.upstream_connection("b0", false);
+        m.reload(true);
+        m.client_connections().inc();
+        m.connection_refused(Refused::Total);
+        m.client_timeout(Deadline::Body);
+        m.timeout_hold("b0");
+        let text = m.render(&a);
+        let dashboard = include_str!("../../conf/grafana-dashboard.json");
+        let mut checked = 0;
+        for (i, _) in dashboard.match_indices("sluice_") {
+            let name: String = dashboard[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            let family = ["_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(&name);
+            assert!(
+                text.contains(&format!("# TYPE {family} ")),
+                "the dashboard queries {name}, which sluice does not serve"
+            );
+            checked += 1;
+        }
+        assert!(
+            checked > 20,
+            "the dashboard was read ({checked} references)"
+        );
     }
 }
