@@ -335,7 +335,7 @@ impl<W> AdmissionPool<W> {
     pub fn acquire_probe(&mut self, backend: BackendId, now: Instant) -> bool {
         self.tick(now);
         match self.slots.get_mut(backend.0) {
-            Some(slot) if slot.inflight < slot.effective_limit().max(1) => {
+            Some(slot) if slot.inflight < slot.effective_limit() => {
                 slot.inflight += 1;
                 true
             }
@@ -848,6 +848,22 @@ mod tests {
             3,
             "the waiter took the slot"
         );
+    }
+
+    #[test]
+    fn probe_never_takes_a_slot_beyond_the_cap() {
+        // Found by fuzzing: with every slot reserved (a new process during an upgrade hand-over)
+        // a probe used to take one anyway, one above the cap across both processes.
+        let now = t0();
+        let mut pool: AdmissionPool<()> = AdmissionPool::new(&[2], 1);
+        let _ = pool.set_reserved(BackendId(0), 2, now);
+        assert!(
+            !pool.acquire_probe(BackendId(0), now),
+            "no free slot under the cap"
+        );
+        let _ = pool.set_reserved(BackendId(0), 1, now);
+        assert!(pool.acquire_probe(BackendId(0), now));
+        assert!(!pool.acquire_probe(BackendId(0), now));
     }
 
     #[test]

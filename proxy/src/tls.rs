@@ -61,14 +61,31 @@ fn provider() -> &'static Arc<CryptoProvider> {
     CryptoProvider::get_default().expect("a rustls crypto provider is installed")
 }
 
+/// Largest certificate, key or CA file read, bytes: a path to a device or a huge file is an
+/// error, not a hang.
+const MAX_PEM_BYTES: u64 = 1024 * 1024;
+
 fn read(key: &str, path: &Path) -> Result<String, ConfigError> {
-    std::fs::read_to_string(path).map_err(|e| {
-        ConfigError::new(
+    use std::io::Read;
+    let value = || format!("{:?}", path.display().to_string());
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_PEM_BYTES + 1).read_to_string(&mut text))
+        .map_err(|e| {
+            ConfigError::new(
+                key,
+                value(),
+                format!("cannot read the file ({e}); give the path of a readable PEM file"),
+            )
+        })?;
+    if text.len() as u64 > MAX_PEM_BYTES {
+        return Err(ConfigError::new(
             key,
-            format!("{:?}", path.display().to_string()),
-            format!("cannot read the file ({e}); give the path of a readable PEM file"),
-        )
-    })
+            value(),
+            "is larger than 1 MiB; give the path of a PEM file",
+        ));
+    }
+    Ok(text)
 }
 
 /// Load a certificate chain and its private key (PEM files) and check that they match.
@@ -152,5 +169,11 @@ mod tests {
         let e = check_ca_file("upstream.ca_file", &not_pem.display().to_string())
             .expect_err("not a CA bundle");
         assert_eq!(e.key, "upstream.ca_file");
+
+        let e = check_ca_file("upstream.ca_file", "/dev/zero").expect_err("endless");
+        assert!(
+            e.fix.contains("1 MiB") || e.fix.contains("cannot read"),
+            "{e}"
+        );
     }
 }
