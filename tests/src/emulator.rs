@@ -1146,6 +1146,10 @@ async fn handle_request(
             Next::Close
         }
         Some(Fault::Malformed) => {
+            // As for a good response: once the proxy can read the answer, the server is done
+            // with the request, so it leaves "inside" before the write.
+            drop(serving);
+            drop(inside);
             let _ = write(wire, b"HTTP/1.1 OOPS\x01 legacy server garbage\r\n\r\n").await;
             Next::Close
         }
