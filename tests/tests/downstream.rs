@@ -24,6 +24,25 @@ fn emulator() -> EmulatorConfig {
     }
 }
 
+/// An emulator and sluice in front of it: a cap of `cap`, a queue of 100 waiting at most
+/// `queue_timeout`, no ramp, no health checks, and `toml` (extra sections) on top.
+async fn setup(
+    cap: u32,
+    queue_timeout: Duration,
+    toml: &str,
+) -> (Emulator, sluice::run::RunningProxy) {
+    let emu = Emulator::start(emulator()).await.expect("emulator");
+    let cfg = config_with(
+        emu.addr(),
+        cap,
+        100,
+        queue_timeout,
+        &format!("{BASE}{toml}"),
+    );
+    let proxy = start(&cfg);
+    (emu, proxy)
+}
+
 /// The value of one metric sample line, e.g. `sluice_client_connections`.
 fn metric(proxy: &sluice::run::RunningProxy, sample: &str) -> Option<u64> {
     let text = proxy.shared().metrics.render(proxy.admission());
@@ -54,14 +73,12 @@ async fn trickle(mut c: Conn, first: &str, since: Instant) -> Duration {
 /// client keeps getting its own answers the whole time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_is_cut_off_at_the_header_deadline_while_others_are_served() {
-    let emu = Emulator::start(emulator()).await.expect("emulator");
-    let proxy = start(&config_with(
-        emu.addr(),
+    let (emu, proxy) = setup(
         4,
-        100,
         Duration::from_secs(5),
-        &format!("{BASE}[proxy]\nclient_header_timeout = \"1s\"\n"),
-    ));
+        "[proxy]\nclient_header_timeout = \"1s\"\n",
+    )
+    .await;
     let addr = proxy.addr();
     let mut lorises = Vec::new();
     for i in 0..19 {
@@ -130,14 +147,12 @@ async fn slowloris_is_cut_off_at_the_header_deadline_while_others_are_served() {
 /// buffered up to 64 KiB.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_body_never_holds_a_backend_slot() {
-    let emu = Emulator::start(emulator()).await.expect("emulator");
-    let proxy = start(&config_with(
-        emu.addr(),
+    let (emu, proxy) = setup(
         1,
-        100,
         Duration::from_millis(300),
-        &format!("{BASE}[proxy]\nclient_body_timeout = \"1s\"\n"),
-    ));
+        "[proxy]\nclient_body_timeout = \"1s\"\n",
+    )
+    .await;
     let addr = proxy.addr();
 
     let slow = tokio::spawn(async move {
@@ -232,14 +247,7 @@ async fn a_slow_body_never_holds_a_backend_slot() {
 /// from one address is refused while another address is still served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_caps_refuse_with_503_and_free_on_close() {
-    let emu = Emulator::start(emulator()).await.expect("emulator");
-    let proxy = start(&config_with(
-        emu.addr(),
-        4,
-        100,
-        Duration::from_secs(5),
-        &format!("{BASE}[proxy]\nmax_connections = 4\n"),
-    ));
+    let (emu, proxy) = setup(4, Duration::from_secs(5), "[proxy]\nmax_connections = 4\n").await;
     let addr = proxy.addr();
     let mut open = Vec::new();
     for i in 0..4 {
@@ -330,14 +338,12 @@ async fn connection_caps_refuse_with_503_and_free_on_close() {
 /// backend is still working on it, and is then released: the whole cap is available after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exchange_past_the_request_deadline_is_cut_and_its_slot_held_then_released() {
-    let emu = Emulator::start(emulator()).await.expect("emulator");
-    let proxy = start(&config_with(
-        emu.addr(),
+    let (emu, proxy) = setup(
         2,
-        100,
         Duration::from_millis(500),
-        &format!("{BASE}[proxy]\nrequest_timeout = \"1s\"\n[upstream]\ntimeout_hold = \"1s\"\n"),
-    ));
+        "[proxy]\nrequest_timeout = \"1s\"\n[upstream]\ntimeout_hold = \"1s\"\n",
+    )
+    .await;
     let addr = proxy.addr();
     let mut c = Conn::connect(addr).await.expect("connect");
     let started = Instant::now();
@@ -381,14 +387,7 @@ async fn an_exchange_past_the_request_deadline_is_cut_and_its_slot_held_then_rel
 /// still works on it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_requests_are_answered_in_order_within_the_cap() {
-    let emu = Emulator::start(emulator()).await.expect("emulator");
-    let proxy = start(&config_with(
-        emu.addr(),
-        1,
-        100,
-        Duration::from_secs(5),
-        BASE,
-    ));
+    let (emu, proxy) = setup(1, Duration::from_secs(5), "").await;
     let addr = proxy.addr();
     let admission = proxy.admission().clone();
     for case in ["together", "queued", "in-flight"] {
@@ -460,14 +459,12 @@ async fn pipelined_requests_are_answered_in_order_within_the_cap() {
 /// slot serves the next payment (whose queue timeout is far shorter than the request deadline).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_frees_its_slot_after_the_write_timeout() {
-    let emu = Emulator::start(emulator()).await.expect("emulator");
-    let proxy = start(&config_with(
-        emu.addr(),
+    let (emu, proxy) = setup(
         1,
-        100,
         Duration::from_secs(3),
-        &format!("{BASE}[proxy]\nclient_write_timeout = \"500ms\"\n"),
-    ));
+        "[proxy]\nclient_write_timeout = \"500ms\"\n",
+    )
+    .await;
     let addr = proxy.addr();
     // 32 MiB answered to a client that never reads: the socket buffers fill and stay full.
     let mut stalled = tokio::net::TcpStream::connect(addr).await.expect("connect");
