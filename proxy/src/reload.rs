@@ -14,7 +14,7 @@
 //!   handshakes get the new certificate), and TLS toward backends (`tls`, `sni`, `tls_verify`).
 //!
 //! What needs new sockets or threads (listen, TLS listen and admin addresses, `[server]`, the
-//! client read buffer, health-check settings, the backend CA file) is reported as needing an upgrade (`sluice run --upgrade`).
+//! client read and write buffers, health-check settings, the backend CA file) is reported as needing an upgrade (`sluice run --upgrade`).
 //! An invalid file is refused with its error and the running configuration stays.
 
 use std::path::PathBuf;
@@ -113,6 +113,10 @@ fn apply(shared: &Shared, old: &Config, new: &Config) -> ReloadReport {
     needs(
         "proxy.client_read_buffer_bytes",
         old.client_read_buffer_bytes != new.client_read_buffer_bytes,
+    );
+    needs(
+        "proxy.client_write_buffer_bytes",
+        old.client_write_buffer_bytes != new.client_write_buffer_bytes,
     );
     needs("[server]", old.server != new.server);
     needs("[health]", old.health != new.health);

@@ -37,9 +37,6 @@ use crate::reload::{Reloader, SighupReload};
 use crate::service::{Settings, Shared, Sluice};
 use std::path::PathBuf;
 
-/// Write buffer per client connection, bytes (one TCP segment; responses are small).
-const CLIENT_WRITE_BUFFER_BYTES: usize = 1460;
-
 fn whole_seconds_rounded_up(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
@@ -142,7 +139,8 @@ pub fn build_server_from(
         #[cfg(target_os = "linux")]
         user_timeout: Duration::from_secs(0),
     });
-    let buffers = L4BufferSettings::new(cfg.client_read_buffer_bytes, CLIENT_WRITE_BUFFER_BYTES);
+    let buffers =
+        L4BufferSettings::new(cfg.client_read_buffer_bytes, cfg.client_write_buffer_bytes);
     if let (Some(tls), Some(store)) = (&cfg.tls, &shared.tls) {
         let mut settings = TlsSettings::intermediate("", "")
             .unwrap_or_else(|e| unreachable!("TlsSettings::intermediate never fails: {e}"));
