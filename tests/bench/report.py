@@ -15,7 +15,10 @@ import sys
 import report_restart as restart
 
 TARGETS = ["direct", "sluice", "sluice-noramp", "haproxy", "nginx"]
-LABEL = {"sluice-noramp": "sluice, slow start off"}
+LABEL = {
+    "sluice-noramp": "sluice, slow start off",
+    "sluice-lean": "sluice, client_write_buffer_bytes = 0",
+}
 PROXIES = ["sluice", "haproxy", "nginx"]
 
 
@@ -61,6 +64,8 @@ def main():
     surge_ran = p["runs"] > 0
     targets = [t for t in TARGETS if t in p["targets"].split()]
     proxies = [t for t in PROXIES if t in targets]
+    # Memory is also measured for sluice's memory-lean setting (no surge run).
+    mem_kinds = proxies + (["sluice-lean"] if "sluice" in proxies else [])
 
     # ---- collect
     surge, ceiling, mem = {}, {}, {}
@@ -94,7 +99,7 @@ def main():
                 term["errors_connect"] + term["errors_io"] + term["errors_timeout"]
             )
             surge[(r, t)] = d
-        for t in proxies:
+        for t in mem_kinds:
             m = load(os.path.join(res, f"r{r}-mem-{t}.json"))
             if not m:
                 continue
@@ -154,12 +159,12 @@ def main():
     # ---- memory table
     mem_rows = []
     for r in runs:
-        for t in proxies:
+        for t in mem_kinds:
             m = mem.get((r, t))
             if not m:
                 continue
             mem_rows.append([
-                r, f"**{t}**", m["ready"].replace("ready ", "").split(" statuses")[0],
+                r, f"**{LABEL.get(t, t)}**", m["ready"].replace("ready ", "").split(" statuses")[0],
                 m["done"].replace("done ", ""),
                 f"{m['before']['rss_kib'] / 1024:.1f}",
                 f"{m['after']['rss_kib'] / 1024:.1f}",

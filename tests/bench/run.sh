@@ -213,10 +213,11 @@ start_proxy() {
     dir=$WORK/$name
     mkdir -p "$dir"
     case $kind in
-    sluice | sluice-noramp)
+    sluice | sluice-noramp | sluice-lean)
         cat >"$dir/sluice.toml" <<EOF
 [proxy]
 listen = "127.0.0.1:$port"
+$([[ $kind == sluice-lean ]] && echo "client_write_buffer_bytes = 0" || true)
 
 [admission]
 max_inflight = $MAX_INFLIGHT
@@ -678,6 +679,8 @@ SLUICE_HAS_ADMIN=0
 grep -q -- '--admin-listen' <<<"$SLUICE_HELP" && SLUICE_HAS_ADMIN=1
 SLUICE_HAS_SLOW_START=0
 grep -q -- '--slow-start' <<<"$SLUICE_HELP" && SLUICE_HAS_SLOW_START=1
+SLUICE_HAS_WRITE_BUFFER=0
+grep -q client_write_buffer_bytes "$ROOT/conf/sluice.toml" 2>/dev/null && SLUICE_HAS_WRITE_BUFFER=1
 if ((!SLUICE_HAS_SLOW_START)) && [[ " $BENCH_TARGETS " == *" sluice-noramp "* ]]; then
     log "this sluice has no --slow-start flag: skipping target sluice-noramp"
     BENCH_TARGETS=$(sed 's/ *sluice-noramp//' <<<"$BENCH_TARGETS")
@@ -700,6 +703,11 @@ for ((run = 1; run <= SURGE_RUNS; run++)); do
         for t in "${order[@]}"; do
             case $t in direct | sluice-noramp) ;; *) run_memory "$run" "$t" ;; esac
         done
+        # And sluice without a client write buffer (proxy.client_write_buffer_bytes = 0), the
+        # memory-lean setting, where this sluice has it.
+        if [[ " ${order[*]} " == *" sluice "* ]] && ((SLUICE_HAS_WRITE_BUFFER)); then
+            run_memory "$run" sluice-lean
+        fi
     fi
 done
 
