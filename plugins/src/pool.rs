@@ -60,7 +60,8 @@ impl BackendPolicy {
 }
 
 /// Tickets queued normally count up from the middle of the range; requeued requests (which
-/// keep their priority) count down from it, so they sort ahead of every normal ticket.
+/// keep their priority) count up from zero, so they sort ahead of every normal ticket and in
+/// the order they were requeued among themselves.
 const TICKET_BASE: u64 = 1 << 63;
 
 /// Index of a backend inside an [`AdmissionPool`], in configuration order.
@@ -251,7 +252,7 @@ impl<W> AdmissionPool<W> {
             queue: BTreeMap::new(),
             max_queue,
             next_ticket: TICKET_BASE,
-            next_front_ticket: TICKET_BASE - 1,
+            next_front_ticket: 0,
         }
     }
 
@@ -309,8 +310,9 @@ impl<W> AdmissionPool<W> {
             }
         }
         let ticket = if front {
+            // 2^63 requeues would be needed to reach the normal tickets.
             let t = Ticket(self.next_front_ticket);
-            self.next_front_ticket = self.next_front_ticket.saturating_sub(1);
+            self.next_front_ticket += 1;
             t
         } else {
             if self.queue.len() >= self.max_queue {
@@ -848,6 +850,24 @@ mod tests {
             3,
             "the waiter took the slot"
         );
+    }
+
+    #[test]
+    fn requeued_requests_go_first_in_the_order_they_were_requeued() {
+        // Found by fuzzing: requeue tickets counted down, so the last requeued went first.
+        let now = t0();
+        let d = now + Duration::from_secs(10);
+        let mut pool: AdmissionPool<u32> = AdmissionPool::new(&[1], 10);
+        assert!(matches!(pool.acquire(now, d, 0), Acquire::Admitted(_)));
+        assert!(matches!(pool.acquire(now, d, 1), Acquire::Queued(_)));
+        assert!(matches!(pool.requeue(now, d, 2), Acquire::Queued(_)));
+        assert!(matches!(pool.requeue(now, d, 3), Acquire::Queued(_)));
+        let mut order = Vec::new();
+        for _ in 0..3 {
+            let grants = pool.release(BackendId(0), now);
+            order.extend(grants.into_iter().map(|g| g.waiter));
+        }
+        assert_eq!(order, vec![2, 3, 1]);
     }
 
     #[test]

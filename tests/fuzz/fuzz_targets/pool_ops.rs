@@ -1,13 +1,16 @@
 //! Fuzz target: the admission policy under any sequence of events keeps its promises.
 //!
 //! The input decodes into 1 to 3 backends (limit, optional rate and slow-start ramp), a queue
-//! bound, and up to 512 events: arrivals, completions, waiters leaving, time passing (with
+//! bound, and up to 512 events: arrivals, completions, requeues (a refused connection gives
+//! its slot back and waits again ahead of the queue), waiters leaving, time passing (with
 //! deadlines expiring and timer wake-ups), limit changes, state changes (up, down, draining),
 //! health probes, and outcomes recorded for the ramp's gate. After every event:
 //! - the pool's in-flight count per backend equals the model's (no slot leaked or freed twice);
 //! - a backend takes new work only while within its limit;
-//! - the queue holds exactly the model's waiters, never more than its bound, and waiters are
-//!   admitted strictly in arrival order, each exactly once, never after leaving or expiring;
+//! - the queue holds exactly the model's waiters, never more than its bound (requeued ones
+//!   aside), and each grant goes to the head of the model's queue: requeued waiters first, in
+//!   the order they were requeued, then the others in arrival order; each exactly once, never
+//!   after leaving or expiring;
 //! - a backend with a rate never admits more than `burst + rate × elapsed`.
 //!
 //! At the end every request completes and every waiter leaves: the pool is empty.
@@ -33,6 +36,7 @@ struct Shape {
 enum Op {
     Arrive,
     Complete(u16),
+    Requeue(u16),
     Leave(u16),
     Tick(u16),
     SetLimit(u8, u8),
@@ -64,34 +68,33 @@ fn policy(s: &Shape) -> BackendPolicy {
     }
 }
 
-/// The model's view: who holds a slot, who waits, and the order of admissions.
+/// The model's view: who holds a slot, and who waits in which order (requeued first).
 #[derive(Default)]
 struct Model {
     running: Vec<(u64, BackendId)>,
-    waiting: Vec<(u64, Ticket)>,
-    last_admitted: Option<u64>,
+    /// Waiters in the order they must be served: (id, ticket, requeued).
+    waiting: Vec<(u64, Ticket, bool)>,
     admitted_to: Vec<u64>,
 }
 
 impl Model {
     fn grants(&mut self, grants: Vec<Grant<u64>>) {
         for g in grants {
-            let pos = self
-                .waiting
-                .iter()
-                .position(|(id, _)| *id == g.waiter)
-                .unwrap_or_else(|| panic!("waiter {} admitted but not waiting", g.waiter));
-            assert!(
-                self.last_admitted.is_none_or(|l| g.waiter > l),
-                "FIFO: waiter {} admitted after {:?}",
-                g.waiter,
-                self.last_admitted
+            let head = self.waiting.first().map(|w| w.0);
+            assert_eq!(
+                Some(g.waiter),
+                head,
+                "grant to {} but the head of the queue is {head:?}",
+                g.waiter
             );
-            self.last_admitted = Some(g.waiter);
-            let _ticket = self.waiting.remove(pos);
+            let _served = self.waiting.remove(0);
             self.running.push((g.waiter, g.backend));
             self.admitted_to[g.backend.0] += 1;
         }
+    }
+
+    fn queued(&self) -> usize {
+        self.waiting.iter().filter(|w| !w.2).count()
     }
 }
 
@@ -128,8 +131,12 @@ fuzz_target!(|input: Input| {
                         m.running.push((id, b));
                         m.admitted_to[b.0] += 1;
                     }
-                    Acquire::Queued(t) => m.waiting.push((id, t)),
-                    Acquire::Rejected(_) => assert_eq!(m.waiting.len(), max_queue),
+                    Acquire::Queued(t) => {
+                        assert!(m.waiting.len() < max_queue, "queued past the bound");
+                        m.waiting.push((id, t, false));
+                    }
+                    // The bound counts every waiter, requeued ones included.
+                    Acquire::Rejected(_) => assert!(m.waiting.len() >= max_queue),
                 }
             }
             Op::Complete(i) if !m.running.is_empty() => {
@@ -137,16 +144,34 @@ fuzz_target!(|input: Input| {
                 let g = pool.release(b, now);
                 m.grants(g);
             }
+            Op::Requeue(i) if !m.running.is_empty() => {
+                // The connection was refused: the slot goes back, the request waits again.
+                let (id, b) = m.running.remove(usize::from(i) % m.running.len());
+                let g = pool.release(b, now);
+                m.grants(g);
+                match pool.requeue(now, now + timeout, id) {
+                    Acquire::Admitted(b) => {
+                        assert!(m.waiting.is_empty(), "a requeue overtook a waiter");
+                        m.running.push((id, b));
+                        m.admitted_to[b.0] += 1;
+                    }
+                    Acquire::Queued(t) => {
+                        let at = m.waiting.iter().take_while(|w| w.2).count();
+                        m.waiting.insert(at, (id, t, true));
+                    }
+                    Acquire::Rejected(_) => panic!("a requeue is never rejected"),
+                }
+            }
             Op::Leave(i) if !m.waiting.is_empty() => {
-                let (id, t) = m.waiting.remove(usize::from(i) % m.waiting.len());
+                let (id, t, _) = m.waiting.remove(usize::from(i) % m.waiting.len());
                 assert_eq!(pool.cancel(t), Some(id));
             }
             Op::Tick(ms) => {
                 now += Duration::from_millis(u64::from(ms % 500));
                 for (_, id) in pool.expire(now) {
-                    let pos = m.waiting.iter().position(|(w, _)| *w == id);
+                    let pos = m.waiting.iter().position(|w| w.0 == id);
                     assert!(pos.is_some(), "expired a waiter that was not waiting");
-                    m.waiting.retain(|(w, _)| *w != id);
+                    m.waiting.retain(|w| w.0 != id);
                 }
                 let g = pool.poll(now);
                 m.grants(g);
@@ -201,11 +226,14 @@ fuzz_target!(|input: Input| {
             }
         }
         assert_eq!(pool.queued(), m.waiting.len());
-        assert!(pool.queued() <= max_queue);
+        assert!(
+            m.queued() <= max_queue,
+            "the queue's bound holds for normal waiters"
+        );
     }
 
     // Everything ends: requests complete, probes finish, waiters leave. Nothing is left.
-    for (id, t) in std::mem::take(&mut m.waiting) {
+    for (id, t, _) in std::mem::take(&mut m.waiting) {
         assert_eq!(pool.cancel(t), Some(id));
     }
     for (_, b) in std::mem::take(&mut m.running) {
