@@ -22,6 +22,7 @@
 //!   client IP. One over `proxy.max_connections` (or `proxy.max_connections_per_ip`, off by
 //!   default because a store's terminals share one NAT address) gets a `503` with
 //!   `Retry-After` and `Connection: close` at once and is closed; it never reaches pingora.
+//!   During a flood, at most 256 refusals are answered at a time; the rest are closed at once.
 //! - **Header deadline.** pingora times each read of a request header separately (60 s), so a
 //!   client trickling one byte at a time holds its connection for ever. Here the whole request
 //!   runs in a future raced against `proxy.client_header_timeout`, counted from the accept (first
@@ -60,6 +61,10 @@ type Proxy = HttpProxy<Sluice, ()>;
 const REFUSE_LINGER: Duration = Duration::from_secs(1);
 /// At most this much of a refused connection's request is read and discarded.
 const REFUSE_LINGER_BYTES: usize = 64 * 1024;
+/// At most this many refused connections get their 503 and linger at once; past it (a flood
+/// of connections over the cap) a refused connection is closed at once, so refusals cannot
+/// use up the file descriptors the cap protects.
+const REFUSE_MAX_PENDING: usize = 256;
 
 /// Progress of the request being served, shared with the service's hooks.
 #[derive(Debug, Default)]
@@ -91,6 +96,17 @@ pub fn header_read() {
 struct Connections {
     open: AtomicUsize,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// Refused connections still being answered.
+    refusing: Arc<AtomicUsize>,
+}
+
+/// A refused connection being answered; uncounted when dropped.
+struct Refusing(Arc<AtomicUsize>);
+
+impl Drop for Refusing {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// One counted connection; uncounted when dropped.
@@ -103,6 +119,17 @@ struct Counted {
 }
 
 impl Connections {
+    /// Room to answer one more refused connection, unless [`REFUSE_MAX_PENDING`] are already
+    /// being answered.
+    fn refusing(&self) -> Option<Refusing> {
+        if self.refusing.fetch_add(1, Ordering::AcqRel) < REFUSE_MAX_PENDING {
+            Some(Refusing(self.refusing.clone()))
+        } else {
+            self.refusing.fetch_sub(1, Ordering::AcqRel);
+            None
+        }
+    }
+
     fn per_ip(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
         self.per_ip.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -365,7 +392,17 @@ pub fn handler(shared: Arc<Shared>) -> ProcessCustomSession<Sluice, ()> {
                 Err(reason) => {
                     shared.metrics.connection_refused(reason);
                     log::debug!("client connection from {ip:?} refused: {}", reason.as_str());
-                    tokio::spawn(refuse(stream, reason, settings.retry_after_secs));
+                    match conns.refusing() {
+                        Some(refusing) => {
+                            let retry_after = settings.retry_after_secs;
+                            tokio::spawn(async move {
+                                refuse(stream, reason, retry_after).await;
+                                drop(refusing);
+                            });
+                        }
+                        // Too many refusals in progress: close without an answer.
+                        None => drop(stream),
+                    }
                 }
             }
             Box::pin(std::future::ready(None))
@@ -377,6 +414,24 @@ pub fn handler(shared: Arc<Shared>) -> ProcessCustomSession<Sluice, ()> {
 mod tests {
     use super::*;
     use std::net::Ipv4Addr;
+
+    #[test]
+    fn refusals_answered_at_once_are_bounded() {
+        let c = Connections::default();
+        let held: Vec<_> = (0..REFUSE_MAX_PENDING)
+            .map(|_| c.refusing().expect("room"))
+            .collect();
+        assert!(
+            c.refusing().is_none(),
+            "a flood past the bound is closed unanswered"
+        );
+        drop(held);
+        assert!(
+            c.refusing().is_some(),
+            "room again once the answers are done"
+        );
+        assert_eq!(c.refusing.load(Ordering::Acquire), 0);
+    }
 
     #[test]
     fn caps_count_total_and_per_ip_and_release_on_drop() {
