@@ -7,12 +7,12 @@ Prints the tables to stdout and writes them, with the machine, versions, exact p
 configurations and a "Reading the results" section, to OUT.md. Standard library only.
 """
 
-import json
 import os
 import statistics
 import sys
 
 import report_restart as restart
+from report_restart import load, statuses, table
 
 TARGETS = ["direct", "sluice", "sluice-noramp", "haproxy", "nginx"]
 LABEL = {
@@ -20,14 +20,6 @@ LABEL = {
     "sluice-lean": "sluice, client_write_buffer_bytes = 0",
 }
 PROXIES = ["sluice", "haproxy", "nginx"]
-
-
-def load(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
 
 
 def fmt_int(x):
@@ -42,18 +34,6 @@ def ratio(a, b, digits=2):
     if a is None or b is None or b == 0:
         return "–"
     return f"{a / b:.{digits}f}×"
-
-
-def statuses(by_status):
-    if not by_status:
-        return "–"
-    return " ".join(f"{k}: {v:,}" for k, v in sorted(by_status.items(), key=lambda kv: int(kv[0])))
-
-
-def table(header, rows):
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(out)
 
 
 def main():
