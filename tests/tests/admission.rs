@@ -7,28 +7,23 @@ mod common;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::{config, eventually, raise_fd_limit, start};
+use common::{emulator_and_proxy, eventually, raise_fd_limit};
 use sluice_tests::client::{Conn, Request};
-use sluice_tests::emulator::{Emulator, EmulatorConfig};
 use sluice_tests::terminals::{self, ConnMode, HttpMix, LoadConfig, StartMode};
-
-fn emulator_config(service_time: Duration) -> EmulatorConfig {
-    EmulatorConfig {
-        workers: 256,
-        service_time,
-        ..EmulatorConfig::default()
-    }
-}
 
 /// 500 concurrent clients, `max_inflight = 16`, a 50 ms backend: the backend sees exactly 16 at
 /// once over at most 16 connections, and every client gets 200 with its own transaction id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_held_at_exact_cap_under_500_concurrent_clients() {
     raise_fd_limit();
-    let emu = Emulator::start(emulator_config(Duration::from_millis(50)))
-        .await
-        .expect("emulator");
-    let proxy = start(&config(emu.addr(), 16, 1000, Duration::from_secs(60)));
+    let (emu, proxy) = emulator_and_proxy(
+        Duration::from_millis(50),
+        16,
+        1000,
+        Duration::from_secs(60),
+        "",
+    )
+    .await;
     let addr = proxy.addr();
 
     let clients: Vec<_> = (0..500)
@@ -80,10 +75,14 @@ async fn backend_held_at_exact_cap_under_500_concurrent_clients() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_per_transaction_reuses_a_capped_pool() {
     raise_fd_limit();
-    let emu = Emulator::start(emulator_config(Duration::from_millis(2)))
-        .await
-        .expect("emulator");
-    let proxy = start(&config(emu.addr(), 8, 2000, Duration::from_secs(60)));
+    let (emu, proxy) = emulator_and_proxy(
+        Duration::from_millis(2),
+        8,
+        2000,
+        Duration::from_secs(60),
+        "",
+    )
+    .await;
     let report = terminals::run(LoadConfig {
         target: proxy.addr(),
         terminals: 200,
@@ -113,10 +112,8 @@ async fn connection_per_transaction_reuses_a_capped_pool() {
 /// Queue full: immediate 503 with Retry-After, and the same connection serves the next request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_full_rejects_at_once_and_keeps_the_connection() {
-    let emu = Emulator::start(emulator_config(Duration::from_millis(1)))
-        .await
-        .expect("emulator");
-    let proxy = start(&config(emu.addr(), 1, 1, Duration::from_secs(30)));
+    let (emu, proxy) =
+        emulator_and_proxy(Duration::from_millis(1), 1, 1, Duration::from_secs(30), "").await;
     let addr = proxy.addr();
     let admission = proxy.admission().clone();
 
@@ -184,11 +181,8 @@ async fn queue_full_rejects_at_once_and_keeps_the_connection() {
 /// A queued request past `queue_timeout` gets 503 after about that long.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_timeout_answers_503_after_the_deadline() {
-    let emu = Emulator::start(emulator_config(Duration::from_millis(1)))
-        .await
-        .expect("emulator");
     let queue_timeout = Duration::from_millis(400);
-    let proxy = start(&config(emu.addr(), 1, 10, queue_timeout));
+    let (emu, proxy) = emulator_and_proxy(Duration::from_millis(1), 1, 10, queue_timeout, "").await;
     let addr = proxy.addr();
     let holder = tokio::spawn(async move {
         let mut c = Conn::connect(addr).await.expect("connect");
@@ -230,10 +224,14 @@ async fn queue_timeout_answers_503_after_the_deadline() {
 /// Clients that disconnect while queued leave the queue and never reach the backend.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_that_leaves_the_queue_is_never_forwarded() {
-    let emu = Emulator::start(emulator_config(Duration::from_millis(1)))
-        .await
-        .expect("emulator");
-    let proxy = start(&config(emu.addr(), 1, 100, Duration::from_secs(30)));
+    let (emu, proxy) = emulator_and_proxy(
+        Duration::from_millis(1),
+        1,
+        100,
+        Duration::from_secs(30),
+        "",
+    )
+    .await;
     let addr = proxy.addr();
     let admission = proxy.admission().clone();
     let holder = tokio::spawn(async move {
@@ -292,11 +290,15 @@ async fn client_that_leaves_the_queue_is_never_forwarded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aborted_clients_leak_no_slot() {
     raise_fd_limit();
-    let emu = Emulator::start(emulator_config(Duration::from_millis(20)))
-        .await
-        .expect("emulator");
     let cap = 8;
-    let proxy = start(&config(emu.addr(), cap, 1000, Duration::from_secs(30)));
+    let (emu, proxy) = emulator_and_proxy(
+        Duration::from_millis(20),
+        cap,
+        1000,
+        Duration::from_secs(30),
+        "",
+    )
+    .await;
     let addr = proxy.addr();
     let admission = proxy.admission().clone();
 
@@ -333,10 +335,14 @@ async fn aborted_clients_leak_no_slot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_mixups_under_concurrency_and_reuse() {
     raise_fd_limit();
-    let emu = Emulator::start(emulator_config(Duration::from_millis(1)))
-        .await
-        .expect("emulator");
-    let proxy = start(&config(emu.addr(), 4, 1000, Duration::from_secs(60)));
+    let (emu, proxy) = emulator_and_proxy(
+        Duration::from_millis(1),
+        4,
+        1000,
+        Duration::from_secs(60),
+        "",
+    )
+    .await;
     let report = terminals::run(LoadConfig {
         target: proxy.addr(),
         terminals: 100,

@@ -9,39 +9,11 @@ mod common;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
-use common::{assert_full_capacity, config_with, eventually, start};
+use common::{
+    assert_full_capacity, config_with, emulator_and_proxy, eventually, start, NO_RAMP_NO_CHECKS,
+};
 use sluice_tests::client::{Conn, Request};
-use sluice_tests::emulator::{Emulator, EmulatorConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-const BASE: &str = "[slow_start]\nduration = \"0s\"\n[health]\ncheck = \"none\"\n";
-
-fn emulator() -> EmulatorConfig {
-    EmulatorConfig {
-        workers: 256,
-        service_time: Duration::from_millis(1),
-        ..EmulatorConfig::default()
-    }
-}
-
-/// An emulator and sluice in front of it: a cap of `cap`, a queue of 100 waiting at most
-/// `queue_timeout`, no ramp, no health checks, and `toml` (extra sections) on top.
-async fn setup(
-    cap: u32,
-    queue_timeout: Duration,
-    toml: &str,
-) -> (Emulator, sluice::run::RunningProxy) {
-    let emu = Emulator::start(emulator()).await.expect("emulator");
-    let cfg = config_with(
-        emu.addr(),
-        cap,
-        100,
-        queue_timeout,
-        &format!("{BASE}{toml}"),
-    );
-    let proxy = start(&cfg);
-    (emu, proxy)
-}
 
 /// The value of one metric sample line, e.g. `sluice_client_connections`.
 fn metric(proxy: &sluice::run::RunningProxy, sample: &str) -> Option<u64> {
@@ -73,8 +45,10 @@ async fn trickle(mut c: Conn, first: &str, since: Instant) -> Duration {
 /// client keeps getting its own answers the whole time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_is_cut_off_at_the_header_deadline_while_others_are_served() {
-    let (emu, proxy) = setup(
+    let (emu, proxy) = emulator_and_proxy(
+        Duration::from_millis(1),
         4,
+        100,
         Duration::from_secs(5),
         "[proxy]\nclient_header_timeout = \"1s\"\n",
     )
@@ -147,8 +121,10 @@ async fn slowloris_is_cut_off_at_the_header_deadline_while_others_are_served() {
 /// buffered up to 64 KiB.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_body_never_holds_a_backend_slot() {
-    let (emu, proxy) = setup(
+    let (emu, proxy) = emulator_and_proxy(
+        Duration::from_millis(1),
         1,
+        100,
         Duration::from_millis(300),
         "[proxy]\nclient_body_timeout = \"1s\"\n",
     )
@@ -247,7 +223,14 @@ async fn a_slow_body_never_holds_a_backend_slot() {
 /// from one address is refused while another address is still served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_caps_refuse_with_503_and_free_on_close() {
-    let (emu, proxy) = setup(4, Duration::from_secs(5), "[proxy]\nmax_connections = 4\n").await;
+    let (emu, proxy) = emulator_and_proxy(
+        Duration::from_millis(1),
+        4,
+        100,
+        Duration::from_secs(5),
+        "[proxy]\nmax_connections = 4\n",
+    )
+    .await;
     let addr = proxy.addr();
     let mut open = Vec::new();
     for i in 0..4 {
@@ -300,7 +283,7 @@ async fn connection_caps_refuse_with_503_and_free_on_close() {
         4,
         100,
         Duration::from_secs(5),
-        &format!("{BASE}[proxy]\nmax_connections_per_ip = 2\n"),
+        &format!("{NO_RAMP_NO_CHECKS}[proxy]\nmax_connections_per_ip = 2\n"),
     ));
     let addr = proxy.addr();
     let a = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -338,8 +321,10 @@ async fn connection_caps_refuse_with_503_and_free_on_close() {
 /// backend is still working on it, and is then released: the whole cap is available after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exchange_past_the_request_deadline_is_cut_and_its_slot_held_then_released() {
-    let (emu, proxy) = setup(
+    let (emu, proxy) = emulator_and_proxy(
+        Duration::from_millis(1),
         2,
+        100,
         Duration::from_millis(500),
         "[proxy]\nrequest_timeout = \"1s\"\n[upstream]\ntimeout_hold = \"1s\"\n",
     )
@@ -387,7 +372,8 @@ async fn an_exchange_past_the_request_deadline_is_cut_and_its_slot_held_then_rel
 /// still works on it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_requests_are_answered_in_order_within_the_cap() {
-    let (emu, proxy) = setup(1, Duration::from_secs(5), "").await;
+    let (emu, proxy) =
+        emulator_and_proxy(Duration::from_millis(1), 1, 100, Duration::from_secs(5), "").await;
     let addr = proxy.addr();
     let admission = proxy.admission().clone();
     for case in ["together", "queued", "in-flight"] {
@@ -459,8 +445,10 @@ async fn pipelined_requests_are_answered_in_order_within_the_cap() {
 /// slot serves the next payment (whose queue timeout is far shorter than the request deadline).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_frees_its_slot_after_the_write_timeout() {
-    let (emu, proxy) = setup(
+    let (emu, proxy) = emulator_and_proxy(
+        Duration::from_millis(1),
         1,
+        100,
         Duration::from_secs(3),
         "[proxy]\nclient_write_timeout = \"500ms\"\n",
     )

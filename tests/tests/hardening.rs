@@ -8,35 +8,22 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::{config_with, eventually, raise_fd_limit, start};
+use common::{emulator_and_proxy, eventually, raise_fd_limit};
 use sluice_tests::client::{Conn, Request};
-use sluice_tests::emulator::{Emulator, EmulatorConfig};
-
-const BASE: &str = "[slow_start]\nduration = \"0s\"\n[health]\ncheck = \"none\"\n";
-
-fn emulator_config(service_time: Duration) -> EmulatorConfig {
-    EmulatorConfig {
-        workers: 256,
-        service_time,
-        ..EmulatorConfig::default()
-    }
-}
 
 /// Each kind of backend fault: the client gets a 5xx (never another client's answer), the
 /// backend saw the POST exactly once, and the proxy serves the next request normally.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_faults_fail_one_request_and_never_repeat_a_payment() {
-    let emu = Emulator::start(emulator_config(Duration::from_millis(5)))
-        .await
-        .expect("emulator");
-    let proxy = start(&config_with(
-        emu.addr(),
+    // A hung request's slot is held briefly after its 504 (the backend may still work).
+    let (emu, proxy) = emulator_and_proxy(
+        Duration::from_millis(5),
         4,
         100,
         Duration::from_secs(10),
-        // A hung request's slot is held briefly after its 504 (the backend may still work).
-        &format!("{BASE}[upstream]\nread_timeout = \"500ms\"\ntimeout_hold = \"500ms\"\n"),
-    ));
+        "[upstream]\nread_timeout = \"500ms\"\ntimeout_hold = \"500ms\"\n",
+    )
+    .await;
     let admission = proxy.admission().clone();
     for fault in ["reset", "hang", "truncate", "malformed", "close"] {
         let id = format!("pay-{fault}");
@@ -95,16 +82,14 @@ async fn backend_faults_fail_one_request_and_never_repeat_a_payment() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_responses_hurt_only_their_own_clients() {
     raise_fd_limit();
-    let emu = Emulator::start(emulator_config(Duration::from_millis(10)))
-        .await
-        .expect("emulator");
-    let proxy = start(&config_with(
-        emu.addr(),
+    let (emu, proxy) = emulator_and_proxy(
+        Duration::from_millis(10),
         8,
         1000,
         Duration::from_secs(30),
-        BASE,
-    ));
+        "",
+    )
+    .await;
     let addr = proxy.addr();
     let clients: Vec<_> = (0..200)
         .map(|i| {
@@ -145,16 +130,14 @@ async fn malformed_responses_hurt_only_their_own_clients() {
 /// absolute-form target reaches the backend in origin-form; `Expect: 100-continue` works.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smuggling_and_oversized_requests_never_reach_the_backend() {
-    let emu = Emulator::start(emulator_config(Duration::from_millis(1)))
-        .await
-        .expect("emulator");
-    let proxy = start(&config_with(
-        emu.addr(),
+    let (emu, proxy) = emulator_and_proxy(
+        Duration::from_millis(1),
         4,
         100,
         Duration::from_secs(10),
-        &format!("{BASE}[proxy]\nmax_header_bytes = 4096\nmax_body_bytes = 1000\n"),
-    ));
+        "[proxy]\nmax_header_bytes = 4096\nmax_body_bytes = 1000\n",
+    )
+    .await;
     let addr = proxy.addr();
     let smuggled = "GET /smuggled HTTP/1.1\r\nHost: x\r\nX-Txn-Id: smuggled\r\n\r\n";
     let cases: Vec<(&str, String, u16)> = vec![
@@ -264,17 +247,15 @@ async fn smuggling_and_oversized_requests_never_reach_the_backend() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_random_aborts_leave_full_capacity() {
     raise_fd_limit();
-    let emu = Emulator::start(emulator_config(Duration::from_millis(3)))
-        .await
-        .expect("emulator");
     let cap = 8u32;
-    let proxy = start(&config_with(
-        emu.addr(),
+    let (emu, proxy) = emulator_and_proxy(
+        Duration::from_millis(3),
         cap,
         5000,
         Duration::from_secs(30),
-        BASE,
-    ));
+        "",
+    )
+    .await;
     let addr = proxy.addr();
     let admission = proxy.admission().clone();
     // A small deterministic generator: reproducible "random" abort moments.
@@ -328,16 +309,14 @@ async fn ten_thousand_random_aborts_leave_full_capacity() {
 /// that sends its next request in time is served on the same connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_client_connections_close_after_the_keepalive_timeout() {
-    let emu = Emulator::start(emulator_config(Duration::from_millis(1)))
-        .await
-        .expect("emulator");
-    let proxy = start(&config_with(
-        emu.addr(),
+    let (_emu, proxy) = emulator_and_proxy(
+        Duration::from_millis(1),
         4,
         100,
         Duration::from_secs(10),
-        &format!("{BASE}[proxy]\nclient_keepalive_timeout = \"1s\"\n"),
-    ));
+        "[proxy]\nclient_keepalive_timeout = \"1s\"\n",
+    )
+    .await;
     let mut c = Conn::connect(proxy.addr()).await.expect("connect");
     for i in 0..3 {
         let r = c
@@ -363,16 +342,14 @@ async fn idle_client_connections_close_after_the_keepalive_timeout() {
 /// (Releasing at the 504 would put 3 requests inside a backend capped at 2.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_timeout_keeps_the_slot_while_the_backend_still_works() {
-    let emu = Emulator::start(emulator_config(Duration::from_millis(5)))
-        .await
-        .expect("emulator");
-    let proxy = start(&config_with(
-        emu.addr(),
+    let (emu, proxy) = emulator_and_proxy(
+        Duration::from_millis(5),
         2,
         100,
         Duration::from_secs(10),
-        &format!("{BASE}[upstream]\nread_timeout = \"300ms\"\ntimeout_hold = \"2s\"\n"),
-    ));
+        "[upstream]\nread_timeout = \"300ms\"\ntimeout_hold = \"2s\"\n",
+    )
+    .await;
     let addr = proxy.addr();
     let admission = proxy.admission().clone();
     let mut c = Conn::connect(addr).await.expect("connect");

@@ -9,24 +9,11 @@ use std::time::{Duration, Instant};
 use sluice::run::{free_local_addr, RunningProxy};
 use sluice::{Config, Overrides};
 
-/// A config for one backend at `backend`, listening on a free loopback port, with no
-/// slow start, no health checks and no admin listener (tests of those turn them on).
-pub fn config(
-    backend: SocketAddr,
-    max_inflight: u32,
-    max_queue: usize,
-    queue_timeout: Duration,
-) -> Config {
-    config_with(
-        backend,
-        max_inflight,
-        max_queue,
-        queue_timeout,
-        "[slow_start]\nduration = \"0s\"\n[health]\ncheck = \"none\"\n",
-    )
-}
+/// Config sections turning off the start-up ramp and the health checks.
+pub const NO_RAMP_NO_CHECKS: &str = "[slow_start]\nduration = \"0s\"\n[health]\ncheck = \"none\"\n";
 
-/// Like [`config`], with `toml` as the file (sections not given take their defaults).
+/// A config for one backend at `backend`, listening on a free loopback port, with no admin
+/// listener and no access log, and `toml` as the file (sections not given take their defaults).
 pub fn config_with(
     backend: SocketAddr,
     max_inflight: u32,
@@ -59,6 +46,34 @@ pub fn farm_config(toml: &str) -> Config {
     };
     let toml = format!("{toml}\n[log]\naccess = \"off\"\n");
     Config::parse(&toml, None, &o).expect("test config is valid")
+}
+
+/// An emulator (256 workers, `service_time` each) and sluice in front of it: a cap of `cap`, a
+/// queue of `max_queue` waiting at most `queue_timeout`, no ramp, no health checks, and `toml`
+/// (extra sections) on top.
+pub async fn emulator_and_proxy(
+    service_time: Duration,
+    cap: u32,
+    max_queue: usize,
+    queue_timeout: Duration,
+    toml: &str,
+) -> (sluice_tests::emulator::Emulator, RunningProxy) {
+    let emu = sluice_tests::emulator::Emulator::start(sluice_tests::emulator::EmulatorConfig {
+        workers: 256,
+        service_time,
+        ..sluice_tests::emulator::EmulatorConfig::default()
+    })
+    .await
+    .expect("emulator");
+    let toml = format!("{NO_RAMP_NO_CHECKS}{toml}");
+    let proxy = start(&config_with(
+        emu.addr(),
+        cap,
+        max_queue,
+        queue_timeout,
+        &toml,
+    ));
+    (emu, proxy)
 }
 
 /// Start sluice; retried once on the rare race where another test took the free port.
