@@ -97,15 +97,15 @@ struct Connections {
     open: AtomicUsize,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     /// Refused connections still being answered.
-    refusing: Arc<AtomicUsize>,
+    refusing: AtomicUsize,
 }
 
 /// A refused connection being answered; uncounted when dropped.
-struct Refusing(Arc<AtomicUsize>);
+struct Refusing(Arc<Connections>);
 
 impl Drop for Refusing {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.refusing.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -121,9 +121,9 @@ struct Counted {
 impl Connections {
     /// Room to answer one more refused connection, unless [`REFUSE_MAX_PENDING`] are already
     /// being answered.
-    fn refusing(&self) -> Option<Refusing> {
+    fn refusing(self: &Arc<Self>) -> Option<Refusing> {
         if self.refusing.fetch_add(1, Ordering::AcqRel) < REFUSE_MAX_PENDING {
-            Some(Refusing(self.refusing.clone()))
+            Some(Refusing(self.clone()))
         } else {
             self.refusing.fetch_sub(1, Ordering::AcqRel);
             None
@@ -417,7 +417,7 @@ mod tests {
 
     #[test]
     fn refusals_answered_at_once_are_bounded() {
-        let c = Connections::default();
+        let c = Arc::new(Connections::default());
         let held: Vec<_> = (0..REFUSE_MAX_PENDING)
             .map(|_| c.refusing().expect("room"))
             .collect();
