@@ -213,7 +213,8 @@ fn raw_has_header(raw: &[u8], name: &[u8]) -> bool {
     })
 }
 
-/// Check a request's framing and size before it may wait for, or reach, a backend.
+/// Check a request's framing and size before it may wait for, or reach, a backend; returns its
+/// declared Content-Length, if any.
 ///
 /// `raw` is the header block as the client sent it: pingora drops Content-Length when
 /// Transfer-Encoding is also present (RFC 9112 lets a server do that), while a payment proxy
@@ -222,7 +223,7 @@ pub fn validate(
     req: &RequestHeader,
     raw: Option<&[u8]>,
     settings: &Settings,
-) -> std::result::Result<(), Invalid> {
+) -> std::result::Result<Option<u64>, Invalid> {
     let header_bytes: usize = req.uri.to_string().len()
         + req
             .headers
@@ -257,8 +258,8 @@ pub fn validate(
             ));
         }
     }
+    let mut value: Option<u64> = None;
     if !cl.is_empty() {
-        let mut value: Option<u64> = None;
         for v in &cl {
             for part in v.split(|&c| c == b',') {
                 let part = part.trim_ascii();
@@ -277,7 +278,7 @@ pub fn validate(
             return Err(Invalid::BodyTooLarge);
         }
     }
-    Ok(())
+    Ok(value)
 }
 
 /// State shared by the proxy service, the admin API and reloads.
@@ -373,17 +374,12 @@ impl Sluice {
         session: &mut Session,
         ctx: &mut RequestCtx,
         settings: &Settings,
+        declared: Option<u64>,
     ) -> Result<std::result::Result<(), Invalid>> {
         let downstream = session.as_downstream_mut();
         if downstream.is_body_done() {
             return Ok(Ok(()));
         }
-        let declared = session
-            .req_header()
-            .headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
         let buffer = defaults::BODY_BUFFER_BYTES.min(settings.max_body_bytes);
         if declared.is_some_and(|n| n > buffer as u64) {
             session
@@ -515,24 +511,17 @@ impl ProxyHttp for Sluice {
             .as_downstream()
             .as_http1()
             .map(|h1| h1.get_headers_raw_bytes());
-        let checked = validate(session.req_header(), raw.as_deref(), &settings);
-        if let Err(invalid) = checked {
-            ctx.invalid = Some(invalid);
-            // The rest of this connection cannot be trusted to be framed as the client meant.
-            session.as_downstream_mut().set_keepalive(None);
-            write_error_with(session, invalid.status(), invalid.message(), None).await?;
-            return Ok(true);
-        }
+        let declared = match validate(session.req_header(), raw.as_deref(), &settings) {
+            Ok(declared) => declared,
+            Err(invalid) => return refuse_invalid(session, ctx, invalid).await,
+        };
         // Idle time between requests on this connection (pingora carries it to the next
         // request on the same connection).
         session
             .as_downstream_mut()
             .set_keepalive(Some(settings.client_keepalive_secs));
-        if let Err(invalid) = self.receive_body(session, ctx, &settings).await? {
-            ctx.invalid = Some(invalid);
-            session.as_downstream_mut().set_keepalive(None);
-            write_error_with(session, invalid.status(), invalid.message(), None).await?;
-            return Ok(true);
+        if let Err(invalid) = self.receive_body(session, ctx, &settings, declared).await? {
+            return refuse_invalid(session, ctx, invalid).await;
         }
         let deadline = self.admission.deadline();
         ctx.deadline = Some(deadline);
@@ -919,6 +908,19 @@ impl ProxyHttp for Sluice {
 }
 
 /// A short error response with `Connection: close`.
+/// Answer a request refused before admission (400 / 408 / 413 / 431) and close the connection:
+/// the rest of it cannot be trusted to be framed as the client meant.
+async fn refuse_invalid(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    invalid: Invalid,
+) -> Result<bool> {
+    ctx.invalid = Some(invalid);
+    session.as_downstream_mut().set_keepalive(None);
+    write_error_with(session, invalid.status(), invalid.message(), None).await?;
+    Ok(true)
+}
+
 /// The final (non-1xx) response header sent to the client, if any: a `100 Continue` does not
 /// count, an error can still follow it.
 fn final_response(session: &Session) -> Option<&ResponseHeader> {
@@ -993,7 +995,10 @@ mod tests {
         r
     }
 
-    fn validate_parsed(req: &RequestHeader, s: &Settings) -> std::result::Result<(), Invalid> {
+    fn validate_parsed(
+        req: &RequestHeader,
+        s: &Settings,
+    ) -> std::result::Result<Option<u64>, Invalid> {
         validate(req, None, s)
     }
 
@@ -1002,15 +1007,15 @@ mod tests {
         let s = settings();
         assert_eq!(
             validate_parsed(&req(&[("content-length", "10")]), &s),
-            Ok(())
+            Ok(Some(10))
         );
         assert_eq!(
             validate_parsed(&req(&[("content-length", "10, 10")]), &s),
-            Ok(())
+            Ok(Some(10))
         );
         assert_eq!(
             validate_parsed(&req(&[("transfer-encoding", "chunked")]), &s),
-            Ok(())
+            Ok(None)
         );
         assert!(matches!(
             validate_parsed(
@@ -1048,7 +1053,7 @@ mod tests {
             Err(Invalid::Framing(_))
         ));
         let raw = b"POST /pay HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
-        assert_eq!(validate(&te, Some(raw), &s), Ok(()));
+        assert_eq!(validate(&te, Some(raw), &s), Ok(None));
     }
 
     #[test]
