@@ -7,11 +7,13 @@
 //! The proxy crate wraps these types in a mutex, turns their decisions into waiting, permits
 //! and HTTP responses, and owns all the timers.
 //!
+//! - [`body_pace`]: by when a client must have sent more of a request body (start, rate, total).
 //! - [`pool`]: the admission pool, a set of backends each with a concurrency limit that can change
 //!   at runtime, and one bounded FIFO wait queue in front of them.
 
 #![forbid(unsafe_code)]
 
+pub mod body_pace;
 pub mod health;
 pub mod pool;
 pub mod slow_start;

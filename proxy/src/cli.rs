@@ -231,15 +231,19 @@ pub fn describe(cfg: &Config) -> String {
     }
     let _ = writeln!(
         s,
-        "clients           at most {} connections{}; header within {}, body (up to 64 KiB, \
-         received before admission) within {}, whole request within {}; idle {}",
+        "clients           at most {} connections{}; header within {}; body received whole \
+         before admission (first byte within {}, then at least {} B/s, all within {}; at most \
+         {} bytes of bodies held at once); whole request within {}; idle {}",
         cfg.max_connections,
         match cfg.max_connections_per_ip {
             0 => String::new(),
             n => format!(", {n} per client IP"),
         },
         d(cfg.client_header_timeout),
+        d(cfg.client_body_start_timeout),
+        cfg.client_body_min_rate,
         d(cfg.client_body_timeout),
+        cfg.max_buffered_body_bytes,
         d(cfg.request_timeout),
         d(cfg.client_keepalive_timeout)
     );

@@ -46,9 +46,11 @@ pub mod defaults {
     /// Longest wait for each write to a client (30 s). A client that reads slower than this
     /// would otherwise keep a backend slot busy.
     pub const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
-    /// Idle time allowed between requests on a kept-alive client connection (30 s). Also the
-    /// per-read timeout while a request header arrives.
-    pub const CLIENT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(30);
+    /// Idle time allowed between requests on a kept-alive client connection (120 s, as IIS).
+    /// It must outlast the terminals' own: WinInet keeps an idle connection for 60 s, and when
+    /// a connection it reuses turns out to be closed it may re-send a POST's headers without
+    /// the body (KB 833301). Also the per-read timeout while a request header arrives.
+    pub const CLIENT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(120);
     /// Largest request header (request line and fields) accepted, bytes; larger gets 431.
     pub const MAX_HEADER_BYTES: usize = 16 * 1024;
     /// Largest request body accepted, bytes; larger gets 413.
@@ -62,13 +64,22 @@ pub mod defaults {
     /// Time a client has to send a whole request header, from its first byte (from the
     /// connection's accept for its first request). pingora alone only times each read.
     pub const CLIENT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-    /// Time a client has to send a request body of up to [`BODY_BUFFER_BYTES`], received whole
-    /// before the request may take a backend slot.
+    /// Time a client has to send a whole request body, received before the request may take a
+    /// backend slot.
     pub const CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+    /// Time within which a request body's first byte must arrive (a terminal that re-sent a
+    /// POST's headers without its body is refused quickly).
+    pub const CLIENT_BODY_START_TIMEOUT: Duration = Duration::from_secs(2);
+    /// Slowest average rate a request body may arrive at once started, bytes per second
+    /// (Kestrel's `MinRequestBodyDataRate` and IIS's `MinFileBytesPerSec` both use 240).
+    pub const CLIENT_BODY_MIN_RATE: u64 = 240;
+    /// Request body bytes held at once by all requests together while they are received and
+    /// wait for a slot; a body that does not fit gets 503.
+    pub const MAX_BUFFERED_BODY_BYTES: usize = 64 * 1024 * 1024;
     /// Longest a request may take, from its complete header to its delivered response.
     pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
-    /// Request bodies up to this size (pingora's retry buffer) are received whole before
-    /// admission, so a slow sender never holds a backend slot. Larger ones stream after it.
+    /// pingora's retry buffer: a chunked request body (of unknown size) is received whole
+    /// before admission up to this size; a larger one gets 413 (send a Content-Length).
     pub const BODY_BUFFER_BYTES: usize = 64 * 1024;
     /// Read buffer per client connection (bytes). 0: reads go straight from the socket into
     /// pingora's request buffers. pingora's default is 64 KiB; POS requests are small, and
@@ -229,7 +240,7 @@ pub mod file {
         /// `client_write_timeout = "30s"`
         #[serde(default, with = "opt_duration")]
         pub client_write_timeout: Option<Duration>,
-        /// `client_keepalive_timeout = "30s"`
+        /// `client_keepalive_timeout = "120s"`
         #[serde(default, with = "opt_duration")]
         pub client_keepalive_timeout: Option<Duration>,
         /// `max_header_bytes = 16384`
@@ -246,6 +257,13 @@ pub mod file {
         /// `client_body_timeout = "30s"`
         #[serde(default, with = "opt_duration")]
         pub client_body_timeout: Option<Duration>,
+        /// `client_body_start_timeout = "2s"`
+        #[serde(default, with = "opt_duration")]
+        pub client_body_start_timeout: Option<Duration>,
+        /// `client_body_min_rate = 240` (bytes per second; 0 disables)
+        pub client_body_min_rate: Option<i64>,
+        /// `max_buffered_body_bytes = 67108864`
+        pub max_buffered_body_bytes: Option<i64>,
         /// `request_timeout = "300s"`
         #[serde(default, with = "opt_duration")]
         pub request_timeout: Option<Duration>,
@@ -476,8 +494,14 @@ pub struct Config {
     pub max_connections_per_ip: usize,
     /// Time to send a whole request header.
     pub client_header_timeout: Duration,
-    /// Time to send a buffered request body.
+    /// Time to send a whole request body.
     pub client_body_timeout: Duration,
+    /// Time for a request body's first byte.
+    pub client_body_start_timeout: Duration,
+    /// Slowest average rate of a request body, bytes per second; 0 = no rate rule.
+    pub client_body_min_rate: u64,
+    /// Request body bytes buffered at once, all requests together.
+    pub max_buffered_body_bytes: usize,
     /// Longest a request may take, complete header to delivered response.
     pub request_timeout: Duration,
     /// Queue bound, across all backends.
@@ -798,6 +822,58 @@ impl Config {
             f.proxy.client_body_timeout,
             defaults::CLIENT_BODY_TIMEOUT,
         )?;
+        // The default start deadline gives way to a shorter whole-body deadline; one set
+        // explicitly must fit in it.
+        let client_body_start_timeout = positive(
+            "proxy.client_body_start_timeout",
+            f.proxy.client_body_start_timeout,
+            defaults::CLIENT_BODY_START_TIMEOUT.min(client_body_timeout),
+        )?;
+        if client_body_start_timeout > client_body_timeout {
+            return Err(ConfigError::new(
+                "proxy.client_body_start_timeout",
+                format!(
+                    "\"{}\"",
+                    humantime::format_duration(client_body_start_timeout)
+                ),
+                format!(
+                    "must not exceed proxy.client_body_timeout ({}), the time for the whole body",
+                    humantime::format_duration(client_body_timeout)
+                ),
+            ));
+        }
+        let client_body_min_rate = match f.proxy.client_body_min_rate {
+            None => defaults::CLIENT_BODY_MIN_RATE,
+            Some(n) if (0..=1_000_000_000).contains(&n) => n as u64,
+            Some(n) => {
+                return Err(ConfigError::new(
+                    "proxy.client_body_min_rate",
+                    n,
+                    format!(
+                        "must be between 0 (no rate rule) and 1000000000 bytes per second \
+                         (default {})",
+                        defaults::CLIENT_BODY_MIN_RATE
+                    ),
+                ))
+            }
+        };
+        let max_buffered_body_bytes = bytes(
+            "proxy.max_buffered_body_bytes",
+            f.proxy.max_buffered_body_bytes,
+            defaults::MAX_BUFFERED_BODY_BYTES,
+            0,
+            1 << 40,
+        )?;
+        if max_buffered_body_bytes < max_body_bytes {
+            return Err(ConfigError::new(
+                "proxy.max_buffered_body_bytes",
+                max_buffered_body_bytes,
+                format!(
+                    "must be at least proxy.max_body_bytes ({max_body_bytes}), or no body of the \
+                     largest allowed size could ever be received"
+                ),
+            ));
+        }
         let request_timeout = positive(
             "proxy.request_timeout",
             f.proxy.request_timeout,
@@ -1045,6 +1121,9 @@ impl Config {
             max_connections_per_ip,
             client_header_timeout,
             client_body_timeout,
+            client_body_start_timeout,
+            client_body_min_rate,
+            max_buffered_body_bytes,
             request_timeout,
             max_queue,
             queue_timeout,
@@ -1478,6 +1557,13 @@ mod tests {
         assert_eq!(c.max_connections_per_ip, 0, "no per-IP cap unless asked");
         assert_eq!(c.client_header_timeout, defaults::CLIENT_HEADER_TIMEOUT);
         assert_eq!(c.client_body_timeout, defaults::CLIENT_BODY_TIMEOUT);
+        assert_eq!(c.client_body_start_timeout, Duration::from_secs(2));
+        assert_eq!(c.client_body_min_rate, 240);
+        assert_eq!(c.max_buffered_body_bytes, 64 << 20);
+        assert!(
+            c.client_keepalive_timeout > Duration::from_secs(60),
+            "must outlast WinInet's 60 s idle keep-alive"
+        );
         assert_eq!(c.request_timeout, defaults::REQUEST_TIMEOUT);
         assert_eq!(c.client_write_buffer_bytes, 1460);
         for (line, key) in [
@@ -1491,6 +1577,15 @@ mod tests {
                 "proxy.client_header_timeout",
             ),
             ("client_body_timeout = \"0s\"", "proxy.client_body_timeout"),
+            (
+                "client_body_start_timeout = \"31s\"",
+                "proxy.client_body_start_timeout",
+            ),
+            ("client_body_min_rate = -1", "proxy.client_body_min_rate"),
+            (
+                "max_buffered_body_bytes = 1000",
+                "proxy.max_buffered_body_bytes",
+            ),
             ("request_timeout = \"5s\"", "proxy.request_timeout"),
             (
                 "client_write_buffer_bytes = 2000000",

@@ -34,6 +34,8 @@ pub enum Outcome {
     ClientAbort,
     /// The request was malformed.
     BadRequest,
+    /// Refused: its body did not fit in `proxy.max_buffered_body_bytes`.
+    BodyBudget,
 }
 
 impl Outcome {
@@ -48,6 +50,7 @@ impl Outcome {
             Outcome::BackendDown => "backend_down",
             Outcome::ClientAbort => "client_abort",
             Outcome::BadRequest => "bad_request",
+            Outcome::BodyBudget => "body_budget",
         }
     }
 }
@@ -83,6 +86,7 @@ pub struct Metrics {
     queue_depth: IntGauge,
     queue_max: IntGauge,
     client_connections: IntGauge,
+    buffered_body_bytes: IntGauge,
     connections_refused: IntCounterVec,
     client_timeouts: IntCounterVec,
     timeout_holds: IntCounterVec,
@@ -239,6 +243,11 @@ impl Metrics {
             "Open client connections.",
         ));
         must(registry.register(Box::new(client_connections.clone())));
+        let buffered_body_bytes = must(IntGauge::new(
+            "sluice_buffered_body_bytes",
+            "Request body bytes held by requests received before admission.",
+        ));
+        must(registry.register(Box::new(buffered_body_bytes.clone())));
         let connections_refused = counter(
             "sluice_client_connections_refused_total",
             "Client connections refused at accept (503, then closed), by the cap that refused them.",
@@ -271,6 +280,7 @@ impl Metrics {
             queue_depth,
             queue_max,
             client_connections,
+            buffered_body_bytes,
             connections_refused,
             client_timeouts,
             timeout_holds,
@@ -285,6 +295,11 @@ impl Metrics {
     /// The open-client-connections gauge (a cheap handle to keep per connection).
     pub fn client_connections(&self) -> IntGauge {
         self.client_connections.clone()
+    }
+
+    /// The buffered-request-body-bytes gauge.
+    pub fn buffered_body_bytes(&self) -> IntGauge {
+        self.buffered_body_bytes.clone()
     }
 
     /// Count a client connection refused at accept.

@@ -202,6 +202,9 @@ fn apply(shared: &Shared, old: &Config, new: &Config) -> ReloadReport {
         || old.client_keepalive_timeout != new.client_keepalive_timeout
         || old.client_header_timeout != new.client_header_timeout
         || old.client_body_timeout != new.client_body_timeout
+        || old.client_body_start_timeout != new.client_body_start_timeout
+        || old.client_body_min_rate != new.client_body_min_rate
+        || old.max_buffered_body_bytes != new.max_buffered_body_bytes
         || old.request_timeout != new.request_timeout
         || old.max_connections != new.max_connections
         || old.max_connections_per_ip != new.max_connections_per_ip

@@ -101,10 +101,12 @@ pub fn build_server_from(
         );
         AccessLog::off()
     });
+    let metrics = Metrics::new();
     let shared = Arc::new(Shared {
         admission: admission.clone(),
         settings: RwLock::new(Arc::new(Settings::new(cfg))),
-        metrics: Metrics::new(),
+        body_budget: crate::body::BodyBudget::new(metrics.buffered_body_bytes()),
+        metrics,
         access_log: RwLock::new(access_log),
         tls: tls_store(cfg),
         reload: Reloader::new(path, overrides, cfg.clone()),

@@ -32,7 +32,7 @@ use sluice_plugins::BackendId;
 
 use crate::access_log::{self, AccessLog};
 use crate::admission::{Admission, Permit, Shed};
-use crate::config::{defaults, Config};
+use crate::config::Config;
 use crate::metrics::{Deadline, Metrics, Outcome, NO_BACKEND};
 
 /// Request header carrying the health checker's secret: marks a request as a health probe.
@@ -63,10 +63,10 @@ pub struct RequestCtx {
     shed: Option<Shed>,
     /// Why it was invalid, if it was.
     invalid: Option<Invalid>,
-    /// Request body bytes seen so far.
-    body_bytes: usize,
-    /// The whole body was received before admission (and a `100 Continue` sent if asked for).
-    body_buffered: bool,
+    /// The whole body was received before admission (and a `100 Continue` sent if asked for):
+    /// its length, the whole body when pingora's retry buffer holds only its tail, and its
+    /// bytes in the buffered-body budget.
+    body: Option<crate::body::Received>,
     /// The settings in force when the request arrived; one consistent snapshot per request.
     settings: Option<Arc<Settings>>,
 }
@@ -109,8 +109,10 @@ pub struct Settings {
     pub client_keepalive_timeout: Duration,
     /// Time to send a whole request header.
     pub client_header_timeout: Duration,
-    /// Time to send a buffered request body.
-    pub client_body_timeout: Duration,
+    /// How fast a request body must arrive.
+    pub body_pace: sluice_plugins::body_pace::BodyPace,
+    /// Request body bytes buffered at once, all requests together.
+    pub max_buffered_body_bytes: usize,
     /// Longest a request may take, complete header to delivered response.
     pub request_timeout: Duration,
     /// How long a slot stays taken after an upstream timeout or a cut exchange.
@@ -157,7 +159,12 @@ impl Settings {
             max_connections_per_ip: cfg.max_connections_per_ip,
             client_keepalive_timeout: cfg.client_keepalive_timeout,
             client_header_timeout: cfg.client_header_timeout,
-            client_body_timeout: cfg.client_body_timeout,
+            body_pace: sluice_plugins::body_pace::BodyPace {
+                start: cfg.client_body_start_timeout,
+                min_rate: cfg.client_body_min_rate,
+                total: cfg.client_body_timeout,
+            },
+            max_buffered_body_bytes: cfg.max_buffered_body_bytes,
             request_timeout: cfg.request_timeout,
             timeout_hold: cfg.upstream.timeout_hold,
         }
@@ -177,8 +184,10 @@ pub enum Invalid {
     BodyTooLarge,
     /// A chunked body longer than the pre-admission buffer (and so of unknown size): 413.
     ChunkedTooLarge,
-    /// The body did not arrive within `client_body_timeout`: 408.
+    /// The body did not arrive in time (start, rate or whole-body deadline): 408.
     BodyTimeout,
+    /// The body did not fit in `proxy.max_buffered_body_bytes`: 503.
+    BodyBudget,
 }
 
 impl Invalid {
@@ -188,6 +197,7 @@ impl Invalid {
             Invalid::HeaderTooLarge => 431,
             Invalid::BodyTooLarge | Invalid::ChunkedTooLarge => 413,
             Invalid::BodyTimeout => 408,
+            Invalid::BodyBudget => 503,
         }
     }
 
@@ -200,6 +210,7 @@ impl Invalid {
                 "chunked request body over 64 KiB: send a Content-Length for larger bodies"
             }
             Invalid::BodyTimeout => "request body not received in time",
+            Invalid::BodyBudget => "too many request bodies in transit, retry later",
         }
     }
 }
@@ -296,6 +307,8 @@ pub struct Shared {
     pub tls: Option<Arc<crate::tls::CertStore>>,
     /// Where a reload reads the configuration from.
     pub reload: crate::reload::Reloader,
+    /// Request body bytes buffered before admission, all requests together.
+    pub body_budget: Arc<crate::body::BodyBudget>,
 }
 
 impl Shared {
@@ -360,15 +373,9 @@ impl Sluice {
 }
 
 impl Sluice {
-    /// A health probe from our own checker: take a slot on the named backend whatever its
-    /// state (the probe counts inside the backend's cap and uses its pooled connections), or
-    /// answer 204 at once when the backend is too busy to probe.
-    /// Receive a request body of up to [`defaults::BODY_BUFFER_BYTES`] whole, within
-    /// `client_body_timeout`, before the request may take a backend slot: a slow or stalled
-    /// sender then never holds the backend's capacity, and a body that cannot be parsed (a bad
-    /// chunk size) is refused before any of it reaches the backend. pingora's retry buffer holds
-    /// the body and sends it upstream once admitted. A larger declared body streams after
-    /// admission, each read bounded by `client_body_timeout`.
+    /// Receive the request body whole before the request may take a backend slot (see
+    /// [`crate::body`]): a slow or stalled sender never holds the backend's capacity, and a body
+    /// that cannot be parsed (a bad chunk size) is refused before any of it reaches the backend.
     async fn receive_body(
         &self,
         session: &mut Session,
@@ -376,15 +383,7 @@ impl Sluice {
         settings: &Settings,
         declared: Option<u64>,
     ) -> Result<std::result::Result<(), Invalid>> {
-        let downstream = session.as_downstream_mut();
-        if downstream.is_body_done() {
-            return Ok(Ok(()));
-        }
-        let buffer = defaults::BODY_BUFFER_BYTES.min(settings.max_body_bytes);
-        if declared.is_some_and(|n| n > buffer as u64) {
-            session
-                .as_downstream_mut()
-                .set_read_timeout(Some(settings.client_body_timeout));
+        if session.as_downstream_mut().is_body_done() {
             return Ok(Ok(()));
         }
         let expects_continue = session
@@ -396,36 +395,30 @@ impl Sluice {
         if expects_continue {
             downstream.write_continue_response().await?;
         }
-        downstream.enable_retry_buffering();
-        let read = tokio::time::timeout(settings.client_body_timeout, async {
-            let mut received = 0usize;
-            while let Some(chunk) = downstream.read_request_body().await? {
-                received += chunk.len();
-                if received > buffer {
-                    return Ok(Err(if received > settings.max_body_bytes {
-                        Invalid::BodyTooLarge
-                    } else {
-                        Invalid::ChunkedTooLarge
-                    }));
-                }
+        let limits = crate::body::Limits {
+            pace: settings.body_pace,
+            max_body_bytes: settings.max_body_bytes,
+            max_buffered: settings.max_buffered_body_bytes,
+        };
+        use crate::body::Refusal;
+        match crate::body::receive(downstream, declared, limits, &self.shared.body_budget).await? {
+            Ok(received) => {
+                ctx.body = Some(received);
+                Ok(Ok(()))
             }
-            Ok(Ok(()))
-        })
-        .await;
-        match read {
-            Err(_elapsed) => {
+            Err(Refusal::TooSlow) => {
                 self.shared.metrics.client_timeout(Deadline::Body);
                 Ok(Err(Invalid::BodyTimeout))
             }
-            Ok(Err(e)) => Err(e),
-            Ok(Ok(Err(invalid))) => Ok(Err(invalid)),
-            Ok(Ok(Ok(()))) => {
-                ctx.body_buffered = true;
-                Ok(Ok(()))
-            }
+            Err(Refusal::TooLarge) => Ok(Err(Invalid::BodyTooLarge)),
+            Err(Refusal::ChunkedTooLarge) => Ok(Err(Invalid::ChunkedTooLarge)),
+            Err(Refusal::Budget) => Ok(Err(Invalid::BodyBudget)),
         }
     }
 
+    /// A health probe from our own checker: take a slot on the named backend whatever its
+    /// state (the probe counts inside the backend's cap and uses its pooled connections), or
+    /// answer 204 at once when the backend is too busy to probe.
     async fn admit_probe(
         &self,
         session: &mut Session,
@@ -526,9 +519,9 @@ impl ProxyHttp for Sluice {
         let deadline = self.admission.deadline();
         ctx.deadline = Some(deadline);
         let downstream = session.as_downstream_mut();
-        let admitted = if downstream.is_body_done() {
-            // Nothing left to read from this request, so any readable event on the socket means
-            // the client hung up (or broke protocol): stop waiting for it.
+        // The whole request has been received, so any readable event on the socket means the
+        // client hung up (or broke protocol): stop waiting for it.
+        let admitted = {
             let acquire = self.admission.acquire_until(deadline, false);
             tokio::pin!(acquire);
             tokio::select! {
@@ -536,10 +529,6 @@ impl ProxyHttp for Sluice {
                 r = &mut acquire => r,
                 _ = downstream.read_body_or_idle(true) => return Err(client_gone()),
             }
-        } else {
-            // A body too large to buffer streams after admission: watching the socket would
-            // consume its bytes. The queue deadline still bounds the wait.
-            self.admission.acquire_until(deadline, false).await
         };
         ctx.queue_wait = arrived.elapsed();
         match admitted {
@@ -645,9 +634,12 @@ impl ProxyHttp for Sluice {
                 upstream_request.set_uri(uri);
             }
         }
-        if ctx.body_buffered {
-            // sluice already answered `100 Continue` and holds the whole body.
+        if let Some(body) = &ctx.body {
+            // sluice already answered `100 Continue` and holds the whole body: it goes to the
+            // backend with a Content-Length (a legacy server may not take a chunked upload).
             upstream_request.remove_header(&http::header::EXPECT);
+            upstream_request.remove_header(&http::header::TRANSFER_ENCODING);
+            upstream_request.insert_header(http::header::CONTENT_LENGTH, body.len.to_string())?;
         }
         upstream_request.remove_header(PROBE_HEADER);
         upstream_request.remove_header(PROBE_BACKEND_HEADER);
@@ -686,19 +678,11 @@ impl ProxyHttp for Sluice {
         _end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if ctx.body_buffered {
-            // Received and checked whole before admission (and re-sent as a whole on a retry).
-            return Ok(());
-        }
-        if let Some(b) = body {
-            ctx.body_bytes += b.len();
-            if ctx.body_bytes > self.settings(ctx).max_body_bytes {
-                ctx.invalid = Some(Invalid::BodyTooLarge);
-                return Err(Error::explain(
-                    ErrorType::HTTPStatus(413),
-                    "request body larger than proxy.max_body_bytes",
-                ));
-            }
+        // Every body was received and checked whole before admission; pingora sends it from its
+        // retry buffer (again on a retry). For a body larger than that buffer, the buffer holds
+        // only the tail, and the whole body goes instead.
+        if let (Some(whole), Some(_)) = (ctx.body.as_ref().and_then(|b| b.whole.as_ref()), &body) {
+            *body = Some(whole.clone());
         }
         Ok(())
     }
@@ -853,6 +837,7 @@ impl ProxyHttp for Sluice {
             .map(|h| h.status.as_u16())
             .unwrap_or(0);
         let outcome = match (ctx.shed, e) {
+            _ if ctx.invalid == Some(Invalid::BodyBudget) => Outcome::BodyBudget,
             _ if ctx.invalid.is_some() => Outcome::BadRequest,
             (Some(Shed::QueueFull), _) => Outcome::QueueFull,
             (Some(Shed::QueueTimeout), _) => Outcome::QueueTimeout,
@@ -917,7 +902,14 @@ async fn refuse_invalid(
 ) -> Result<bool> {
     ctx.invalid = Some(invalid);
     session.as_downstream_mut().set_keepalive(None);
-    write_error_with(session, invalid.status(), invalid.message(), None).await?;
+    // A 503 (no room to buffer the body) is worth retrying: say when.
+    let retry_after = (invalid.status() == 503).then(|| {
+        ctx.settings
+            .as_ref()
+            .map(|s| s.retry_after_secs)
+            .unwrap_or(1)
+    });
+    write_error_with(session, invalid.status(), invalid.message(), retry_after).await?;
     Ok(true)
 }
 
@@ -981,7 +973,12 @@ mod tests {
             max_connections_per_ip: 0,
             client_keepalive_timeout: Duration::from_secs(1),
             client_header_timeout: Duration::from_secs(1),
-            client_body_timeout: Duration::from_secs(1),
+            body_pace: sluice_plugins::body_pace::BodyPace {
+                start: Duration::from_secs(1),
+                min_rate: 240,
+                total: Duration::from_secs(1),
+            },
+            max_buffered_body_bytes: 1000,
             request_timeout: Duration::from_secs(1),
             timeout_hold: Duration::from_secs(1),
         }

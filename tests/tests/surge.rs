@@ -67,7 +67,13 @@ async fn cold_start_ramps_under_a_surge() {
     );
     let proxy = start(&cfg);
     let admission = proxy.admission().clone();
-    assert_eq!(admission.snapshot().backends[0].effective_limit, 4);
+    // The ramp starts at 4 and moves with the clock: on a busy machine some of its 2 s may
+    // already have passed by now, but it is still far below the cap.
+    let first = admission.snapshot().backends[0].effective_limit;
+    assert!(
+        (4..16).contains(&first),
+        "the ramp starts low, not at {first}"
+    );
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = sample_against_limit(emu.handle(), admission.clone(), 0, stop.clone());
 
