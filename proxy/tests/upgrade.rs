@@ -330,6 +330,89 @@ async fn upgrade_under_kept_alive_terminals_fails_nothing_and_keeps_connections_
         .expect("join");
 }
 
+/// During an upgrade's grace period the old process keeps one slot of the cap for each client
+/// connection it still holds: a terminal that stayed idle past the old process's last request,
+/// then sends on its kept-alive connection, is served (with `Connection: close`) instead of
+/// waiting for a slot that was handed to the new process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_serves_a_late_request_on_an_idle_kept_alive_connection() {
+    use sluice_tests::client::{Conn, Request};
+    const CAP: usize = 4;
+    let emu = Emulator::start(EmulatorConfig::default())
+        .await
+        .expect("emulator");
+    let dir = temp_dir("upgrade-late");
+    let listen = sluice::run::free_local_addr().expect("port");
+    let admin = sluice::run::free_local_addr().expect("port");
+    let config = write_config(&dir, listen, emu.addr(), CAP, "10s");
+    let text = std::fs::read_to_string(&config).expect("read config");
+    std::fs::write(
+        &config,
+        text.replace(
+            "[admin]\nlisten = \"\"",
+            &format!("[admin]\nlisten = \"{admin}\""),
+        ),
+    )
+    .expect("write config");
+    let sock = dir.join("upgrade.sock");
+    let mut cleanup = Cleanup(vec![sluice(&["run"], &config)], dir.clone());
+    wait_until("the old process listens", Duration::from_secs(15), || {
+        TcpStream::connect(listen).is_ok()
+    });
+    let mut late = Conn::connect(listen).await.expect("connect");
+    let r = late
+        .send(&Request::post("/pay", "x").txn("before"))
+        .await
+        .expect("send");
+    assert!(r.status == 200 && r.keep_alive());
+
+    cleanup.0.push(sluice(&["run", "--upgrade"], &config));
+    let s = sock.clone();
+    let old_pid = cleanup.0[0].id();
+    tokio::task::spawn_blocking(move || {
+        wait_until(
+            "the new process is waiting",
+            Duration::from_secs(15),
+            || s.exists(),
+        );
+        signal(old_pid, "-QUIT");
+        // Once the old process stopped accepting, it keeps one slot (for this connection)
+        // and the new process has the rest.
+        wait_until(
+            "the new process has all but one slot",
+            Duration::from_secs(20),
+            || {
+                let Ok((200, body)) = sluice::admin::client::call(admin, "GET", "/status") else {
+                    return false;
+                };
+                serde_json::from_str::<sluice::admin::Status>(&body)
+                    .ok()
+                    .and_then(|st| st.backends.first().map(|b| b.effective_limit))
+                    == Some(CAP as u32 - 1)
+            },
+        );
+    })
+    .await
+    .expect("join");
+
+    let r = late
+        .send(&Request::post("/pay", "late payment").txn("late"))
+        .await
+        .expect("the late request is answered");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.txn_id(), Some("late"));
+    assert!(!r.keep_alive(), "answered with Connection: close");
+    assert!(
+        late.is_closed_by_peer_within(Duration::from_secs(2)).await,
+        "closed after the answer"
+    );
+    assert_eq!(
+        emu.transactions().iter().filter(|t| *t == "late").count(),
+        1,
+        "the late request reached the backend once"
+    );
+}
+
 /// SIGTERM (graceful stop) keeps kept-alive connections through the grace period: one that
 /// sends its next request after the listener closed gets a `200` with `Connection: close`;
 /// one that stays idle is closed only when the grace period ends.
