@@ -10,9 +10,21 @@
 //! - The new process binds the socket before it takes the listeners, and starts with *every*
 //!   slot reserved for the old process (it admits nothing yet; its requests queue).
 //! - On SIGQUIT the old process connects and, every few milliseconds, lowers its own claim to
-//!   what it still needs (in flight + queued, plus half the cap while it is still accepting),
-//!   *first* lowering its own limit to the claim and *then* reporting it. Claims only ever go
-//!   down, so at every instant old claim + new share ≤ cap.
+//!   what it still needs, *first* lowering its own limit and *then* reporting the claim. Claims
+//!   only ever go down, so at every instant old claim + new share ≤ cap. What it needs:
+//!   - its requests in flight and queued;
+//!   - headroom: half the cap while it still accepts connections; afterwards (its grace
+//!     period) one slot per client connection it still holds, up to half the cap and at least
+//!     one. A kept-alive connection stays open during the grace period (see [`crate::idle`]),
+//!     and a request arriving on it must be served, not refused: a `503` + close there is what
+//!     makes WinInet re-send a POST's header without its body. Each such connection closes
+//!     after its `Connection: close` answer, so the headroom shrinks as they do. The trade-off:
+//!     while terminals stay connected to the old process without sending, the new one runs
+//!     with up to half the cap less, at most until the old process's grace period ends;
+//!   - its open backend connections ([`crate::upstream_conns`]), idle ones included: a slot is
+//!     handed over only once its connection is closed, so old + new connections stay within
+//!     the cap. From SIGQUIT on, the old process pools connections with a short idle timeout,
+//!     so they close soon after its last request.
 //! - The new process sets its reservation to the old's claim; when the old process exits (or the
 //!   claim reaches zero), the new one has the whole cap.
 //!
@@ -147,9 +159,25 @@ fn follow_claims(shared: &Shared, stream: UnixStream) {
     }
 }
 
+/// Slots the old process keeps beyond its work in flight and queued, for a backend with cap
+/// `limit`: half the cap while it still accepts connections; afterwards, one per client
+/// connection it still holds, up to half the cap (at least one), so that a request arriving
+/// on a kept-alive connection during the grace period is served rather than refused. As those
+/// connections close (each after its `Connection: close` answer), the share goes to the new
+/// process.
+fn headroom(limit: u32, accepting: bool, clients: u32) -> u32 {
+    if accepting {
+        limit / 2
+    } else {
+        clients.min((limit / 2).max(1))
+    }
+}
+
 /// Old process: connect to the new process and hand the cap over as in-flight work drains.
 /// Runs on its own thread until the process exits.
 pub fn hand_over(shared: Arc<Shared>, path: PathBuf) {
+    // Backend connections released from now on close soon after their last use.
+    shared.upstream.start_draining();
     let spawned = std::thread::Builder::new()
         .name("sluice-handoff".into())
         .spawn(move || {
@@ -166,19 +194,29 @@ pub fn hand_over(shared: Arc<Shared>, path: PathBuf) {
             };
             let admission = &shared.admission;
             let names = admission.backend_names();
+            // What was last reported for each backend: a claim never grows.
+            let mut reported = vec![u32::MAX; names.len()];
             loop {
                 let snap = admission.snapshot();
                 let accepting = started.elapsed() < OLD_ACCEPTING;
+                let clients = shared.metrics.client_connections().get();
+                let clients = u32::try_from(clients.max(0)).unwrap_or(u32::MAX);
                 let mut line = String::new();
                 let mut total = 0;
                 for (i, name) in names.iter().enumerate() {
-                    let Some(b) = snap.backends.get(i) else { continue };
-                    let headroom = if accepting { b.limit / 2 } else { 0 };
+                    let (Some(b), Some(last)) = (snap.backends.get(i), reported.get_mut(i)) else {
+                        continue;
+                    };
+                    let headroom = headroom(b.limit, accepting, clients);
                     let extra = (snap.queued as u64 + u64::from(headroom))
                         .min(u64::from(u32::MAX)) as u32;
                     // Atomically: our capacity becomes in flight + extra, and only shrinks.
                     // Only then is it reported, so ours + the new process's ≤ the cap.
-                    let claim = admission.shrink_capacity(BackendId(i), extra);
+                    let capacity = admission.shrink_capacity(BackendId(i), extra);
+                    // A slot is handed over only once its backend connection is closed too,
+                    // so the backend never sees more connections than the cap.
+                    let claim = capacity.max(shared.upstream.open(i)).min(*last);
+                    *last = claim;
                     total += claim;
                     line.push_str(&format!("{name}={claim} "));
                 }
@@ -234,5 +272,27 @@ impl ShutdownSignalWatch for Signals {
             _ = term.recv() => ShutdownSignal::GracefulTerminate,
             _ = int.recv() => ShutdownSignal::FastShutdown,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::headroom;
+
+    #[test]
+    fn headroom_follows_open_client_connections_after_accepting() {
+        assert_eq!(headroom(32, true, 0), 16, "half the cap while accepting");
+        assert_eq!(headroom(32, false, 400), 16, "at most half the cap");
+        assert_eq!(headroom(32, false, 3), 3, "one per connection still open");
+        assert_eq!(
+            headroom(32, false, 0),
+            0,
+            "none once every connection closed"
+        );
+        assert_eq!(
+            headroom(1, false, 5),
+            1,
+            "at least one while a connection is open"
+        );
     }
 }

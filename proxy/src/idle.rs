@@ -11,7 +11,7 @@
 //! (`HttpServerOptions::force_custom` + `ProxyServiceBuilder::custom`): each request runs in a
 //! boxed future that is dropped as soon as the request is done, and between requests the
 //! connection waits in a small task of its own for one readable byte (peeked, not consumed),
-//! for at most the client keep-alive timeout, or until shutdown. The requests themselves go
+//! for at most the client keep-alive timeout. The requests themselves go
 //! through pingora's `process_new_http`, exactly as in pingora's own loop (persistent
 //! keep-alive settings included). This serves HTTP/1 (plain or over TLS); sluice offers no h2.
 //! A TLS stream cannot be peeked, so a kept-alive TLS connection waits for its next request
@@ -33,6 +33,15 @@
 //! - **Request deadline.** From the complete header, the exchange has `proxy.request_timeout`
 //!   in all; past it the future is dropped: the client's connection and the backend connection
 //!   are closed and the backend slot is released with them.
+//!
+//! **Shutdown and upgrade.** When shutdown starts (SIGTERM, or SIGQUIT once the new process has
+//! the listeners), a kept-alive connection is *not* closed: a terminal may already have sent
+//! its next request, and closing under it fails that request (WinInet then re-sends a POST's
+//! header without its body). The connection keeps waiting; its next request is served and
+//! answered with `Connection: close` (pingora drops keep-alive once shutdown started), and the
+//! connection closes after the answer. Idle ones are closed when pingora drops the runtime at
+//! the end of the grace period. A TLS connection waiting in pingora's header read is still
+//! closed at the start of shutdown.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -44,6 +53,7 @@ use std::time::Duration;
 
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
 use pingora::protocols::http::ServerSession;
+use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::Stream;
 use pingora::proxy::{HttpProxy, ProcessCustomSession};
 use pingora::server::ShutdownWatch;
@@ -191,27 +201,61 @@ impl Drop for Counted {
 enum Next {
     /// A byte of the next request arrived.
     Request,
-    /// The client closed, idled out, or shutdown started.
+    /// The client closed or idled out.
     Done,
     /// The stream cannot be peeked (TLS): pingora's own header read waits for the request.
     Unpeekable,
 }
 
-/// Wait until the client sends a byte, closes, idles out, or shutdown starts.
-async fn wait_readable(stream: &mut Stream, idle: Duration, shutdown: &mut ShutdownWatch) -> Next {
-    if *shutdown.borrow() {
-        return Next::Done;
-    }
+/// Wait until the client sends a byte, closes, or idles out.
+///
+/// Shutdown does not end the wait: during the grace period a kept-alive connection stays open,
+/// so a request a terminal already sent is served (with `Connection: close`) instead of meeting
+/// a closed socket. The connection is closed when pingora drops the runtime at the end of the
+/// grace period.
+async fn wait_readable(stream: &mut Stream, idle: Duration) -> Next {
     let mut byte = [0u8; 1];
-    tokio::select! {
-        biased;
-        r = tokio::time::timeout(idle, stream.try_peek(&mut byte)) => match r {
-            Ok(Ok(true)) => Next::Request,
-            Ok(Ok(false)) => Next::Unpeekable,
-            _ => Next::Done,
-        },
-        _ = shutdown.wait_for(|s| *s) => Next::Done,
+    match tokio::time::timeout(idle, stream.try_peek(&mut byte)).await {
+        Ok(Ok(true)) => Next::Request,
+        Ok(Ok(false)) => Next::Unpeekable,
+        _ => Next::Done,
     }
+}
+
+/// At most this much of a request is buffered ahead of pingora's header read during shutdown.
+const SHUTDOWN_HEADER_BYTES: usize = 64 * 1024;
+
+/// Whether `buf` holds a complete request header (an empty line after the request line; a
+/// bare LF is accepted, as pingora's parser does).
+fn header_complete(buf: &[u8]) -> bool {
+    buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.windows(2).any(|w| w == b"\n\n")
+}
+
+/// Once shutdown started, pingora drops a request whose header is not complete in the first
+/// read of its header (its header read races the shutdown notice). So, during shutdown, read
+/// the next request's header here first (by `deadline`) and put it back into the stream: the
+/// header read then finds it whole. Returns the stream, or `None` if the client closed or the
+/// deadline passed before the header was complete. A stream other than plain TCP (which
+/// cannot be put back) is returned as it is.
+async fn buffer_header(stream: Stream, deadline: Instant) -> Option<Stream> {
+    if !stream.as_any().is::<L4Stream>() {
+        return Some(stream);
+    }
+    let mut tcp = stream.into_any().downcast::<L4Stream>().ok()?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let read = tokio::time::timeout_at(deadline, async {
+        while !header_complete(&buf) && buf.len() < SHUTDOWN_HEADER_BYTES {
+            match tcp.read(&mut chunk).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        true
+    })
+    .await;
+    tcp.rewind(&buf);
+    matches!(read, Ok(true)).then_some(tcp as Stream)
 }
 
 /// Whether the next request on a connection has already been read (the client pipelined it):
@@ -284,7 +328,7 @@ async fn serve(
     shared: Arc<Shared>,
     stream: Stream,
     accepted: Instant,
-    mut shutdown: ShutdownWatch,
+    shutdown: ShutdownWatch,
     counted: Counted,
 ) {
     let first = one(
@@ -301,7 +345,16 @@ async fn serve(
         let started = if has_pipelined_request(persistent.as_ref()) {
             Instant::now()
         } else {
-            match wait_readable(&mut stream, idle, &mut shutdown).await {
+            match wait_readable(&mut stream, idle).await {
+                Next::Request if *shutdown.borrow() => {
+                    let started = Instant::now();
+                    let deadline = started + shared.settings().client_header_timeout;
+                    match buffer_header(stream, deadline).await {
+                        Some(s) => stream = s,
+                        None => break,
+                    }
+                    started
+                }
                 Next::Request => Instant::now(),
                 Next::Done => break,
                 // A TLS connection waits inside pingora's header read (bounded by the

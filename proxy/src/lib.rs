@@ -22,6 +22,7 @@ pub mod reload;
 pub mod run;
 pub mod service;
 pub mod tls;
+pub mod upstream_conns;
 
 pub use admission::{Admission, Permit, Shed};
 pub use config::{Config, ConfigError, LoadError, Overrides};

@@ -110,6 +110,7 @@ pub fn build_server_from(
         access_log: RwLock::new(access_log),
         tls: tls_store(cfg),
         reload: Reloader::new(path, overrides, cfg.clone()),
+        upstream: Default::default(),
     });
 
     let mut server = Server::new_with_opt_and_conf(opt, conf);

@@ -309,6 +309,8 @@ pub struct Shared {
     pub reload: crate::reload::Reloader,
     /// Request body bytes buffered before admission, all requests together.
     pub body_budget: Arc<crate::body::BodyBudget>,
+    /// Backend connections held open, counted during an upgrade's hand-over.
+    pub upstream: crate::upstream_conns::UpstreamConns,
 }
 
 impl Shared {
@@ -509,10 +511,12 @@ impl ProxyHttp for Sluice {
             Err(invalid) => return refuse_invalid(session, ctx, invalid).await,
         };
         // Idle time between requests on this connection (pingora carries it to the next
-        // request on the same connection).
-        session
-            .as_downstream_mut()
-            .set_keepalive(Some(settings.client_keepalive_secs));
+        // request on the same connection). Once shutdown started, this answer closes it.
+        if !session.is_process_shutting_down() {
+            session
+                .as_downstream_mut()
+                .set_keepalive(Some(settings.client_keepalive_secs));
+        }
         if let Err(invalid) = self.receive_body(session, ctx, &settings, declared).await? {
             return refuse_invalid(session, ctx, invalid).await;
         }
@@ -604,6 +608,7 @@ impl ProxyHttp for Sluice {
         let mut peer = up.peer.clone();
         // Connections pooled before the backend last came back are never reused.
         peer.group_key = self.admission.generation(backend);
+        peer.options.idle_timeout = self.shared.upstream.idle_timeout(peer.options.idle_timeout);
         Ok(Box::new(peer))
     }
 
@@ -789,10 +794,13 @@ impl ProxyHttp for Sluice {
         _session: &mut Session,
         reused: bool,
         _peer: &HttpPeer,
-        #[cfg(unix)] _fd: std::os::unix::io::RawFd,
+        #[cfg(unix)] fd: std::os::unix::io::RawFd,
         _digest: Option<&pingora::protocols::Digest>,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if let (Some(b), false) = (ctx.backend, reused) {
+            self.shared.upstream.opened(b.0, fd);
+        }
         if let Some(b) = ctx.backend {
             if let Some(up) = self.settings(ctx).upstreams.get(b.0) {
                 self.shared.metrics.upstream_connection(&up.name, reused);

@@ -166,6 +166,331 @@ async fn upgrade_under_load_keeps_the_cap_and_fails_nothing() {
         .expect("join");
 }
 
+/// A config file for the binary in `dir`: one backend at `backend` capped at `cap`, the pid
+/// file and upgrade socket inside `dir`.
+fn write_config(
+    dir: &Path,
+    listen: std::net::SocketAddr,
+    backend: std::net::SocketAddr,
+    cap: usize,
+    grace: &str,
+) -> PathBuf {
+    let config = dir.join("sluice.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[proxy]\nlisten = \"{listen}\"\nclient_keepalive_timeout = \"30s\"\n\
+             [admission]\nmax_inflight = {cap}\nmax_queue = 5000\nqueue_timeout = \"20s\"\n\
+             [slow_start]\nduration = \"0s\"\n[health]\ncheck = \"none\"\n\
+             [admin]\nlisten = \"\"\n[log]\naccess = \"off\"\n\
+             [[backend]]\nname = \"iis\"\naddress = \"{backend}\"\n\
+             [server]\nthreads = 2\ngrace_period = \"{grace}\"\ngraceful_shutdown_timeout = \"1s\"\n\
+             pid_file = \"{}\"\nupgrade_sock = \"{}\"\n",
+            dir.join("sluice.pid").display(),
+            dir.join("upgrade.sock").display()
+        ),
+    )
+    .expect("write config");
+    config
+}
+
+/// A temporary directory unique to this test run.
+fn temp_dir(name: &str) -> PathBuf {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let dir = std::env::temp_dir().join(format!("sluice-{name}-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    dir
+}
+
+/// The issue's scenario: 400 terminals on kept-alive connections, each sending every 0.3 s,
+/// and an upgrade in the middle. The old process keeps its client connections through its
+/// grace period, serves the requests that arrive on them (answered with `Connection: close`),
+/// and hands over its share of the cap only as its connections, client and backend, close.
+/// Not one request fails, each reaches the backend exactly once, and the backend never sees
+/// more than the cap in requests nor more than cap + 1 in open connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_under_kept_alive_terminals_fails_nothing_and_keeps_connections_in_cap() {
+    const CAP: usize = 32;
+    const TERMINALS: usize = 400;
+    sluice_tests::raise_fd_limit();
+    let emu = Emulator::start(EmulatorConfig {
+        workers: 2 * CAP,
+        service_time: Duration::from_millis(10),
+        ..EmulatorConfig::default()
+    })
+    .await
+    .expect("emulator");
+    let dir = temp_dir("upgrade-ka");
+    let listen = sluice::run::free_local_addr().expect("port");
+    let config = write_config(&dir, listen, emu.addr(), CAP, "2s");
+    let sock = dir.join("upgrade.sock");
+    let mut cleanup = Cleanup(Vec::new(), dir.clone());
+
+    cleanup.0.push(sluice(&["run"], &config));
+    wait_until("the old process listens", Duration::from_secs(15), || {
+        TcpStream::connect(listen).is_ok()
+    });
+    let old_pid = cleanup.0[0].id();
+
+    let think = Duration::from_millis(300);
+    let load = tokio::spawn(terminals::run(LoadConfig {
+        target: listen,
+        terminals: TERMINALS,
+        transactions_per_terminal: None,
+        // Upgrade after ~2 s; the old process accepts 5 s more (pingora's CLOSE_TIMEOUT),
+        // then drains for its 2 s grace period: the load runs past its exit.
+        duration: Some(Duration::from_secs(12)),
+        conn_mode: ConnMode::KeepAlive,
+        http: HttpMix::Mixed,
+        start: StartMode::Ramp(think),
+        offered_rate: Some(TERMINALS as f64 / think.as_secs_f64()),
+        method: terminals::Method::Post,
+        request_timeout: Duration::from_secs(30),
+        record_ids: true,
+        ..LoadConfig::default()
+    }));
+    emu.wait_for(Duration::from_secs(10), |s| {
+        s.requests > 2 * TERMINALS as u64
+    })
+    .await
+    .expect("traffic flows through the old process");
+
+    cleanup.0.push(sluice(&["run", "--upgrade"], &config));
+    let s = sock.clone();
+    tokio::task::spawn_blocking(move || {
+        wait_until(
+            "the new process is waiting",
+            Duration::from_secs(15),
+            || s.exists(),
+        )
+    })
+    .await
+    .expect("join");
+    signal(old_pid, "-QUIT");
+    let quit = Instant::now();
+    let mut old = cleanup.0.remove(0);
+    let status = tokio::task::spawn_blocking(move || wait_exit(&mut old, Duration::from_secs(30)))
+        .await
+        .expect("join");
+    assert!(status.success(), "old process exit: {status:?}");
+    eprintln!("old process exited {:?} after SIGQUIT", quit.elapsed());
+    let served_after_old_left = emu.stats().requests;
+
+    let report = load.await.expect("load");
+    let stats = emu.stats();
+    eprintln!(
+        "{report}\nbackend: max inside {}, max open connections {}, accepted connections {}",
+        stats.max_inside, stats.max_open_connections, stats.accepted_connections
+    );
+    assert!(report.sent > 10 * TERMINALS as u64, "{report}");
+    assert_eq!(report.errors(), 0, "no request may fail: {report}");
+    assert_eq!(
+        report.ok, report.sent,
+        "every request gets its 200 across the upgrade: {report}"
+    );
+    assert_eq!(report.mismatched, 0, "{report}");
+    let seen = emu.transactions();
+    assert_eq!(
+        seen.len() as u64,
+        report.sent,
+        "every transaction reaches the backend exactly once"
+    );
+    let unique: std::collections::HashSet<_> = seen.iter().collect();
+    assert_eq!(
+        unique.len(),
+        seen.len(),
+        "no transaction reached the backend twice"
+    );
+    assert!(
+        report.ok_ids.iter().all(|id| unique.contains(id)),
+        "every answered transaction reached the backend"
+    );
+    assert!(
+        stats.max_inside <= CAP,
+        "both processes together put {} requests on the backend; cap {CAP}",
+        stats.max_inside
+    );
+    assert!(
+        stats.max_open_connections <= CAP + 1,
+        "both processes together held {} backend connections; cap {CAP}",
+        stats.max_open_connections
+    );
+    assert!(
+        stats.requests > served_after_old_left,
+        "the new process served"
+    );
+
+    let new_pid = cleanup.0[0].id();
+    signal(new_pid, "-INT");
+    let mut new = cleanup.0.remove(0);
+    tokio::task::spawn_blocking(move || wait_exit(&mut new, Duration::from_secs(30)))
+        .await
+        .expect("join");
+}
+
+/// During an upgrade's grace period the old process keeps one slot of the cap for each client
+/// connection it still holds: a terminal that stayed idle past the old process's last request,
+/// then sends on its kept-alive connection, is served (with `Connection: close`) instead of
+/// waiting for a slot that was handed to the new process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_serves_a_late_request_on_an_idle_kept_alive_connection() {
+    use sluice_tests::client::{Conn, Request};
+    const CAP: usize = 4;
+    let emu = Emulator::start(EmulatorConfig::default())
+        .await
+        .expect("emulator");
+    let dir = temp_dir("upgrade-late");
+    let listen = sluice::run::free_local_addr().expect("port");
+    let admin = sluice::run::free_local_addr().expect("port");
+    let config = write_config(&dir, listen, emu.addr(), CAP, "10s");
+    let text = std::fs::read_to_string(&config).expect("read config");
+    std::fs::write(
+        &config,
+        text.replace(
+            "[admin]\nlisten = \"\"",
+            &format!("[admin]\nlisten = \"{admin}\""),
+        ),
+    )
+    .expect("write config");
+    let sock = dir.join("upgrade.sock");
+    let mut cleanup = Cleanup(vec![sluice(&["run"], &config)], dir.clone());
+    wait_until("the old process listens", Duration::from_secs(15), || {
+        TcpStream::connect(listen).is_ok()
+    });
+    let mut late = Conn::connect(listen).await.expect("connect");
+    let r = late
+        .send(&Request::post("/pay", "x").txn("before"))
+        .await
+        .expect("send");
+    assert!(r.status == 200 && r.keep_alive());
+
+    cleanup.0.push(sluice(&["run", "--upgrade"], &config));
+    let s = sock.clone();
+    let old_pid = cleanup.0[0].id();
+    tokio::task::spawn_blocking(move || {
+        wait_until(
+            "the new process is waiting",
+            Duration::from_secs(15),
+            || s.exists(),
+        );
+        signal(old_pid, "-QUIT");
+        // Once the old process stopped accepting, it keeps one slot (for this connection)
+        // and the new process has the rest.
+        wait_until(
+            "the new process has all but one slot",
+            Duration::from_secs(20),
+            || {
+                let Ok((200, body)) = sluice::admin::client::call(admin, "GET", "/status") else {
+                    return false;
+                };
+                serde_json::from_str::<sluice::admin::Status>(&body)
+                    .ok()
+                    .and_then(|st| st.backends.first().map(|b| b.effective_limit))
+                    == Some(CAP as u32 - 1)
+            },
+        );
+    })
+    .await
+    .expect("join");
+
+    let r = late
+        .send(&Request::post("/pay", "late payment").txn("late"))
+        .await
+        .expect("the late request is answered");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.txn_id(), Some("late"));
+    assert!(!r.keep_alive(), "answered with Connection: close");
+    assert!(
+        late.is_closed_by_peer_within(Duration::from_secs(2)).await,
+        "closed after the answer"
+    );
+    assert_eq!(
+        emu.transactions().iter().filter(|t| *t == "late").count(),
+        1,
+        "the late request reached the backend once"
+    );
+}
+
+/// SIGTERM (graceful stop) keeps kept-alive connections through the grace period: one that
+/// sends its next request after the listener closed gets a `200` with `Connection: close`;
+/// one that stays idle is closed only when the grace period ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_serves_kept_alive_connections_and_closes_idle_ones_at_the_end_of_grace() {
+    use sluice_tests::client::{Conn, Request};
+    const GRACE: Duration = Duration::from_secs(3);
+    let emu = Emulator::start(EmulatorConfig::default())
+        .await
+        .expect("emulator");
+    let dir = temp_dir("sigterm");
+    let listen = sluice::run::free_local_addr().expect("port");
+    let config = write_config(&dir, listen, emu.addr(), 4, "3s");
+    let mut cleanup = Cleanup(vec![sluice(&["run"], &config)], dir.clone());
+    wait_until("sluice listens", Duration::from_secs(15), || {
+        TcpStream::connect(listen).is_ok()
+    });
+
+    let mut busy = Conn::connect(listen).await.expect("connect");
+    let mut idle = Conn::connect(listen).await.expect("connect");
+    for (c, id) in [(&mut busy, "before-1"), (&mut idle, "before-2")] {
+        let r = c
+            .send(&Request::post("/pay", "x").txn(id))
+            .await
+            .expect("send");
+        assert_eq!(r.status, 200);
+        assert!(r.keep_alive(), "kept alive before the stop");
+    }
+
+    signal(cleanup.0[0].id(), "-TERM");
+    let term = Instant::now();
+    // The listener closes as shutdown starts.
+    tokio::task::spawn_blocking(move || {
+        wait_until("the listener closes", Duration::from_secs(10), || {
+            TcpStream::connect(listen).is_err()
+        })
+    })
+    .await
+    .expect("join");
+    assert!(
+        term.elapsed() < GRACE,
+        "shutdown started within the grace period"
+    );
+
+    let r = busy
+        .send(&Request::post("/pay", "late payment").txn("during-grace"))
+        .await
+        .expect("a request during the grace period is answered");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.txn_id(), Some("during-grace"));
+    assert!(!r.keep_alive(), "answered with Connection: close");
+    assert!(
+        busy.is_closed_by_peer_within(Duration::from_secs(2)).await,
+        "closed after the answer"
+    );
+    assert!(
+        emu.transactions().iter().any(|t| t == "during-grace"),
+        "the late request reached the backend"
+    );
+
+    assert!(
+        idle.is_closed_by_peer_within(GRACE + Duration::from_secs(5))
+            .await,
+        "the idle connection is closed at the end of the grace period"
+    );
+    let closed_after = term.elapsed();
+    assert!(
+        closed_after >= GRACE - Duration::from_millis(200),
+        "the idle connection was closed {closed_after:?} after SIGTERM, before the grace period ({GRACE:?}) ended"
+    );
+    let mut child = cleanup.0.remove(0);
+    let status =
+        tokio::task::spawn_blocking(move || wait_exit(&mut child, Duration::from_secs(30)))
+            .await
+            .expect("join");
+    assert!(status.success(), "exit after SIGTERM: {status:?}");
+}
+
 /// SIGHUP re-reads the config file in the running binary: the new limit is in force without a
 /// restart, and `sluice status` shows it.
 #[test]
