@@ -62,6 +62,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
 use crate::metrics::{Deadline, Metrics, Refused};
+use crate::reclaim::{Reclaim, Reclaimable};
 use crate::service::{Shared, Sluice};
 
 type Proxy = HttpProxy<Sluice, ()>;
@@ -269,6 +270,17 @@ fn has_pipelined_request(persistent: Option<&HttpPersistentSettings>) -> bool {
     persistent.is_some_and(|p| format!("{p:?}").contains("pipelined_prefix: Some"))
 }
 
+/// How one request ended.
+enum Ended {
+    /// The connection stays open for the next request.
+    KeepAlive(ReusedHttpStream),
+    /// The connection is closed.
+    Closed,
+    /// The header deadline passed: the client stream comes back through this channel once the
+    /// request's future is gone, to be answered `408` and closed.
+    HeaderTimeout(Reclaim),
+}
+
 /// One request, under its header and request deadlines; boxed by the caller so its state is
 /// gone once it returns. `started` is when the header deadline starts counting.
 async fn one(
@@ -278,8 +290,10 @@ async fn one(
     persistent: Option<HttpPersistentSettings>,
     started: Instant,
     shutdown: ShutdownWatch,
-) -> Option<ReusedHttpStream> {
+) -> Ended {
     let settings = shared.settings();
+    // Lent to pingora for this request; handed back if the header deadline drops the request.
+    let (stream, reclaim) = Reclaimable::wrap(stream);
     let mut session = ServerSession::new_http1(stream);
     match persistent {
         Some(p) => p.apply_to_session(&mut session),
@@ -299,9 +313,10 @@ async fn one(
     let progress = Arc::new(Progress::default());
     let exchange = PROGRESS.scope(progress.clone(), proxy.process_new_http(session, &shutdown));
     tokio::pin!(exchange);
+    let ended = |r: Option<ReusedHttpStream>| r.map_or(Ended::Closed, Ended::KeepAlive);
     tokio::select! {
         biased;
-        r = &mut exchange => return r,
+        r = &mut exchange => return ended(r),
         _ = progress.header_done.notified() => {}
         _ = tokio::time::sleep_until(started + settings.client_header_timeout) => {}
     }
@@ -310,15 +325,16 @@ async fn one(
         log::debug!(
             "client cut off: no complete request header within proxy.client_header_timeout"
         );
-        return None;
+        // Returning drops the request's future, which sends the stream back.
+        return Ended::HeaderTimeout(reclaim);
     };
     tokio::select! {
         biased;
-        r = &mut exchange => r,
+        r = &mut exchange => ended(r),
         _ = tokio::time::sleep_until(header_read + settings.request_timeout) => {
             shared.metrics.client_timeout(Deadline::Request);
             log::warn!("request cut off after proxy.request_timeout ({:?})", settings.request_timeout);
-            None
+            Ended::Closed
         }
     }
 }
@@ -340,7 +356,18 @@ async fn serve(
         shutdown.clone(),
     );
     let mut next = Box::pin(first).await;
-    while let Some((mut stream, persistent)) = next.map(|r| r.consume()) {
+    loop {
+        let (stream, persistent) = match next {
+            Ended::KeepAlive(reused) => reused.consume(),
+            Ended::Closed => break,
+            Ended::HeaderTimeout(mut reclaim) => {
+                if let Ok(stream) = reclaim.try_recv() {
+                    answer_and_close(stream, HEADER_TIMEOUT_ANSWER.as_bytes()).await;
+                }
+                break;
+            }
+        };
+        let mut stream = Reclaimable::unwrap(stream);
         let idle = shared.settings().client_keepalive_timeout;
         let started = if has_pipelined_request(persistent.as_ref()) {
             Instant::now()
@@ -376,7 +403,7 @@ async fn serve(
 }
 
 /// Answer a connection over a cap with a 503 and close it.
-async fn refuse(mut stream: Stream, reason: Refused, retry_after_secs: u64) {
+async fn refuse(stream: Stream, reason: Refused, retry_after_secs: u64) {
     let body = match reason {
         Refused::Total => "503 too many client connections: retry later\n",
         Refused::PerIp => "503 too many connections from this address: retry later\n",
@@ -386,8 +413,19 @@ async fn refuse(mut stream: Stream, reason: Refused, retry_after_secs: u64) {
          Content-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
+    answer_and_close(stream, response.as_bytes()).await;
+}
+
+/// The answer to a client whose request header did not arrive within
+/// `proxy.client_header_timeout`.
+const HEADER_TIMEOUT_ANSWER: &str = "HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain\r\n\
+     Content-Length: 40\r\nConnection: close\r\n\r\n408 request header not received in time\n";
+
+/// Write `response` (bounded in time), close the sending side, and read what the client still
+/// sends for a moment, so closing does not reset the connection before the client has read it.
+async fn answer_and_close(mut stream: Stream, response: &[u8]) {
     let written = tokio::time::timeout(REFUSE_LINGER, async {
-        stream.write_all(response.as_bytes()).await?;
+        stream.write_all(response).await?;
         stream.flush().await
     })
     .await;
@@ -396,7 +434,7 @@ async fn refuse(mut stream: Stream, reason: Refused, retry_after_secs: u64) {
     }
     let _ = AsyncWriteExt::shutdown(&mut stream).await;
     // Read (and discard) what the client sent, briefly, so closing does not reset the
-    // connection before the client has read the 503.
+    // connection before the client has read the answer.
     let _ = tokio::time::timeout(REFUSE_LINGER, async {
         let mut buf = [0u8; 4096];
         let mut seen = 0;
@@ -467,6 +505,16 @@ pub fn handler(shared: Arc<Shared>) -> ProcessCustomSession<Sluice, ()> {
 mod tests {
     use super::*;
     use std::net::Ipv4Addr;
+
+    #[test]
+    fn the_header_timeout_answer_is_well_framed() {
+        let (head, body) = HEADER_TIMEOUT_ANSWER
+            .split_once("\r\n\r\n")
+            .expect("a head and a body");
+        assert!(head.starts_with("HTTP/1.1 408 "));
+        assert!(head.contains(&format!("Content-Length: {}\r\n", body.len())));
+        assert!(head.ends_with("Connection: close"));
+    }
 
     #[test]
     fn refusals_answered_at_once_are_bounded() {

@@ -18,6 +18,7 @@ pub mod handoff;
 pub mod health;
 pub mod idle;
 pub mod metrics;
+pub mod reclaim;
 pub mod reload;
 pub mod run;
 pub mod service;

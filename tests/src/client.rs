@@ -355,6 +355,11 @@ impl Conn {
         }
     }
 
+    /// Whether bytes from the peer have arrived and not been read yet.
+    pub fn has_unread_data(&self) -> bool {
+        !self.wire.buf.is_empty()
+    }
+
     /// Non-blocking check: `true` if the peer has already closed (EOF or
     /// reset is pending). Use it before reusing an idle keep-alive connection.
     pub fn is_closed_now(&mut self) -> bool {

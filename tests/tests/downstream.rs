@@ -23,10 +23,11 @@ fn metric(proxy: &sluice::run::RunningProxy, sample: &str) -> Option<u64> {
 }
 
 /// Trickle a request header, one short line every 100 ms (at most 100 lines), until the proxy
-/// closes the connection; returns how long the connection lived after `since`.
-async fn trickle(mut c: Conn, first: &str, since: Instant) -> Duration {
+/// answers or closes the connection; returns how long the connection lived after `since`, and
+/// the status of the answer, if one came.
+async fn trickle(mut c: Conn, first: &str, since: Instant) -> (Duration, Option<u16>) {
     if c.send_raw(first.as_bytes()).await.is_err() {
-        return since.elapsed();
+        return (since.elapsed(), None);
     }
     for k in 0..100 {
         if c.send_raw(format!("X-Pad-{k}: a\r\n").as_bytes())
@@ -34,15 +35,21 @@ async fn trickle(mut c: Conn, first: &str, since: Instant) -> Duration {
             .is_err()
             || c.is_closed_by_peer_within(Duration::from_millis(100)).await
         {
-            return since.elapsed();
+            return (since.elapsed(), None);
+        }
+        if c.has_unread_data() {
+            let lived = since.elapsed();
+            let status = c.read_response().await.ok().map(|r| r.status);
+            assert!(c.is_closed_by_peer().await, "closed after the answer");
+            return (lived, status);
         }
     }
     panic!("a trickling client was never cut off");
 }
 
 /// Slowloris: 20 clients trickle their headers (one on a connection that already served a
-/// request); each is cut off at the 1 s header deadline, none reaches the backend, and a normal
-/// client keeps getting its own answers the whole time.
+/// request); each is cut off at the 1 s header deadline with a `408` and a close, none reaches
+/// the backend, and a normal client keeps getting its own answers the whole time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_is_cut_off_at_the_header_deadline_while_others_are_served() {
     let (emu, proxy) = emulator_and_proxy(
@@ -96,11 +103,12 @@ async fn slowloris_is_cut_off_at_the_header_deadline_while_others_are_served() {
     });
 
     for l in lorises {
-        let lived = l.await.expect("loris task");
+        let (lived, status) = l.await.expect("loris task");
         assert!(
             lived >= Duration::from_millis(900) && lived < Duration::from_secs(4),
             "a trickling client must be cut off at the 1 s header deadline, lived {lived:?}"
         );
+        assert_eq!(status, Some(408), "a client cut off mid-header is told why");
     }
     assert_eq!(normal.await.expect("normal client"), 40);
     let seen = emu.transactions();
