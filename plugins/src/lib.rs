@@ -7,12 +7,15 @@
 //! The proxy crate wraps these types in a mutex, turns their decisions into waiting, permits
 //! and HTTP responses, and owns all the timers.
 //!
+//! - [`adaptive`]: a concurrency limit learned from the backend's latency and failures, under the
+//!   operator's ceiling (latency-driven ramp, optional gradient, collapse on a stalled backend).
 //! - [`body_pace`]: by when a client must have sent more of a request body (start, rate, total).
 //! - [`pool`]: the admission pool, a set of backends each with a concurrency limit that can change
 //!   at runtime, and one bounded FIFO wait queue in front of them.
 
 #![forbid(unsafe_code)]
 
+pub mod adaptive;
 pub mod body_pace;
 pub mod health;
 pub mod pool;

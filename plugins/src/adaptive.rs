@@ -1,0 +1,645 @@
+//! A concurrency limit learned from the backend's own answers, never above the operator's
+//! ceiling.
+//!
+//! The legacy backend is a cliff, not a slope: its latency rises as soon as requests queue for
+//! its threads, and it locks up a little further on. So the search is one-sided. The
+//! operator's `max_inflight` is a hard ceiling; below it the limit moves on evidence from
+//! completed requests, in **rounds**: a round is as many completions as the limit allows at
+//! once (at least [`LatencyLimitConfig::min_round`]), about one "round trip" of the backend.
+//!
+//! - **Ramp** (TCP slow start): from `initial`, the limit doubles after each *clean* round: its
+//!   median latency within `tolerance` × the baseline, and its error share at most
+//!   `max_error_rate`. A warm backend reaches the ceiling in log2(ceiling / initial) rounds. The
+//!   first unclean round ends the ramp and steps back to the last clean limit.
+//! - **Steady** (adaptive, opt-in): each round's median latency against the baseline gives a
+//!   gradient, `tolerance × baseline / median`, clamped to [0.5, 1]; below 1 the limit is
+//!   multiplied by it (Envoy's and Gradient2's rule). A clean round whose demand reached the
+//!   limit adds one (additive recovery), up to the ceiling. Without the adaptive mode the
+//!   limit stays where the ramp left it (normally the ceiling) until the backend fails again.
+//! - **Collapse**: a backend that stops completing requests while every slot is taken
+//!   ([`LatencyLimit::tick`]), or whose answers are lost (timeouts, resets after the request
+//!   was sent) [`LatencyLimitConfig::lost_in_a_row`] times in a row, drops to the floor and is
+//!   ramped again once it answers.
+//!
+//! The **baseline** is the backend's latency at low concurrency: the lowest round median seen
+//! at a limit of at most [`LatencyLimitConfig::baseline_below`], refreshed from the rounds of
+//! the last [`LatencyLimitConfig::baseline_window`] (so a backend that becomes permanently
+//! slower is followed, slowly), and seeded by the first round.
+//!
+//! `duration` bounds the ramp: while no round has shown inflation, the limit is at least where
+//! a linear clock ramp from `initial` to the ceiling over `duration` would be, so little
+//! traffic (too few completions to finish rounds) never keeps the limit low for longer than the
+//! clock ramp would. Once a round shows inflation, the clock no longer lifts the limit: a cold
+//! backend is held where its latency says.
+//!
+//! Nothing here reads a clock: time comes in as an argument.
+
+use std::time::{Duration, Instant};
+
+/// How a [`LatencyLimit`] learns.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LatencyLimitConfig {
+    /// The operator's ceiling (`max_inflight`): never exceeded.
+    pub ceiling: u32,
+    /// The floor (`min_inflight`), at least 1.
+    pub floor: u32,
+    /// Where a ramp starts (clamped to `[floor, ceiling]`).
+    pub initial: u32,
+    /// A round is clean while its median latency is at most this × the baseline.
+    pub tolerance: f64,
+    /// A round is clean while at most this share of its requests failed.
+    pub max_error_rate: f64,
+    /// Adapt in steady service (the gradient); off: the ramp only.
+    pub adaptive: bool,
+    /// Fewest completions in a round.
+    pub min_round: u32,
+    /// Lost answers in a row that collapse the limit.
+    pub lost_in_a_row: u32,
+    /// No completion for this long while every slot is taken collapses the limit (at least
+    /// this; a backend whose baseline is slower gets 20 × its baseline).
+    pub stall: Duration,
+    /// Rounds at a limit up to this count toward the baseline.
+    pub baseline_below: u32,
+    /// The baseline is refreshed from the rounds of this long ago at most.
+    pub baseline_window: Duration,
+    /// The clock ramp's length, bounding the latency ramp (zero: no bound).
+    pub duration: Duration,
+}
+
+impl LatencyLimitConfig {
+    /// Defaults for a backend with cap `ceiling`: start at 10 % (at least 1), tolerance 1.5 ×,
+    /// 10 % errors, rounds of at least 8, collapse after 3 lost answers or a 2 s stall.
+    pub fn new(ceiling: u32) -> Self {
+        let ceiling = ceiling.max(1);
+        LatencyLimitConfig {
+            ceiling,
+            floor: 1,
+            initial: (ceiling / 10).max(1),
+            tolerance: 1.5,
+            max_error_rate: 0.1,
+            adaptive: false,
+            min_round: 8,
+            lost_in_a_row: 3,
+            stall: Duration::from_secs(2),
+            baseline_below: (ceiling / 4).max(1),
+            baseline_window: Duration::from_secs(60),
+            duration: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What became of a request sent to the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sample {
+    /// Answered (below 500) after this long.
+    Ok(Duration),
+    /// Answered with a server error (5xx) after this long: backend pressure.
+    Failed(Duration),
+    /// No answer: an upstream timeout, or the connection reset after the request was sent.
+    Lost,
+}
+
+/// Why the limit is where it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Growing: doubling per clean round.
+    Ramp,
+    /// At the ceiling, or where the backend's latency holds it.
+    Steady,
+    /// The backend stopped answering: at the floor until it answers again.
+    Collapsed,
+}
+
+impl Phase {
+    /// A word for status output, metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Ramp => "ramp",
+            Phase::Steady => "steady",
+            Phase::Collapsed => "collapsed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct Round {
+    latencies: Vec<Duration>,
+    failed: u32,
+    /// The most requests in flight seen during the round.
+    peak_inflight: u32,
+}
+
+/// A backend's learned limit.
+#[derive(Debug, Clone)]
+pub struct LatencyLimit {
+    cfg: LatencyLimitConfig,
+    limit: f64,
+    phase: Phase,
+    /// The last limit whose round was clean during the ramp.
+    last_clean: u32,
+    round: Round,
+    baseline: Option<Duration>,
+    /// The lowest low-concurrency round median since `window_start`.
+    window_min: Option<Duration>,
+    window_start: Instant,
+    lost: u32,
+    last_completion: Instant,
+    ramp_start: Instant,
+    /// A round of this ramp showed inflation: the clock no longer lifts the limit.
+    inflated: bool,
+}
+
+impl LatencyLimit {
+    /// A limit that starts ramping at `now`.
+    pub fn new(cfg: LatencyLimitConfig, now: Instant) -> Self {
+        let mut cfg = cfg;
+        cfg.ceiling = cfg.ceiling.max(1);
+        cfg.floor = cfg.floor.clamp(1, cfg.ceiling);
+        cfg.initial = cfg.initial.clamp(cfg.floor, cfg.ceiling);
+        cfg.min_round = cfg.min_round.max(1);
+        cfg.lost_in_a_row = cfg.lost_in_a_row.max(1);
+        let mut l = LatencyLimit {
+            cfg,
+            limit: f64::from(cfg.initial),
+            phase: Phase::Ramp,
+            last_clean: cfg.initial,
+            round: Round::default(),
+            baseline: None,
+            window_min: None,
+            window_start: now,
+            lost: 0,
+            last_completion: now,
+            ramp_start: now,
+            inflated: false,
+        };
+        l.restart(now);
+        l
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> LatencyLimitConfig {
+        self.cfg
+    }
+
+    /// Change the configuration (a reload): the limit is kept within the new bounds.
+    pub fn reconfigure(&mut self, cfg: LatencyLimitConfig) {
+        let now = self.last_completion;
+        let phase = self.phase;
+        let limit = self.limit;
+        let baseline = self.baseline;
+        *self = LatencyLimit::new(cfg, now);
+        self.phase = phase;
+        self.limit = limit.clamp(f64::from(self.cfg.floor), f64::from(self.cfg.ceiling));
+        self.baseline = baseline;
+    }
+
+    /// Start a ramp from `initial` (sluice started, the backend came back, an operator asked).
+    pub fn restart(&mut self, now: Instant) {
+        self.limit = f64::from(self.cfg.initial);
+        self.last_clean = self.cfg.initial;
+        self.phase = if self.cfg.initial >= self.cfg.ceiling {
+            Phase::Steady
+        } else {
+            Phase::Ramp
+        };
+        self.round = Round::default();
+        self.lost = 0;
+        self.last_completion = now;
+        self.ramp_start = now;
+        self.inflated = false;
+    }
+
+    /// The limit in force at `now`.
+    pub fn limit(&self, now: Instant) -> u32 {
+        let learned = self.limit.floor() as u32;
+        let clocked = if self.phase == Phase::Ramp && !self.inflated {
+            self.clock_limit(now)
+        } else {
+            0
+        };
+        learned.max(clocked).clamp(self.cfg.floor, self.cfg.ceiling)
+    }
+
+    /// Why the limit is where it is.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// The backend's baseline latency, once measured.
+    pub fn baseline(&self) -> Option<Duration> {
+        self.baseline
+    }
+
+    /// The linear clock ramp's value at `now`.
+    fn clock_limit(&self, now: Instant) -> u32 {
+        let d = self.cfg.duration;
+        if d.is_zero() {
+            return 0;
+        }
+        let t = now.saturating_duration_since(self.ramp_start);
+        if t >= d {
+            return self.cfg.ceiling;
+        }
+        let span = u128::from(self.cfg.ceiling - self.cfg.initial);
+        let done = span * t.as_nanos() / d.as_nanos();
+        self.cfg.initial + done as u32
+    }
+
+    /// When the clock part of the ramp next raises the limit, if it may.
+    pub fn next_step(&self, now: Instant) -> Option<Instant> {
+        if self.phase != Phase::Ramp || self.inflated || self.cfg.duration.is_zero() {
+            return None;
+        }
+        let current = self.limit(now);
+        if current >= self.cfg.ceiling {
+            return None;
+        }
+        let span = u128::from(self.cfg.ceiling - self.cfg.initial);
+        if span == 0 {
+            return None;
+        }
+        // Smallest t with initial + span·t/d ≥ current + 1.
+        let next = u128::from(current + 1 - self.cfg.initial);
+        let needed = (next * self.cfg.duration.as_nanos()).div_ceil(span);
+        let nanos = u64::try_from(needed).unwrap_or(u64::MAX);
+        Some(self.ramp_start + Duration::from_nanos(nanos))
+    }
+
+    /// A request was admitted and `inflight` requests are now at the backend.
+    pub fn on_admit(&mut self, inflight: u32) {
+        self.round.peak_inflight = self.round.peak_inflight.max(inflight);
+    }
+
+    /// A request sent to the backend ended as `sample`, at `now`.
+    pub fn record(&mut self, sample: Sample, now: Instant) {
+        let latency = match sample {
+            Sample::Lost => {
+                self.lost += 1;
+                if self.lost >= self.cfg.lost_in_a_row {
+                    self.collapse(now);
+                }
+                return;
+            }
+            Sample::Ok(l) => l,
+            Sample::Failed(l) => {
+                self.round.failed += 1;
+                l
+            }
+        };
+        self.lost = 0;
+        self.last_completion = now;
+        if self.phase == Phase::Collapsed {
+            // It answers again: ramp from the floor.
+            self.phase = Phase::Ramp;
+            self.ramp_start = now;
+            self.last_clean = self.cfg.floor;
+            self.inflated = true;
+            self.round = Round::default();
+        }
+        self.round.latencies.push(latency);
+        let size = (self.limit.floor() as u32).max(self.cfg.min_round);
+        if self.round.latencies.len() as u32 >= size {
+            self.end_round(now);
+        }
+    }
+
+    /// Look for a stall at `now`, with `inflight` requests at the backend: no completion for
+    /// the stall time while every slot is taken collapses the limit.
+    pub fn tick(&mut self, inflight: u32, now: Instant) {
+        if self.phase == Phase::Collapsed || inflight < self.limit(now) {
+            return;
+        }
+        let stall = self
+            .baseline
+            .map_or(self.cfg.stall, |b| self.cfg.stall.max(b * 20));
+        if now.saturating_duration_since(self.last_completion) >= stall {
+            self.collapse(now);
+        }
+    }
+
+    /// When [`tick`](Self::tick) could next find a stall, if the backend stays busy.
+    pub fn stall_due(&self) -> Option<Instant> {
+        if self.phase == Phase::Collapsed {
+            return None;
+        }
+        let stall = self
+            .baseline
+            .map_or(self.cfg.stall, |b| self.cfg.stall.max(b * 20));
+        Some(self.last_completion + stall)
+    }
+
+    fn collapse(&mut self, now: Instant) {
+        self.phase = Phase::Collapsed;
+        self.limit = f64::from(self.cfg.floor);
+        self.last_clean = self.cfg.floor;
+        self.round = Round::default();
+        self.lost = 0;
+        self.last_completion = now;
+    }
+
+    fn end_round(&mut self, now: Instant) {
+        let mut round = std::mem::take(&mut self.round);
+        round.latencies.sort_unstable();
+        let median = round.latencies[round.latencies.len() / 2];
+        let errors = f64::from(round.failed) / round.latencies.len() as f64;
+        let at = self.limit.floor() as u32;
+        self.update_baseline(median, at, now);
+        let Some(baseline) = self.baseline else {
+            return;
+        };
+        let allowed = baseline.as_secs_f64() * self.cfg.tolerance;
+        let inflated = median.as_secs_f64() > allowed;
+        let clean = !inflated && errors <= self.cfg.max_error_rate;
+        let ceiling = f64::from(self.cfg.ceiling);
+        let floor = f64::from(self.cfg.floor);
+        match self.phase {
+            Phase::Ramp if clean => {
+                self.last_clean = at;
+                self.limit = (self.limit * 2.0).min(ceiling);
+                if self.limit >= ceiling {
+                    self.phase = Phase::Steady;
+                }
+            }
+            Phase::Ramp => {
+                // The last doubling went too far: step back to the last clean limit.
+                self.inflated = true;
+                self.limit = f64::from(self.last_clean.min(at / 2).max(self.cfg.floor));
+                self.phase = Phase::Steady;
+            }
+            Phase::Steady if !self.cfg.adaptive => {
+                if errors > self.cfg.max_error_rate {
+                    // The backend fails under this load: halve it.
+                    self.limit = (self.limit * 0.5).max(floor);
+                } else if self.limit < ceiling {
+                    // Below the ceiling (a ramp that met inflation): probe one step at a time,
+                    // up while the backend copes and demand reaches the limit, down when not.
+                    if clean && round.peak_inflight >= at {
+                        self.limit = (self.limit + 1.0).min(ceiling);
+                    } else if inflated {
+                        self.limit = (self.limit - 1.0).max(floor);
+                    }
+                }
+                // At the ceiling the operator's cap is trusted until the backend fails.
+            }
+            Phase::Steady => {
+                let gradient = (allowed / median.as_secs_f64().max(1e-9)).clamp(0.5, 1.0);
+                if errors > self.cfg.max_error_rate {
+                    self.limit = (self.limit * 0.5).max(floor);
+                } else if gradient < 1.0 {
+                    self.limit = (self.limit * gradient).max(floor);
+                } else if round.peak_inflight >= at {
+                    self.limit = (self.limit + 1.0).min(ceiling);
+                }
+            }
+            Phase::Collapsed => {}
+        }
+    }
+
+    fn update_baseline(&mut self, median: Duration, at: u32, now: Instant) {
+        if now.saturating_duration_since(self.window_start) >= self.cfg.baseline_window {
+            // A new window: the last one's minimum becomes the baseline (following a backend
+            // that became slower for good), if it saw any low-concurrency round.
+            if let Some(m) = self.window_min.take() {
+                self.baseline = Some(m);
+            }
+            self.window_start = now;
+        }
+        let low = at <= self.cfg.baseline_below || self.baseline.is_none();
+        if low {
+            self.window_min = Some(self.window_min.map_or(median, |m| m.min(median)));
+            self.baseline = Some(self.baseline.map_or(median, |b| b.min(median)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// A backend with `workers` threads of `service` each: the latency of a request when
+    /// `inflight` are inside.
+    fn latency(workers: u32, service: Duration, inflight: u32) -> Duration {
+        let queued = inflight.div_ceil(workers).max(1);
+        service * queued
+    }
+
+    /// Drive a limit with a backend that always has demand: each round completes `limit`
+    /// requests with the latency the backend gives at that concurrency. Returns the limits
+    /// seen after each round.
+    fn drive(
+        l: &mut LatencyLimit,
+        t: &mut Instant,
+        rounds: usize,
+        backend: impl Fn(u32) -> Duration,
+    ) -> Vec<u32> {
+        let mut seen = Vec::new();
+        for _ in 0..rounds {
+            let at = l.limit(*t);
+            let lat = backend(at);
+            for _ in 0..at.max(8) {
+                l.on_admit(at);
+                *t += lat / at.max(1);
+                l.record(Sample::Ok(lat), *t);
+            }
+            seen.push(l.limit(*t));
+        }
+        seen
+    }
+
+    fn cfg(ceiling: u32) -> LatencyLimitConfig {
+        LatencyLimitConfig {
+            initial: 3,
+            duration: Duration::ZERO,
+            ..LatencyLimitConfig::new(ceiling)
+        }
+    }
+
+    #[test]
+    fn a_warm_backend_is_ramped_to_the_ceiling_in_a_few_rounds() {
+        let mut t = Instant::now();
+        let mut l = LatencyLimit::new(cfg(32), t);
+        assert_eq!(l.limit(t), 3);
+        // 64 workers: no queueing up to the ceiling.
+        let seen = drive(&mut l, &mut t, 6, |n| latency(64, ms(20), n));
+        assert_eq!(seen[..4], [6, 12, 24, 32]);
+        assert_eq!(l.phase(), Phase::Steady);
+        assert_eq!(l.baseline(), Some(ms(20)));
+    }
+
+    #[test]
+    fn a_ramp_stops_where_latency_inflates_and_never_passes_the_knee() {
+        let mut t = Instant::now();
+        let mut l = LatencyLimit::new(cfg(64), t);
+        // 8 workers: at 24 inside, latency triples.
+        let seen = drive(&mut l, &mut t, 20, |n| latency(8, ms(20), n));
+        let top = *seen.iter().max().expect("rounds");
+        assert!(top <= 24, "it went to {top}: {seen:?}");
+        let last = *seen.last().expect("rounds");
+        // Clean up to 8 inside (one service time), inflated from 9: it settles at the knee.
+        assert!((8..=9).contains(&last), "settled at {last}: {seen:?}");
+    }
+
+    #[test]
+    fn adaptive_mode_backs_off_when_the_backend_slows_and_recovers_after() {
+        let mut t = Instant::now();
+        let mut l = LatencyLimit::new(
+            LatencyLimitConfig {
+                adaptive: true,
+                ..cfg(32)
+            },
+            t,
+        );
+        drive(&mut l, &mut t, 6, |n| latency(32, ms(20), n));
+        assert_eq!(l.limit(t), 32);
+        // The backend halves its capacity: 16 workers.
+        let slow = drive(&mut l, &mut t, 20, |n| latency(16, ms(20), n));
+        let last = *slow.last().expect("rounds");
+        assert!(last < 32, "the limit must fall below the ceiling: {slow:?}");
+        assert!(
+            (12..=17).contains(&last),
+            "it settles near the backend's new capacity: {slow:?}"
+        );
+        // Recovery: back to the ceiling, additively.
+        let back = drive(&mut l, &mut t, 40, |n| latency(32, ms(20), n));
+        assert_eq!(*back.last().expect("rounds"), 32, "{back:?}");
+    }
+
+    #[test]
+    fn without_adaptive_mode_a_slower_backend_keeps_the_ceiling() {
+        let mut t = Instant::now();
+        let mut l = LatencyLimit::new(cfg(32), t);
+        drive(&mut l, &mut t, 6, |n| latency(32, ms(20), n));
+        let seen = drive(&mut l, &mut t, 5, |n| latency(16, ms(20), n));
+        assert!(seen.iter().all(|&s| s == 32), "{seen:?}");
+    }
+
+    #[test]
+    fn lost_answers_collapse_to_the_floor_and_an_answer_re_ramps() {
+        let mut t = Instant::now();
+        let mut l = LatencyLimit::new(cfg(32), t);
+        drive(&mut l, &mut t, 6, |n| latency(64, ms(20), n));
+        assert_eq!(l.limit(t), 32);
+        l.record(Sample::Lost, t);
+        l.record(Sample::Lost, t);
+        assert_eq!(l.limit(t), 32, "two lost answers are not yet a pattern");
+        l.record(Sample::Lost, t);
+        assert_eq!(l.limit(t), 1);
+        assert_eq!(l.phase(), Phase::Collapsed);
+        let seen = drive(&mut l, &mut t, 8, |n| latency(64, ms(20), n));
+        assert_eq!(l.phase(), Phase::Steady);
+        assert_eq!(*seen.last().expect("rounds"), 32, "{seen:?}");
+    }
+
+    #[test]
+    fn a_stall_with_every_slot_taken_collapses_the_limit() {
+        let mut t = Instant::now();
+        let mut l = LatencyLimit::new(cfg(32), t);
+        drive(&mut l, &mut t, 6, |n| latency(64, ms(20), n));
+        t += Duration::from_secs(1);
+        l.tick(32, t);
+        assert_eq!(l.limit(t), 32, "not yet a stall");
+        t += Duration::from_secs(2);
+        l.tick(31, t);
+        assert_eq!(
+            l.limit(t),
+            32,
+            "a free slot: not a stall, just little demand"
+        );
+        assert_eq!(
+            l.stall_due(),
+            Some(t - Duration::from_secs(3) + Duration::from_secs(2))
+        );
+        l.tick(32, t);
+        assert_eq!(l.phase(), Phase::Collapsed);
+        assert_eq!(l.limit(t), 1);
+    }
+
+    #[test]
+    fn errors_hold_the_ramp() {
+        let mut t = Instant::now();
+        let mut l = LatencyLimit::new(cfg(32), t);
+        for _ in 0..8 {
+            t += ms(5);
+            l.record(Sample::Failed(ms(20)), t);
+        }
+        assert!(
+            l.limit(t) <= 3,
+            "a round of errors must not double the limit"
+        );
+        assert_eq!(l.phase(), Phase::Steady);
+    }
+
+    #[test]
+    fn the_clock_bounds_a_ramp_with_little_traffic_but_not_an_inflated_one() {
+        let t0 = Instant::now();
+        let mut l = LatencyLimit::new(
+            LatencyLimitConfig {
+                initial: 4,
+                duration: Duration::from_secs(10),
+                ..LatencyLimitConfig::new(32)
+            },
+            t0,
+        );
+        assert_eq!(l.limit(t0), 4);
+        assert_eq!(l.limit(t0 + Duration::from_secs(5)), 18);
+        assert_eq!(l.limit(t0 + Duration::from_secs(10)), 32);
+        assert_eq!(
+            l.next_step(t0),
+            Some(t0 + Duration::from_nanos(357_142_858))
+        );
+        // A round that shows inflation stops the clock's lift.
+        let mut t = t0;
+        for _ in 0..8 {
+            t += ms(10);
+            l.record(Sample::Ok(ms(20)), t);
+        }
+        for _ in 0..8 {
+            t += ms(10);
+            l.record(Sample::Ok(ms(200)), t);
+        }
+        let held = l.limit(t0 + Duration::from_secs(10));
+        assert!(
+            held < 32,
+            "a cold backend is held where its latency says: {held}"
+        );
+        assert_eq!(l.next_step(t), None);
+    }
+
+    proptest! {
+        /// Whatever the backend does, the limit stays within [floor, ceiling].
+        #[test]
+        fn the_limit_stays_between_floor_and_ceiling(
+            ceiling in 1u32..200,
+            floor in 1u32..10,
+            adaptive in any::<bool>(),
+            events in proptest::collection::vec((0u8..4, 1u64..500, 0u32..250), 1..400),
+        ) {
+            let t0 = Instant::now();
+            let mut t = t0;
+            let mut l = LatencyLimit::new(
+                LatencyLimitConfig { floor, adaptive, ..LatencyLimitConfig::new(ceiling) },
+                t,
+            );
+            for (kind, lat, inflight) in events {
+                t += ms(lat);
+                match kind {
+                    0 => l.record(Sample::Ok(ms(lat)), t),
+                    1 => l.record(Sample::Failed(ms(lat)), t),
+                    2 => l.record(Sample::Lost, t),
+                    _ => l.tick(inflight, t),
+                }
+                l.on_admit(inflight);
+                let limit = l.limit(t);
+                prop_assert!(limit >= floor.min(ceiling) && limit <= ceiling, "{limit}");
+                if let Some(next) = l.next_step(t) {
+                    prop_assert!(next > t || l.limit(next) > limit);
+                }
+            }
+        }
+    }
+}
