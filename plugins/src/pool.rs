@@ -34,6 +34,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use crate::adaptive::{LatencyLimit, LatencyLimitConfig, Phase, Sample};
 use crate::slow_start::{SlowStart, SlowStartConfig};
 use crate::token_bucket::{RateLimit, TokenBucket};
 
@@ -46,6 +47,9 @@ pub struct BackendPolicy {
     pub rate: Option<RateLimit>,
     /// Optional slow-start ramp (runs from construction, on recovery and on command).
     pub slow_start: Option<SlowStartConfig>,
+    /// Optional learned limit (a latency-driven ramp, and optionally a gradient, under
+    /// `max_inflight`); when set it replaces `slow_start`.
+    pub learn: Option<LatencyLimitConfig>,
 }
 
 impl BackendPolicy {
@@ -55,6 +59,7 @@ impl BackendPolicy {
             max_inflight,
             rate: None,
             slow_start: None,
+            learn: None,
         }
     }
 }
@@ -124,6 +129,9 @@ struct Slot {
     bucket: Option<TokenBucket>,
     ramp: Option<SlowStart>,
     ramp_cfg: Option<SlowStartConfig>,
+    /// The learned limit, if the backend learns one; `learned` is its value at the last tick.
+    learner: Option<LatencyLimit>,
+    learned: u32,
 }
 
 impl Slot {
@@ -134,25 +142,57 @@ impl Slot {
             inflight: 0,
             state: BackendState::Up,
             bucket: policy.rate.map(|r| TokenBucket::new(r, now)),
-            ramp: policy.slow_start.map(|c| SlowStart::new(c, now)),
-            ramp_cfg: policy.slow_start,
+            ramp: policy
+                .slow_start
+                .filter(|_| policy.learn.is_none())
+                .map(|c| SlowStart::new(c, now)),
+            ramp_cfg: policy.slow_start.filter(|_| policy.learn.is_none()),
+            learner: policy.learn.map(|c| {
+                LatencyLimit::new(
+                    LatencyLimitConfig {
+                        ceiling: policy.max_inflight,
+                        ..c
+                    },
+                    now,
+                )
+            }),
+            learned: policy.max_inflight,
+        }
+        .ticked(now)
+    }
+
+    /// Bring the ramp and the learned limit to `now`.
+    fn ticked(mut self, now: Instant) -> Self {
+        self.tick(now);
+        self
+    }
+
+    fn tick(&mut self, now: Instant) {
+        if let Some(r) = self.ramp.as_mut() {
+            r.advance(now);
+        }
+        if let Some(l) = self.learner.as_mut() {
+            l.tick(self.inflight, now);
+            self.learned = l.limit(now);
         }
     }
 
     /// The limit in force: the ramp's value while it runs, else the full limit, less any
     /// slots reserved for another process.
     fn effective_limit(&self) -> u32 {
-        let limit = match &self.ramp {
-            Some(r) => r.limit(self.limit).min(self.limit),
-            None => self.limit,
+        let limit = match (&self.ramp, &self.learner) {
+            (_, Some(_)) => self.learned.min(self.limit),
+            (Some(r), None) => r.limit(self.limit).min(self.limit),
+            (None, None) => self.limit,
         };
         limit.min(self.limit.saturating_sub(self.reserved))
     }
 
     /// Rate scale: the ramp's share of the full limit.
     fn rate_scale(&self) -> f64 {
-        match &self.ramp {
-            Some(r) if r.active() && self.limit > 0 => {
+        match (&self.ramp, &self.learner) {
+            (_, Some(_)) if self.limit > 0 => f64::from(self.learned) / f64::from(self.limit),
+            (Some(r), None) if r.active() && self.limit > 0 => {
                 f64::from(r.limit(self.limit)) / f64::from(self.limit)
             }
             _ => 1.0,
@@ -174,6 +214,10 @@ impl Slot {
     }
 
     fn restart_ramp(&mut self, now: Instant) {
+        if let Some(l) = self.learner.as_mut() {
+            l.restart(now);
+            self.learned = l.limit(now);
+        }
         if let Some(cfg) = self.ramp_cfg {
             match &mut self.ramp {
                 Some(r) => r.restart(now),
@@ -201,6 +245,10 @@ pub struct BackendSnapshot {
     pub ramp: f64,
     /// Whether the ramp is held by its error-rate or latency gate.
     pub ramp_gated: bool,
+    /// Why the learned limit is where it is, if the backend learns one.
+    pub phase: Option<Phase>,
+    /// The backend's baseline latency, once the learned limit has measured it.
+    pub baseline: Option<Duration>,
     /// Tokens available now, if the backend has a rate limit.
     pub tokens: Option<u32>,
     /// Requests admitted to this backend and not yet released.
@@ -270,10 +318,27 @@ impl<W> AdmissionPool<W> {
             if slot.bucket.as_ref().map(TokenBucket::limit) != policy.rate {
                 slot.bucket = policy.rate.map(|r| TokenBucket::new(r, now));
             }
-            slot.ramp_cfg = policy.slow_start;
-            if policy.slow_start.is_none() {
+            slot.ramp_cfg = policy.slow_start.filter(|_| policy.learn.is_none());
+            if slot.ramp_cfg.is_none() {
                 slot.ramp = None;
             }
+            match (policy.learn, slot.learner.as_mut()) {
+                (None, _) => slot.learner = None,
+                (Some(c), Some(l)) => l.reconfigure(LatencyLimitConfig {
+                    ceiling: policy.max_inflight,
+                    ..c
+                }),
+                (Some(c), None) => {
+                    slot.learner = Some(LatencyLimit::new(
+                        LatencyLimitConfig {
+                            ceiling: policy.max_inflight,
+                            ..c
+                        },
+                        now,
+                    ))
+                }
+            }
+            slot.tick(now);
         }
         self.dispatch(now)
     }
@@ -345,11 +410,24 @@ impl<W> AdmissionPool<W> {
         }
     }
 
-    /// Feed a completed request to the backend's ramp gate.
-    pub fn record(&mut self, backend: BackendId, failed: bool, latency: Duration) {
-        if let Some(ramp) = self.slots.get_mut(backend.0).and_then(|s| s.ramp.as_mut()) {
-            ramp.record(failed, latency);
+    /// Feed what became of a request sent to `backend` to its ramp gate and learned limit;
+    /// returns the grants a grown limit made.
+    pub fn record(&mut self, backend: BackendId, sample: Sample, now: Instant) -> Vec<Grant<W>> {
+        let Some(slot) = self.slots.get_mut(backend.0) else {
+            return Vec::new();
+        };
+        if let Some(ramp) = slot.ramp.as_mut() {
+            match sample {
+                Sample::Ok(l) => ramp.record(false, l),
+                Sample::Failed(l) => ramp.record(true, l),
+                Sample::Lost => ramp.record(true, Duration::ZERO),
+            }
         }
+        if let Some(l) = slot.learner.as_mut() {
+            l.record(sample, now);
+            slot.learned = l.limit(now);
+        }
+        self.dispatch(now)
     }
 
     /// Restart a backend's slow-start ramp (operator command). Lowers its effective limit.
@@ -379,6 +457,8 @@ impl<W> AdmissionPool<W> {
             .filter_map(|s| {
                 if s.free() > 0 {
                     s.bucket.as_ref().map(|b| b.next_available(s.rate_scale()))
+                } else if let Some(l) = &s.learner {
+                    l.next_step(now)
                 } else {
                     s.ramp.as_ref().and_then(|r| r.next_step(s.limit, now))
                 }
@@ -430,6 +510,13 @@ impl<W> AdmissionPool<W> {
         self.tick(now);
         if let Some(slot) = self.slots.get_mut(backend.0) {
             slot.limit = limit;
+            if let Some(l) = slot.learner.as_mut() {
+                l.reconfigure(LatencyLimitConfig {
+                    ceiling: limit,
+                    ..l.config()
+                });
+            }
+            slot.tick(now);
         }
         self.dispatch(now)
     }
@@ -510,19 +597,23 @@ impl<W> AdmissionPool<W> {
                 .slots
                 .iter()
                 .map(|s| {
-                    let mut ramp = s.ramp.clone();
-                    if let Some(r) = ramp.as_mut() {
-                        r.advance(now);
-                    }
-                    let ramped = ramp
-                        .as_ref()
-                        .map_or(s.limit, |r| r.limit(s.limit).min(s.limit));
+                    let s = s.clone().ticked(now);
+                    let ramp = s.ramp.as_ref();
+                    let learned = s.learner.as_ref();
                     BackendSnapshot {
                         limit: s.limit,
-                        effective_limit: ramped.min(s.limit.saturating_sub(s.reserved)),
+                        effective_limit: s.effective_limit(),
                         reserved: s.reserved,
-                        ramp: ramp.as_ref().map_or(1.0, SlowStart::fraction),
-                        ramp_gated: ramp.as_ref().is_some_and(|r| r.active() && r.gated()),
+                        ramp: match (learned, ramp) {
+                            (Some(_), _) if s.limit > 0 => {
+                                f64::from(s.learned.min(s.limit)) / f64::from(s.limit)
+                            }
+                            (_, Some(r)) => r.fraction(),
+                            _ => 1.0,
+                        },
+                        ramp_gated: ramp.is_some_and(|r| r.active() && r.gated()),
+                        phase: learned.map(LatencyLimit::phase),
+                        baseline: learned.and_then(LatencyLimit::baseline),
                         tokens: s.bucket.as_ref().map(|b| b.available(now, s.rate_scale())),
                         inflight: s.inflight,
                         state: s.state,
@@ -539,12 +630,10 @@ impl<W> AdmissionPool<W> {
         self.max_queue = max_queue;
     }
 
-    /// Move every ramp's clock to `now`.
+    /// Move every ramp's clock and learned limit to `now`.
     fn tick(&mut self, now: Instant) {
         for slot in &mut self.slots {
-            if let Some(r) = slot.ramp.as_mut() {
-                r.advance(now);
-            }
+            slot.tick(now);
         }
     }
 
@@ -564,6 +653,9 @@ impl<W> AdmissionPool<W> {
     fn admit(&mut self, backend: BackendId, now: Instant) {
         let slot = &mut self.slots[backend.0];
         slot.inflight += 1;
+        if let Some(l) = slot.learner.as_mut() {
+            l.on_admit(slot.inflight);
+        }
         let scale = slot.rate_scale();
         if let Some(b) = slot.bucket.as_mut() {
             let took = b.try_take(now, scale);
@@ -749,6 +841,7 @@ mod tests {
                 max_error_rate: None,
                 max_latency: None,
             }),
+            learn: None,
         }
     }
 

@@ -53,6 +53,13 @@ pub struct BackendView {
     pub ramp: f64,
     /// Whether the ramp is held by its error/latency gate.
     pub ramp_gated: bool,
+    /// Why the learned limit is where it is: `ramp`, `steady` or `collapsed` (absent with a
+    /// clock ramp or a fixed cap).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit_phase: Option<String>,
+    /// The backend's measured baseline latency (ms), once known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline_ms: Option<f64>,
     /// Tokens available, when a rate is set.
     pub tokens: Option<u32>,
 }
@@ -76,6 +83,10 @@ impl From<BackendStatus> for BackendView {
             inflight: b.inflight,
             ramp: (b.ramp * 1000.0).round() / 1000.0,
             ramp_gated: b.ramp_gated,
+            limit_phase: b.limit_phase.map(str::to_string),
+            baseline_ms: b
+                .baseline
+                .map(|d| (d.as_secs_f64() * 10_000.0).round() / 10.0),
             tokens: b.tokens,
         }
     }

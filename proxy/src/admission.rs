@@ -20,6 +20,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use sluice_plugins::adaptive::{LatencyLimitConfig, Sample};
 use sluice_plugins::health::{Health, Transition};
 use sluice_plugins::pool::BackendPolicy;
 use sluice_plugins::slow_start::SlowStartConfig;
@@ -69,7 +70,30 @@ pub fn policy(b: &Backend) -> BackendPolicy {
             max_error_rate: s.max_error_rate,
             max_latency: s.max_latency,
         }),
+        learn: learn(b),
     }
+}
+
+/// The learned limit of a backend: with a latency ramp, or when the limit adapts in steady
+/// service; `None` for a clock ramp (or no ramp) with a fixed cap.
+fn learn(b: &Backend) -> Option<LatencyLimitConfig> {
+    let ramp = b.slow_start.filter(|s| s.latency);
+    if ramp.is_none() && !b.learning.adaptive {
+        return None;
+    }
+    let defaults = LatencyLimitConfig::new(b.max_inflight);
+    Some(LatencyLimitConfig {
+        floor: b.learning.min_inflight,
+        // Without a ramp the limit starts at the cap.
+        initial: ramp.map_or(b.max_inflight, |s| s.initial),
+        tolerance: ramp.map_or(crate::config::defaults::LATENCY_TOLERANCE, |s| s.tolerance),
+        max_error_rate: ramp
+            .and_then(|s| s.max_error_rate)
+            .unwrap_or(crate::config::defaults::LATENCY_MAX_ERROR_RATE),
+        adaptive: b.learning.adaptive,
+        duration: ramp.map_or(Duration::ZERO, |s| s.duration),
+        ..defaults
+    })
 }
 
 /// Health bookkeeping of one backend.
@@ -112,6 +136,10 @@ pub struct BackendStatus {
     pub ramp: f64,
     /// Whether the ramp is held by its gate.
     pub ramp_gated: bool,
+    /// Why the learned limit is where it is (`ramp`, `steady`, `collapsed`), if it learns.
+    pub limit_phase: Option<&'static str>,
+    /// The backend's baseline latency, once the learned limit has measured it.
+    pub baseline: Option<Duration>,
     /// Tokens available, if rate-limited.
     pub tokens: Option<u32>,
 }
@@ -367,6 +395,8 @@ impl Admission {
                 inflight: s.inflight,
                 ramp: s.ramp,
                 ramp_gated: s.ramp_gated,
+                limit_phase: s.phase.map(|p| p.as_str()),
+                baseline: s.baseline,
                 tokens: s.tokens,
             })
             .collect()
@@ -465,10 +495,14 @@ impl Admission {
         self.apply_state(backend, b);
     }
 
-    /// A real request at `backend` finished: whether it failed (a 5xx or an upstream error)
-    /// and how long the backend took. Feeds the slow-start gate.
-    pub fn record_outcome(&self, backend: BackendId, failed: bool, latency: Duration) {
-        self.pool().record(backend, failed, latency);
+    /// What became of a real request sent to `backend` (answered and how fast, failed, or
+    /// lost). Feeds the slow-start gate and the learned limit; a limit that grew admits
+    /// waiters at once. (The timer is not woken: a sample never brings its next wake-up
+    /// forward.)
+    pub fn record_outcome(&self, backend: BackendId, sample: Sample) {
+        let mut pool = self.pool();
+        let grants = pool.record(backend, sample, Instant::now().into_std());
+        hand_over(&mut pool, grants);
     }
 
     /// Passive health: a real request could (`ok`) or could not (connect failure, timeout)

@@ -274,10 +274,31 @@ pub fn describe(cfg: &Config) -> String {
         );
     }
     for b in &cfg.backends {
+        if b.learning.adaptive {
+            let _ = writeln!(
+                s,
+                "adaptive {:<8} the limit falls below {} when the backend's latency inflates \
+                 (never below {}), and climbs back by one per healthy round",
+                b.name, b.max_inflight, b.learning.min_inflight
+            );
+        }
         if let Some((rate, burst)) = b.rate {
             let _ = writeln!(s, "rate {:<12} {rate} requests/s, burst {burst}", b.name);
         }
-        if let Some(ss) = b.slow_start {
+        if let Some(ss) = b.slow_start.filter(|ss| ss.latency) {
+            let _ = writeln!(
+                s,
+                "slow start {:<6} from {} to {}, doubling per round of answers within {} × the \
+                 backend's baseline latency, and no slower than a linear ramp over {} (at start, \
+                 on recovery, on ready); collapses to {} when the backend stops answering",
+                b.name,
+                ss.initial,
+                b.max_inflight,
+                ss.tolerance,
+                d(ss.duration),
+                b.learning.min_inflight,
+            );
+        } else if let Some(ss) = b.slow_start {
             let _ = writeln!(
                 s,
                 "slow start {:<6} from {} to {} over {} (at start, on recovery, on ready){}",

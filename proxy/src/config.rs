@@ -109,6 +109,19 @@ pub mod defaults {
     pub const SLOW_START_DURATION: Duration = Duration::from_secs(10);
     /// Slow-start initial limit, as a share of `max_inflight` (10 %, at least 1 request).
     pub const SLOW_START_INITIAL_SHARE: f64 = 0.10;
+    /// How the ramp grows: "latency" (doubling per round of completions whose latency stays
+    /// near the backend's measured baseline; `duration` bounds it) or "clock" (linear over
+    /// `duration`).
+    pub const SLOW_START_MODE: &str = "latency";
+    /// A round of completions is clean while its median latency is at most this × the
+    /// backend's baseline (latency at low concurrency).
+    pub const LATENCY_TOLERANCE: f64 = 1.5;
+    /// Share of failed requests in a round above which the latency ramp stops growing.
+    pub const LATENCY_MAX_ERROR_RATE: f64 = 0.1;
+    /// Adapt the limit below `max_inflight` in steady service (opt-in).
+    pub const ADAPTIVE: bool = false;
+    /// The learned limit never goes below this.
+    pub const MIN_INFLIGHT: u32 = 1;
     /// Active health check: what to do ("http" GET, "tcp" connect, or "none").
     pub const HEALTH_CHECK: &str = "http";
     /// Path requested by the HTTP health check.
@@ -193,6 +206,10 @@ pub mod file {
         /// `max_latency = "500ms"`: hold the ramp while slower than this.
         #[serde(default, with = "opt_duration")]
         pub max_latency: Option<Duration>,
+        /// `mode = "latency"` or `"clock"`.
+        pub mode: Option<String>,
+        /// `tolerance = 1.5`: latency mode's bound on a clean round's median, × the baseline.
+        pub tolerance: Option<f64>,
     }
 
     /// `[health]`
@@ -287,6 +304,10 @@ pub mod file {
         /// `retry_after = "2s"`
         #[serde(default, with = "opt_duration")]
         pub retry_after: Option<Duration>,
+        /// `adaptive = false`: lower the limit below max_inflight when latency inflates.
+        pub adaptive: Option<bool>,
+        /// `min_inflight = 1`: the learned limit's floor.
+        pub min_inflight: Option<i64>,
     }
 
     /// `[upstream]`
@@ -557,6 +578,19 @@ pub struct SlowStart {
     pub max_error_rate: Option<f64>,
     /// Hold the ramp while latency is above this.
     pub max_latency: Option<Duration>,
+    /// Grow by latency rounds (true) or linearly with the clock (false).
+    pub latency: bool,
+    /// Latency mode: a clean round's median is at most this × the baseline.
+    pub tolerance: f64,
+}
+
+/// The learned limit of a backend, beside its ramp.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Learning {
+    /// Adapt below `max_inflight` in steady service (a gradient on latency).
+    pub adaptive: bool,
+    /// The learned limit's floor.
+    pub min_inflight: u32,
 }
 
 /// What an active health check does.
@@ -626,6 +660,8 @@ pub struct Backend {
     pub rate: Option<(f64, u32)>,
     /// Slow-start ramp, if enabled.
     pub slow_start: Option<SlowStart>,
+    /// Learned-limit settings (used with a latency ramp, or when adaptive).
+    pub learning: Learning,
     /// TLS toward the backend, if enabled.
     pub tls: Option<BackendTls>,
 }
@@ -1028,6 +1064,7 @@ impl Config {
                 }
             };
             let slow_start = slow_start_for(&f.slow_start, max_inflight)?;
+            let learning = learning_for(&f.admission, max_inflight)?;
             let tls = backend_tls(b, &address, &key)?;
             backends.push(Backend {
                 name,
@@ -1037,6 +1074,7 @@ impl Config {
                 max_inflight,
                 rate,
                 slow_start,
+                learning,
                 tls,
             });
         }
@@ -1236,12 +1274,55 @@ fn slow_start_for(
             "must be longer than zero; remove the key to disable the latency gate",
         ));
     }
+    let latency =
+        match f.mode.as_deref().unwrap_or(defaults::SLOW_START_MODE) {
+            "latency" => true,
+            "clock" => false,
+            other => return Err(ConfigError::new(
+                "slow_start.mode",
+                format!("{other:?}"),
+                "must be \"latency\" (grow while the backend's latency stays near its baseline) \
+                 or \"clock\" (grow linearly over slow_start.duration)",
+            )),
+        };
+    let tolerance = f.tolerance.unwrap_or(defaults::LATENCY_TOLERANCE);
+    if !(tolerance.is_finite() && (1.0..=100.0).contains(&tolerance)) {
+        return Err(ConfigError::new(
+            "slow_start.tolerance",
+            tolerance,
+            "must be a factor between 1 and 100, such as 1.5 (a round is clean while its median \
+             latency is at most 1.5 × the baseline)",
+        ));
+    }
     Ok(Some(SlowStart {
         initial: initial.min(max_inflight),
         duration,
         max_error_rate: f.max_error_rate,
         max_latency: f.max_latency,
+        latency,
+        tolerance,
     }))
+}
+
+fn learning_for(f: &file::AdmissionSection, max_inflight: u32) -> Result<Learning, ConfigError> {
+    let min_inflight = match f.min_inflight {
+        None => defaults::MIN_INFLIGHT.min(max_inflight.max(1)),
+        Some(n) if n >= 1 && n <= i64::from(max_inflight.max(1)) => n as u32,
+        Some(n) => {
+            return Err(ConfigError::new(
+                "admission.min_inflight",
+                n,
+                format!(
+                    "must be between 1 and max_inflight ({max_inflight}): the learned limit's \
+                     floor"
+                ),
+            ))
+        }
+    };
+    Ok(Learning {
+        adaptive: f.adaptive.unwrap_or(defaults::ADAPTIVE),
+        min_inflight,
+    })
 }
 
 fn health_config(f: &file::HealthSection) -> Result<HealthConfig, ConfigError> {

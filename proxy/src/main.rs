@@ -102,12 +102,12 @@ fn status(args: &cli::AdminArgs) -> ExitCode {
     match serde_json::from_str::<sluice::admin::Status>(&body) {
         Ok(st) => {
             println!(
-                "{:<16} {:<9} {:>7} {:>9} {:>9} {:>8} {:>7}",
+                "{:<16} {:<9} {:>7} {:>9} {:>9} {:>8} {:>7}  WHY",
                 "BACKEND", "STATE", "HEALTHY", "INFLIGHT", "LIMIT", "RAMP", "TOKENS"
             );
             for b in &st.backends {
                 println!(
-                    "{:<16} {:<9} {:>7} {:>9} {:>4}/{:<4} {:>7.0}%{} {:>7}",
+                    "{:<16} {:<9} {:>7} {:>9} {:>4}/{:<4} {:>7.0}%{} {:>7}  {}",
                     b.name,
                     b.state,
                     if b.healthy { "yes" } else { "no" },
@@ -118,7 +118,12 @@ fn status(args: &cli::AdminArgs) -> ExitCode {
                     if b.ramp_gated { "*" } else { " " },
                     b.tokens
                         .map(|t| t.to_string())
-                        .unwrap_or_else(|| "-".into())
+                        .unwrap_or_else(|| "-".into()),
+                    match (&b.limit_phase, b.baseline_ms) {
+                        (Some(p), Some(ms)) => format!("{p} (baseline {ms} ms)"),
+                        (Some(p), None) => p.clone(),
+                        _ => "-".into(),
+                    }
                 );
             }
             println!("queue: {} waiting (max {})", st.queued, st.max_queue);

@@ -83,6 +83,8 @@ pub struct Metrics {
     backend_draining: IntGaugeVec,
     tokens: IntGaugeVec,
     slow_start: prometheus::GaugeVec,
+    limit_phase: IntGaugeVec,
+    baseline: prometheus::GaugeVec,
     queue_depth: IntGauge,
     queue_max: IntGauge,
     client_connections: IntGauge,
@@ -231,6 +233,20 @@ impl Metrics {
             &["backend"],
         ));
         must(registry.register(Box::new(slow_start.clone())));
+        let limit_phase = gauge(
+            "sluice_limit_phase",
+            "1 for why the learned limit is where it is now (phase: ramp, steady, collapsed); \
+             backends with a learned limit only.",
+            &["backend", "phase"],
+        );
+        let baseline = must(prometheus::GaugeVec::new(
+            Opts::new(
+                "sluice_backend_baseline_seconds",
+                "The backend's latency at low concurrency, as the learned limit measured it.",
+            ),
+            &["backend"],
+        ));
+        must(registry.register(Box::new(baseline.clone())));
         let queue_depth = must(IntGauge::new(
             "sluice_queue_depth",
             "Requests waiting for a backend slot.",
@@ -277,6 +293,8 @@ impl Metrics {
             backend_draining,
             tokens,
             slow_start,
+            limit_phase,
+            baseline,
             queue_depth,
             queue_max,
             client_connections,
@@ -375,6 +393,16 @@ impl Metrics {
                 self.tokens.with_label_values(&l).set(i64::from(t));
             }
             self.slow_start.with_label_values(&l).set(b.ramp);
+            if let Some(phase) = b.limit_phase {
+                for p in ["ramp", "steady", "collapsed"] {
+                    self.limit_phase
+                        .with_label_values(&[b.name.as_str(), p])
+                        .set(i64::from(p == phase));
+                }
+            }
+            if let Some(d) = b.baseline {
+                self.baseline.with_label_values(&l).set(d.as_secs_f64());
+            }
         }
         let mut out = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {

@@ -28,6 +28,7 @@ use pingora::proxy::FailToProxy;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{ErrorSource, ErrorType};
 
+use sluice_plugins::adaptive::Sample;
 use sluice_plugins::BackendId;
 
 use crate::access_log::{self, AccessLog};
@@ -669,8 +670,12 @@ impl ProxyHttp for Sluice {
     ) -> Result<()> {
         if let (Some(backend), false) = (ctx.backend, ctx.probe) {
             let latency = ctx.upstream_start.map(|t| t.elapsed()).unwrap_or_default();
-            let failed = upstream_response.status.is_server_error();
-            self.admission.record_outcome(backend, failed, latency);
+            let sample = if upstream_response.status.is_server_error() {
+                Sample::Failed(latency)
+            } else {
+                Sample::Ok(latency)
+            };
+            self.admission.record_outcome(backend, sample);
             self.admission.observe_passive(backend, true);
         }
         Ok(())
@@ -703,7 +708,8 @@ impl ProxyHttp for Sluice {
             return e;
         }
         if let Some(backend) = ctx.backend {
-            self.admission.record_outcome(backend, true, Duration::ZERO);
+            // No answer: nothing was sent, but the backend is not taking connections.
+            self.admission.record_outcome(backend, Sample::Lost);
             self.admission.observe_passive(backend, false);
         }
         // Nothing reached the backend: give the slot back and wait for one again, while the
@@ -730,7 +736,19 @@ impl ProxyHttp for Sluice {
         if let (Some(backend), false) = (ctx.backend, ctx.probe) {
             if matches!(e.esource(), ErrorSource::Upstream) {
                 let latency = ctx.upstream_start.map(|t| t.elapsed()).unwrap_or_default();
-                self.admission.record_outcome(backend, true, latency);
+                let sample = match e.etype() {
+                    // The backend never answered what it was sent.
+                    ErrorType::ReadTimedout | ErrorType::WriteTimedout => Some(Sample::Lost),
+                    // A fresh connection cut after the request was sent; on a pooled one it is
+                    // most likely the backend's idle close racing the reuse: no evidence.
+                    ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError => {
+                        (!client_reused).then_some(Sample::Lost)
+                    }
+                    _ => Some(Sample::Failed(latency)),
+                };
+                if let Some(sample) = sample {
+                    self.admission.record_outcome(backend, sample);
+                }
                 if matches!(
                     e.etype(),
                     ErrorType::ReadTimedout | ErrorType::WriteTimedout

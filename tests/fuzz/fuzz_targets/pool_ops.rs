@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
+use sluice_plugins::adaptive::{LatencyLimitConfig, Sample};
 use sluice_plugins::pool::BackendPolicy;
 use sluice_plugins::slow_start::SlowStartConfig;
 use sluice_plugins::token_bucket::RateLimit;
@@ -30,6 +31,8 @@ struct Shape {
     limit: u8,
     rate: Option<(u8, u8)>,
     ramp: Option<(u8, u8)>,
+    /// A learned limit instead of the clock ramp: (adaptive, initial).
+    learn: Option<(bool, u8)>,
 }
 
 #[derive(Debug, Arbitrary)]
@@ -42,7 +45,7 @@ enum Op {
     SetLimit(u8, u8),
     SetState(u8, u8),
     Probe(u8),
-    Record(u8, bool, u16),
+    Record(u8, u8, u16),
 }
 
 #[derive(Debug, Arbitrary)]
@@ -64,6 +67,13 @@ fn policy(s: &Shape) -> BackendPolicy {
             duration: Duration::from_secs(u64::from(secs % 3 + 1)),
             max_error_rate: Some(0.5),
             max_latency: Some(Duration::from_millis(100)),
+        }),
+        learn: s.learn.map(|(adaptive, initial)| LatencyLimitConfig {
+            adaptive,
+            initial: u32::from(initial % 8),
+            stall: Duration::from_millis(500),
+            duration: Duration::from_secs(2),
+            ..LatencyLimitConfig::new(u32::from(s.limit % 8))
         }),
     }
 }
@@ -198,9 +208,16 @@ fuzz_target!(|input: Input| {
                     probes.push(b);
                 }
             }
-            Op::Record(b, failed, ms) => {
+            Op::Record(b, kind, ms) => {
                 let b = BackendId(usize::from(b) % limits.len());
-                pool.record(b, failed, Duration::from_millis(u64::from(ms)));
+                let latency = Duration::from_millis(u64::from(ms));
+                let sample = match kind % 3 {
+                    0 => Sample::Ok(latency),
+                    1 => Sample::Failed(latency),
+                    _ => Sample::Lost,
+                };
+                let g = pool.record(b, sample, now);
+                m.grants(g);
             }
             _ => {}
         }
