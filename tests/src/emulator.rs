@@ -86,6 +86,8 @@ pub struct EmulatorConfig {
     pub keepalive_timeout: Duration,
     /// Capacity ramp after a start or restart; `None` starts at full capacity.
     pub cold_start: Option<ColdStart>,
+    /// How answers are framed (a request's `X-Framing` header overrides it).
+    pub framing: AnswerFraming,
 }
 
 impl Default for EmulatorConfig {
@@ -97,6 +99,7 @@ impl Default for EmulatorConfig {
             lockup_duration: Duration::from_secs(5),
             keepalive_timeout: Duration::from_secs(120),
             cold_start: None,
+            framing: AnswerFraming::Mixed,
         }
     }
 }
@@ -184,6 +187,113 @@ impl FromStr for Fault {
     }
 }
 
+/// How the emulator frames an answer's body, as an ISAPI extension may (KB 278998, KB 332143).
+///
+/// Set for all answers with [`EmulatorConfig::framing`], or per request with the header
+/// `X-Framing: length|chunked|close`. Applies to ordinary answers (not to `/__emu/*`, errors
+/// or faults).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AnswerFraming {
+    /// `Content-Length`.
+    Length,
+    /// `Transfer-Encoding: chunked`, to HTTP/1.0 clients too (nothing stopped an ISAPI).
+    Chunked,
+    /// No length: the body ends when the emulator closes the connection (it sends no
+    /// `Connection: close`). Defeats connection reuse.
+    Close,
+    /// The default: answers alternate deterministically between `Length` and `Chunked`
+    /// (the first answer has a length), so every test meets chunked answers.
+    #[default]
+    Mixed,
+}
+
+impl FromStr for AnswerFraming {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "length" => Ok(AnswerFraming::Length),
+            "chunked" => Ok(AnswerFraming::Chunked),
+            "close" => Ok(AnswerFraming::Close),
+            "mixed" => Ok(AnswerFraming::Mixed),
+            other => Err(format!(
+                "unknown framing {other:?}: one of length, chunked, close, mixed"
+            )),
+        }
+    }
+}
+
+/// What the emulator saw of one request (ordinary requests only, not `/__emu/*`), in arrival
+/// order: see [`EmulatorHandle::seen`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    /// Method.
+    pub method: String,
+    /// Request target.
+    pub path: String,
+    /// Minor HTTP version of the request line.
+    pub version: u8,
+    /// The `Host` header, if any.
+    pub host: Option<String>,
+    /// Every `Content-Length` header value, in order (a proxy must send at most one).
+    pub content_lengths: Vec<String>,
+    /// The transaction id, if any.
+    pub txn: Option<String>,
+}
+
+impl Seen {
+    fn of(head: &ReqHead, txn: Option<&str>) -> Seen {
+        Seen {
+            method: head.method.clone(),
+            path: head.path.clone(),
+            version: head.version,
+            host: wire::find_header(&head.headers, "host").map(str::to_string),
+            content_lengths: head
+                .headers
+                .iter()
+                .filter(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+                .map(|(_, v)| v.clone())
+                .collect(),
+            txn: txn.map(str::to_string),
+        }
+    }
+}
+
+/// The framing of one answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framed {
+    Length,
+    Chunked,
+    Close,
+}
+
+impl Shared {
+    /// The framing of the next ordinary answer: the request's `X-Framing`, else the config's
+    /// (`Mixed` alternates, one shared counter for all connections).
+    fn framing(&self, head: &ReqHead) -> Result<Framed, String> {
+        let chosen = match wire::find_header(&head.headers, "x-framing") {
+            Some(v) => v.parse::<AnswerFraming>()?,
+            None => self.cfg.framing,
+        };
+        Ok(match chosen {
+            AnswerFraming::Length => Framed::Length,
+            AnswerFraming::Chunked => Framed::Chunked,
+            AnswerFraming::Close => Framed::Close,
+            AnswerFraming::Mixed => {
+                if self.answers.fetch_add(1, Ordering::Relaxed) % 2 == 0 {
+                    Framed::Length
+                } else {
+                    Framed::Chunked
+                }
+            }
+        })
+    }
+
+    fn record_seen(&self, seen: Seen) {
+        lock(&self.seen).push(seen);
+    }
+}
+
 /// Counters, all updated with relaxed atomics.
 #[derive(Debug, Default)]
 struct Counters {
@@ -215,6 +325,10 @@ struct Shared {
     service_time_ns: AtomicU64,
     counters: Counters,
     transactions: Mutex<Vec<String>>,
+    /// Ordinary requests as they arrived.
+    seen: Mutex<Vec<Seen>>,
+    /// Answers framed under [`AnswerFraming::Mixed`].
+    answers: AtomicU64,
     gate: watch::Sender<Gate>,
     unlock_task: Mutex<Option<AbortHandle>>,
     /// Woken on every counter change, for [`EmulatorHandle::wait_for`].
@@ -324,6 +438,8 @@ impl Shared {
         c.max_open
             .store(c.open_now.load(Ordering::Relaxed), Ordering::Relaxed);
         lock(&self.transactions).clear();
+        lock(&self.seen).clear();
+        self.answers.store(0, Ordering::Relaxed);
         self.touch();
     }
 }
@@ -426,6 +542,14 @@ impl EmulatorHandle {
     /// kept (faulted requests included).
     pub fn transactions(&self) -> Vec<String> {
         lock(&self.inner.shared.transactions).clone()
+    }
+
+    /// What the emulator saw of each ordinary request (method, target, `Host`,
+    /// `Content-Length` headers, transaction id), in arrival order since start or
+    /// the last reset. A request refused with `400` (e.g. HTTP/1.1 without
+    /// `Host`) is not in it.
+    pub fn seen(&self) -> Vec<Seen> {
+        lock(&self.inner.shared.seen).clone()
     }
 
     /// Resets totals, maxima (to the current gauges) and the transaction list.
@@ -614,6 +738,8 @@ impl EmulatorHandle {
             service_time_ns,
             counters: Counters::default(),
             transactions: Mutex::new(Vec::new()),
+            seen: Mutex::new(Vec::new()),
+            answers: AtomicU64::new(0),
             gate,
             unlock_task: Mutex::new(None),
             changed: Notify::new(),
@@ -956,6 +1082,58 @@ impl Reply<'_> {
     }
 }
 
+/// Why a request is refused as http.sys would (`400`, then close), if it is: an HTTP/1.1
+/// request without `Host`.
+fn strict_refusal(head: &ReqHead) -> Option<&'static str> {
+    (head.version >= 1 && wire::find_header(&head.headers, "host").is_none())
+        .then_some("HTTP/1.1 request without Host")
+}
+
+impl Reply<'_> {
+    /// Serialises an ordinary answer framed as chosen. `body_len` is the length of the
+    /// full body (a `HEAD` answer announces it and sends none): announced by
+    /// `Content-Length`, or not at all for a chunked or close-delimited answer.
+    fn encode_framed(&self, framing: Framed, body_len: usize) -> Vec<u8> {
+        if framing == Framed::Length {
+            return self.encode_with_length(body_len);
+        }
+        let mut head = format!(
+            "HTTP/1.{} {} {}\r\nServer: legacy-emu\r\nContent-Type: {}\r\n",
+            self.version, self.status, self.reason, self.content_type
+        );
+        if framing == Framed::Chunked {
+            head.push_str("Transfer-Encoding: chunked\r\n");
+        }
+        if let Some(id) = self.txn {
+            head.push_str(&format!("X-Txn-Id: {id}\r\n"));
+        }
+        // A close-delimited answer says nothing about the connection: the close says it.
+        match (framing, self.version, self.keep_alive) {
+            (Framed::Close, _, _) => {}
+            (_, _, false) => head.push_str("Connection: close\r\n"),
+            (_, 0, true) => head.push_str("Connection: keep-alive\r\n"),
+            _ => {}
+        }
+        head.push_str("\r\n");
+        let mut bytes = head.into_bytes();
+        if framing == Framed::Chunked {
+            // Two chunks when there is enough body, so a reader meets a chunk boundary.
+            let split = self.body.len() / 2;
+            for part in [&self.body[..split], &self.body[split..]] {
+                if !part.is_empty() {
+                    bytes.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
+                    bytes.extend_from_slice(part);
+                    bytes.extend_from_slice(b"\r\n");
+                }
+            }
+            bytes.extend_from_slice(b"0\r\n\r\n");
+        } else {
+            bytes.extend_from_slice(self.body);
+        }
+        bytes
+    }
+}
+
 /// The transaction id: header `X-Txn-Id`, else query parameter `txn`.
 fn txn_id(head: &ReqHead) -> Option<String> {
     if let Some(id) = wire::find_header(&head.headers, "x-txn-id") {
@@ -1051,6 +1229,10 @@ async fn handle_request(
             return Next::Close;
         }
     };
+    if let Some(why) = strict_refusal(&head) {
+        bad_request(shared, wire, why).await;
+        return Next::Close;
+    }
     if let Some(next) = control_request(shared, wire, &head, framing, keep_alive).await {
         return next;
     }
@@ -1082,7 +1264,15 @@ async fn handle_request(
                 return Next::Close;
             }
         };
+    let answer_framing = match shared.framing(&head) {
+        Ok(f) => f,
+        Err(e) => {
+            bad_request(shared, wire, &format!("bad X-Framing: {e}")).await;
+            return Next::Close;
+        }
+    };
     let txn = txn_id(&head);
+    shared.record_seen(Seen::of(&head, txn.as_deref()));
 
     // Inside from here until the response is handed to the socket (guard dropped).
     let c = &shared.counters;
@@ -1161,6 +1351,13 @@ async fn handle_request(
             } else {
                 body.as_bytes()
             };
+            // A HEAD answer has no body to chunk or to end by a close: it announces a length.
+            let answer_framing = if sent_body.is_empty() && !body.is_empty() {
+                Framed::Length
+            } else {
+                answer_framing
+            };
+            let keep = keep && answer_framing != Framed::Close;
             let reply = Reply::ok(head.version, id, keep, sent_body);
             // Counted before the write, so a client that has its response
             // already sees it in the stats. For the same reason the request leaves
@@ -1169,7 +1366,7 @@ async fn handle_request(
             c.requests.fetch_add(1, Ordering::Relaxed);
             drop(serving);
             drop(inside);
-            if write(wire, &reply.encode_with_length(body.len()))
+            if write(wire, &reply.encode_framed(answer_framing, body.len()))
                 .await
                 .is_err()
             {
