@@ -25,7 +25,11 @@
 //!
 //! Each response is `200`, `text/plain`, body `ok <id>\n`, with the request's
 //! transaction id (header `X-Txn-Id`, else query parameter `txn=`) echoed in
-//! `X-Txn-Id`. Faults are injected per request with `X-Fault`: see [`Fault`].
+//! `X-Txn-Id`. Answers are framed by `Content-Length`, chunked, or
+//! close-delimited ([`AnswerFraming`]; by default they alternate between the
+//! first two). An HTTP/1.1 request without `Host` gets `400` and the connection
+//! is closed, as http.sys does; what each request carried is recorded
+//! ([`EmulatorHandle::seen`]). Faults are injected per request with `X-Fault`: see [`Fault`].
 //! `GET /__emu/stats` (the [`Stats`] as JSON) and `POST /__emu/reset` are
 //! answered at once and counted nowhere (their TCP connection is, however,
 //! counted as accepted).
