@@ -243,10 +243,13 @@ pub struct Seen {
     pub content_lengths: Vec<String>,
     /// The transaction id, if any.
     pub txn: Option<String>,
+    /// The connection it came on: a serial number, unique for the emulator's
+    /// life (not reset), in accept order from 0.
+    pub conn: u64,
 }
 
 impl Seen {
-    fn of(head: &ReqHead, txn: Option<&str>) -> Seen {
+    fn of(head: &ReqHead, txn: Option<&str>, conn: u64) -> Seen {
         Seen {
             method: head.method.clone(),
             path: head.path.clone(),
@@ -259,6 +262,7 @@ impl Seen {
                 .map(|(_, v)| v.clone())
                 .collect(),
             txn: txn.map(str::to_string),
+            conn,
         }
     }
 }
@@ -333,6 +337,8 @@ struct Shared {
     seen: Mutex<Vec<Seen>>,
     /// Answers framed under [`AnswerFraming::Mixed`].
     answers: AtomicU64,
+    /// The next connection's serial number ([`Seen::conn`]).
+    next_conn: AtomicU64,
     gate: watch::Sender<Gate>,
     unlock_task: Mutex<Option<AbortHandle>>,
     /// Woken on every counter change, for [`EmulatorHandle::wait_for`].
@@ -744,6 +750,7 @@ impl EmulatorHandle {
             transactions: Mutex::new(Vec::new()),
             seen: Mutex::new(Vec::new()),
             answers: AtomicU64::new(0),
+            next_conn: AtomicU64::new(0),
             gate,
             unlock_task: Mutex::new(None),
             changed: Notify::new(),
@@ -946,7 +953,9 @@ async fn accept_loop(
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let open = OpenConn::new(&shared);
-                    conns.spawn(serve_conn(Arc::clone(&shared), Arc::clone(&sem), stream, open));
+                    let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+                    let conn = (stream, id);
+                    conns.spawn(serve_conn(Arc::clone(&shared), Arc::clone(&sem), conn, open));
                 }
                 // E.g. EMFILE: back off briefly rather than spin.
                 Err(_) => tokio::time::sleep(ACCEPT_BACKOFF).await,
@@ -992,7 +1001,12 @@ enum Next {
 }
 
 /// Serves the requests of one connection.
-async fn serve_conn(shared: Arc<Shared>, sem: Arc<Semaphore>, stream: TcpStream, _open: OpenConn) {
+async fn serve_conn(
+    shared: Arc<Shared>,
+    sem: Arc<Semaphore>,
+    (stream, conn_id): (TcpStream, u64),
+    _open: OpenConn,
+) {
     let _ = stream.set_nodelay(true);
     let mut wire = Wire::new(stream);
     for _ in 0..MAX_REQUESTS_PER_CONN {
@@ -1007,7 +1021,7 @@ async fn serve_conn(shared: Arc<Shared>, sem: Arc<Semaphore>, stream: TcpStream,
             }
             Err(_) => return,
         };
-        match handle_request(&shared, &sem, &mut wire, head).await {
+        match handle_request(&shared, &sem, &mut wire, head, conn_id).await {
             Next::KeepAlive => {}
             Next::Close => return,
         }
@@ -1220,6 +1234,7 @@ async fn handle_request(
     sem: &Semaphore,
     wire: &mut Wire,
     head: ReqHead,
+    conn_id: u64,
 ) -> Next {
     let keep_alive = if head.version >= 1 {
         !wire::has_token(&head.headers, "connection", "close")
@@ -1276,7 +1291,7 @@ async fn handle_request(
         }
     };
     let txn = txn_id(&head);
-    shared.record_seen(Seen::of(&head, txn.as_deref()));
+    shared.record_seen(Seen::of(&head, txn.as_deref(), conn_id));
 
     // Inside from here until the response is handed to the socket (guard dropped).
     let c = &shared.counters;

@@ -132,29 +132,41 @@ async fn backend_connections_are_reused_after_answers_with_a_length_only() {
     )
     .await;
     let addr = proxy.addr();
-    emu.reset_stats();
-    // One at a time (cap 1): chunked and length answers to 1.0 clients leave the backend
-    // connection pooled; the close-delimited one ends it, so the last request needs a new one.
-    for (i, framing) in ["chunked", "length", "chunked", "close", "chunked"]
-        .iter()
-        .enumerate()
-    {
+    // One at a time (cap 1), each from a new HTTP/1.0 client without keep-alive.
+    let mut framings = ["chunked", "length"].repeat(8);
+    framings[5] = "close";
+    framings[11] = "close";
+    for (i, framing) in framings.iter().enumerate() {
         let id = format!("p-{i}");
         let mut c = Conn::connect(addr).await.expect("connect");
         let r = exchange(&mut c, &get10(&id, framing, false)).await;
         assert_eq!(r.body, format!("ok {id}\n").as_bytes(), "{id}");
         assert!(c.is_closed_by_peer().await, "{id}");
     }
-    let s = emu.stats();
-    assert_eq!(s.requests, 5);
-    // Ideally 2: one connection until the close-delimited answer, one after. pingora 0.9 can
-    // lose a pooled connection to a race with its idle poller (pingora#998, see Known limits),
-    // which adds one or two now and then (measured here: 2 to 4); a connection closed after each answer to a 1.0 client
-    // would make it 5.
+    let seen = emu.seen();
+    assert_eq!(seen.len(), framings.len());
+    let mut reused = 0;
+    for (i, pair) in seen.windows(2).enumerate() {
+        let same = pair[0].conn == pair[1].conn;
+        if framings[i] == "close" {
+            assert!(
+                !same,
+                "request {} sent on a close-delimited answer's connection",
+                i + 1
+            );
+        } else if same {
+            reused += 1;
+        }
+    }
+    // Closing the client's connection must not close the backend's: after an answer with a
+    // length (chunked or Content-Length) the next request may reuse it. Not every time:
+    // pingora 0.9 loses pooled connections to a race with its idle poller (pingora#998, see
+    // Known limits); measured on a loaded 2-core machine, 0 to 6 of 7 reuses, the same for
+    // HTTP/1.1 clients sending `Connection: close` before this change. A 1.0 answer that
+    // closed the backend connection would make it 0 of 13.
     assert!(
-        (2..=4).contains(&s.accepted_connections),
-        "backend connections reused after answers with a length: {} for 5 requests",
-        s.accepted_connections
+        reused >= 1,
+        "backend connections reused after answers with a length: {reused} of 13"
     );
 }
 
