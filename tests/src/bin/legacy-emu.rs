@@ -22,6 +22,11 @@
 //! reset, one per line in order of arrival, duplicates kept (the stats
 //! endpoint only has counts), and a summary of duplicates to stderr.
 //!
+//! `--framing` (default `mixed`) frames answers by Content-Length, chunked,
+//! close-delimited, or alternating the first two; a request's `X-Framing`
+//! header overrides it. Like http.sys, it answers an HTTP/1.1 request without
+//! `Host` with `400` and closes.
+//!
 //! The soft open-files limit is raised to the hard limit at start; raise the
 //! hard limit (`ulimit -n`) beforehand for very many connections.
 
