@@ -1861,6 +1861,72 @@ mod tests {
         assert_eq!(s.max_inside, 0);
     }
 
+    #[tokio::test(flavor = "multi_thread")]
+    async fn answers_alternate_length_and_chunked_or_as_asked() {
+        let emu = Emulator::start(cfg()).await.expect("start");
+        let mut conn = Conn::connect(emu.addr()).await.expect("connect");
+        // Mixed (the default): Content-Length, chunked, Content-Length, ...
+        for (i, chunked) in [false, true, false, true].into_iter().enumerate() {
+            let r = conn.send(&Request::get("/pay").txn(format!("m{i}"))).await;
+            let r = r.expect("response");
+            assert_eq!(r.body, format!("ok m{i}\n").as_bytes());
+            assert_eq!(
+                r.header("transfer-encoding").is_some(),
+                chunked,
+                "answer {i}"
+            );
+            assert_eq!(r.header("content-length").is_none(), chunked, "answer {i}");
+        }
+        // Close-delimited on request: no length, no Connection header, then the close.
+        let r = conn
+            .send(&Request::get("/pay").txn("c").header("X-Framing", "close"))
+            .await
+            .expect("response");
+        assert_eq!(r.body, b"ok c\n");
+        assert_eq!(r.header("content-length"), None);
+        assert_eq!(r.header("transfer-encoding"), None);
+        assert_eq!(r.header("connection"), None);
+        assert!(conn.is_closed_by_peer().await);
+        assert_eq!(emu.stats().accepted_connections, 1);
+        // An unknown framing is a bad request.
+        let mut conn = Conn::connect(emu.addr()).await.expect("connect");
+        let r = conn
+            .send(&Request::get("/pay").header("X-Framing", "gzip"))
+            .await
+            .expect("response");
+        assert_eq!(r.status, 400);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn http11_without_host_is_refused_and_hosts_are_recorded() {
+        let emu = Emulator::start(cfg()).await.expect("start");
+        let mut conn = Conn::connect(emu.addr()).await.expect("connect");
+        conn.send_raw(b"GET /pay?txn=nohost HTTP/1.1\r\n\r\n")
+            .await
+            .expect("send");
+        let r = conn.read_response().await.expect("400");
+        assert_eq!(r.status, 400);
+        assert_eq!(r.header("connection"), Some("close"));
+        assert!(conn.is_closed_by_peer().await);
+        assert_eq!(emu.stats().bad_requests, 1);
+        assert!(emu.seen().is_empty() && emu.transactions().is_empty());
+        // HTTP/1.0 without Host is served; both are recorded as they came.
+        let r = request(emu.addr(), &Request::get("/pay").http10().txn("h10"))
+            .await
+            .expect("1.0");
+        assert_eq!(r.status, 200);
+        let r = request(emu.addr(), &Request::post("/pay", "abc").txn("h11"))
+            .await
+            .expect("1.1");
+        assert_eq!(r.status, 200);
+        let seen = emu.seen();
+        assert_eq!(seen.len(), 2);
+        assert_eq!((seen[0].version, seen[0].host.as_deref()), (0, None));
+        assert_eq!(seen[1].host, Some(emu.addr().to_string()));
+        assert_eq!(seen[1].content_lengths, vec!["3".to_string()]);
+        assert_ne!(seen[0].conn, seen[1].conn);
+    }
+
     #[test]
     fn emulator_thread_works_from_sync_code() {
         let emu = EmulatorThread::start(cfg()).expect("start");
