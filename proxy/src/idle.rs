@@ -84,6 +84,9 @@ struct Progress {
     header_read: OnceLock<Instant>,
     /// Woken when it is.
     header_done: tokio::sync::Notify,
+    /// The request line exactly as the client sent it, when it could be read before pingora's
+    /// parser (which percent-encodes illegal bytes in the target instead of refusing them).
+    request_line: OnceLock<Vec<u8>>,
 }
 
 tokio::task_local! {
@@ -100,6 +103,77 @@ pub fn header_read() {
             p.header_done.notify_one();
         }
     });
+}
+
+/// The current request's line as the client sent it (up to and including its LF), if sluice's
+/// connection loop read it before pingora: a plain TCP connection's request that was not
+/// pipelined behind the previous one. `None` otherwise, and outside the connection loop.
+pub fn request_line() -> Option<Vec<u8>> {
+    PROGRESS
+        .try_with(|p| p.request_line.get().cloned())
+        .ok()
+        .flatten()
+}
+
+/// Longest request line read ahead of pingora; a longer one is left to pingora's limits.
+const REQUEST_LINE_MAX: usize = 16 * 1024;
+
+/// What reading a request line gave.
+enum LineRead {
+    /// The stream, with every byte read put back, and the line (`None` for a TLS stream, or
+    /// when the client closed or sent more than [`REQUEST_LINE_MAX`] bytes without a LF).
+    Read(Stream, Option<Vec<u8>>),
+    /// The header deadline passed first; the stream, to be answered `408`.
+    TimedOut(Stream),
+    /// The stream could not be recovered (not expected: its type is checked first).
+    Lost,
+}
+
+/// Read a plain TCP connection's next request line (until its LF), by `deadline`, and put every
+/// byte read back into the stream, for pingora to parse as usual.
+async fn read_request_line(stream: Stream, deadline: Instant) -> LineRead {
+    use pingora::protocols::l4::stream::Stream as L4;
+    if !stream.as_any().is::<L4>() {
+        return LineRead::Read(stream, None);
+    }
+    let mut l4 = match stream.into_any().downcast::<L4>() {
+        Ok(l4) => l4,
+        Err(_) => {
+            log::error!("client stream changed type while being read; connection dropped");
+            return LineRead::Lost;
+        }
+    };
+    let mut buf = Vec::new();
+    let mut found = false;
+    let read = tokio::time::timeout_at(deadline, async {
+        let mut chunk = [0u8; 2048];
+        while buf.len() < REQUEST_LINE_MAX {
+            match l4.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let start = buf.len();
+                    buf.extend_from_slice(&chunk[..n]);
+                    if buf[start..].contains(&b'\n') {
+                        found = true;
+                        break;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    if read.is_err() {
+        return LineRead::TimedOut(l4 as Stream);
+    }
+    l4.rewind(&buf);
+    let line = found
+        .then(|| {
+            buf.iter()
+                .position(|&c| c == b'\n')
+                .map(|i| buf[..=i].to_vec())
+        })
+        .flatten();
+    LineRead::Read(l4 as Stream, line)
 }
 
 /// Open client connections, in total and per client IP.
@@ -292,6 +366,32 @@ async fn one(
     shutdown: ShutdownWatch,
 ) -> Ended {
     let settings = shared.settings();
+    let pipelined = has_pipelined_request(persistent.as_ref());
+    let progress = Arc::new(Progress::default());
+    // The request line as sent, before pingora's parser escapes it; under the header deadline.
+    let stream = if pipelined {
+        stream
+    } else {
+        let deadline = started + settings.client_header_timeout;
+        match read_request_line(stream, deadline).await {
+            LineRead::Read(stream, line) => {
+                if let Some(line) = line {
+                    let _ = progress.request_line.set(line);
+                }
+                stream
+            }
+            LineRead::Lost => return Ended::Closed,
+            LineRead::TimedOut(stream) => {
+                shared.metrics.client_timeout(Deadline::Header);
+                log::debug!(
+                    "client cut off: no complete request line within proxy.client_header_timeout"
+                );
+                let (back, reclaim) = tokio::sync::oneshot::channel();
+                let _ = back.send(stream);
+                return Ended::HeaderTimeout(reclaim);
+            }
+        }
+    };
     // Lent to pingora for this request; handed back if the header deadline drops the request.
     let (stream, reclaim) = Reclaimable::wrap(stream);
     let mut session = ServerSession::new_http1(stream);
@@ -310,7 +410,6 @@ async fn one(
             }
         }
     }
-    let progress = Arc::new(Progress::default());
     let exchange = PROGRESS.scope(progress.clone(), proxy.process_new_http(session, &shutdown));
     tokio::pin!(exchange);
     let ended = |r: Option<ReusedHttpStream>| r.map_or(Ended::Closed, Ended::KeepAlive);

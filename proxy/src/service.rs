@@ -70,6 +70,10 @@ pub struct RequestCtx {
     body: Option<crate::body::Received>,
     /// The settings in force when the request arrived; one consistent snapshot per request.
     settings: Option<Arc<Settings>>,
+    /// The request's Content-Length (one value, however many times the client repeated it).
+    content_length: Option<u64>,
+    /// The client speaks HTTP/1.0: its answer is never chunked.
+    http10: bool,
 }
 
 /// A backend as the service sees it.
@@ -189,12 +193,15 @@ pub enum Invalid {
     BodyTimeout,
     /// The body did not fit in `proxy.max_buffered_body_bytes`: 503.
     BodyBudget,
+    /// A malformed request (an HTTP/1.1 request without `Host`, a request target with a
+    /// control character or a space): 400, never forwarded, connection closed.
+    Malformed(&'static str),
 }
 
 impl Invalid {
     fn status(self) -> u16 {
         match self {
-            Invalid::Framing(_) => 400,
+            Invalid::Framing(_) | Invalid::Malformed(_) => 400,
             Invalid::HeaderTooLarge => 431,
             Invalid::BodyTooLarge | Invalid::ChunkedTooLarge => 413,
             Invalid::BodyTimeout => 408,
@@ -204,7 +211,7 @@ impl Invalid {
 
     fn message(self) -> &'static str {
         match self {
-            Invalid::Framing(why) => why,
+            Invalid::Framing(why) | Invalid::Malformed(why) => why,
             Invalid::HeaderTooLarge => "request header too large",
             Invalid::BodyTooLarge => "request body too large",
             Invalid::ChunkedTooLarge => {
@@ -291,6 +298,113 @@ pub fn validate(
         }
     }
     Ok(value)
+}
+
+/// Whether `b` may not appear in a request line: a control character (NUL, CR, LF, TAB, ...)
+/// or DEL. A space is allowed only as the two separators.
+fn is_control(b: u8) -> bool {
+    b < b' ' || b == 0x7f
+}
+
+/// Whether a request target carries a percent-escape of a control character (`%00`–`%1F`,
+/// `%7F`). pingora escapes a raw control character or space in the target this way before
+/// sluice sees the request, so this is how a raw NUL or bare CR shows in the parsed request;
+/// the legacy server refuses such escapes anyway.
+fn has_escaped_control(target: &[u8]) -> bool {
+    fn hex(c: u8) -> Option<u8> {
+        (c as char).to_digit(16).map(|d| d as u8)
+    }
+    target.windows(3).any(|w| {
+        w[0] == b'%'
+            && matches!((hex(w[1]), hex(w[2])), (Some(h), Some(l)) if h * 16 + l < 0x20 || h * 16 + l == 0x7f)
+    })
+}
+
+/// Check a request line as the client sent it (up to and including its LF): `METHOD SP TARGET
+/// SP VERSION CRLF`, no control character anywhere (a bare CR, a NUL), no space in the target.
+fn check_request_line(line: &[u8]) -> std::result::Result<(), Invalid> {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    if line.iter().any(|&b| is_control(b)) {
+        return Err(Invalid::Malformed(
+            "control character (NUL, bare CR, ...) in the request line",
+        ));
+    }
+    if line.iter().filter(|&&b| b == b' ').count() != 2 {
+        return Err(Invalid::Malformed("space in the request target"));
+    }
+    Ok(())
+}
+
+/// Refuse what a strict HTTP/1.1 server refuses and the legacy server may misread: an HTTP/1.1
+/// request without exactly one `Host`, a request target with a control character or a space.
+///
+/// `line` is the request line exactly as the client sent it, when sluice's connection loop
+/// could read it before pingora (plain TCP, not a pipelined request): pingora percent-encodes a
+/// target with illegal bytes (a space becomes `%20`) instead of refusing it, so only the
+/// original shows a space. `raw` is pingora's copy of the header block (after that escaping):
+/// a control character shows there as `%00`–`%1F`.
+pub fn check_request(
+    req: &RequestHeader,
+    raw: Option<&[u8]>,
+    line: Option<&[u8]>,
+) -> std::result::Result<(), Invalid> {
+    if let Some(line) = line {
+        check_request_line(line)?;
+    }
+    let parsed_line = raw.and_then(|r| r.split(|&c| c == b'\n').next());
+    let target: &[u8] = match parsed_line {
+        Some(l) => {
+            let l = l.strip_suffix(b"\r").unwrap_or(l);
+            let start = l.iter().position(|&c| c == b' ').map_or(0, |i| i + 1);
+            let end = l.iter().rposition(|&c| c == b' ').unwrap_or(l.len());
+            l.get(start..end.max(start)).unwrap_or_default()
+        }
+        None => req.raw_path(),
+    };
+    if target.iter().any(|&b| is_control(b) || b == b' ') || has_escaped_control(target) {
+        return Err(Invalid::Malformed(
+            "control character in the request target",
+        ));
+    }
+    let hosts = req.headers.get_all(http::header::HOST).iter().count();
+    if hosts > 1 {
+        return Err(Invalid::Malformed("more than one Host header"));
+    }
+    if hosts == 0 && req.version >= http::Version::HTTP_11 {
+        return Err(Invalid::Malformed("HTTP/1.1 request without Host"));
+    }
+    Ok(())
+}
+
+/// Whether the client asked to keep its connection: HTTP/1.1 unless it sent
+/// `Connection: close` (pingora applies that one), HTTP/1.0 only with `Connection: keep-alive`.
+fn client_wants_keepalive(req: &RequestHeader) -> bool {
+    if req.version >= http::Version::HTTP_11 {
+        return true;
+    }
+    req.headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&c| c == b','))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"keep-alive"))
+}
+
+/// Frame an answer for an HTTP/1.0 client, which cannot read a chunked body (RFC 9112 §6.1).
+/// A `Content-Length` answer goes as it is. Otherwise (the backend answered chunked, or
+/// close-delimited, which pingora turns into chunked before this point) `Transfer-Encoding` is
+/// removed: pingora then writes the de-chunked body as it arrives, close-delimited. Returns
+/// whether the connection must close after the answer (the body has no length).
+pub fn frame_for_http10(resp: &mut ResponseHeader, head_request: bool) -> bool {
+    if resp.status.is_informational() {
+        return false;
+    }
+    let chunked = resp.headers.contains_key(http::header::TRANSFER_ENCODING);
+    if chunked {
+        resp.remove_header(&http::header::TRANSFER_ENCODING);
+    }
+    let no_body = head_request || matches!(resp.status.as_u16(), 204 | 304);
+    !no_body && !resp.headers.contains_key(http::header::CONTENT_LENGTH)
 }
 
 /// State shared by the proxy service, the admin API and reloads.
@@ -507,13 +621,21 @@ impl ProxyHttp for Sluice {
             .as_downstream()
             .as_http1()
             .map(|h1| h1.get_headers_raw_bytes());
+        let line = crate::idle::request_line();
+        if let Err(invalid) = check_request(session.req_header(), raw.as_deref(), line.as_deref()) {
+            return refuse_invalid(session, ctx, invalid).await;
+        }
         let declared = match validate(session.req_header(), raw.as_deref(), &settings) {
             Ok(declared) => declared,
             Err(invalid) => return refuse_invalid(session, ctx, invalid).await,
         };
+        ctx.content_length = declared;
+        ctx.http10 = session.req_header().version < http::Version::HTTP_11;
         // Idle time between requests on this connection (pingora carries it to the next
-        // request on the same connection). Once shutdown started, this answer closes it.
-        if !session.is_process_shutting_down() {
+        // request on the same connection). An HTTP/1.0 client that did not ask for keep-alive
+        // keeps pingora's default for it: close after the answer. Once shutdown started, this
+        // answer closes the connection too.
+        if client_wants_keepalive(session.req_header()) && !session.is_process_shutting_down() {
             session
                 .as_downstream_mut()
                 .set_keepalive(Some(settings.client_keepalive_secs));
@@ -627,6 +749,26 @@ impl ProxyHttp for Sluice {
             .and_then(|u| u.host.as_deref());
         if let Some(host) = host {
             upstream_request.insert_header("Host", host)?;
+        } else if !upstream_request.headers.contains_key(http::header::HOST) {
+            // Only an HTTP/1.0 request gets here without one (an HTTP/1.1 one was refused), and
+            // it goes upstream as HTTP/1.1, which must carry a Host: the backend's address.
+            let address = ctx
+                .permit
+                .as_ref()
+                .and_then(|p| settings.upstreams.get(p.backend().0))
+                .map(|u| u.address.as_str());
+            if let Some(address) = address {
+                upstream_request.insert_header("Host", address)?;
+            }
+        }
+        // A Content-Length the client repeated (`n, n`, or two identical headers) goes as one.
+        if let Some(n) = ctx.content_length {
+            if upstream_request
+                .headers
+                .contains_key(http::header::CONTENT_LENGTH)
+            {
+                upstream_request.insert_header(http::header::CONTENT_LENGTH, n.to_string())?;
+            }
         }
         // A legacy server expects origin-form: turn an absolute-form target
         // (`GET http://host/path`) into `/path`, keeping the Host header.
@@ -677,6 +819,23 @@ impl ProxyHttp for Sluice {
             };
             self.admission.record_outcome(backend, sample);
             self.admission.observe_passive(backend, true);
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if ctx.http10 {
+            let head = session.req_header().method == http::Method::HEAD;
+            if frame_for_http10(response, head) {
+                // No length: the body ends when the connection does. Said before the header
+                // is written, so the client reads `Connection: close`.
+                session.as_downstream_mut().set_keepalive(None);
+            }
         }
         Ok(())
     }
@@ -1077,6 +1236,119 @@ mod tests {
         ));
         let raw = b"POST /pay HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
         assert_eq!(validate(&te, Some(raw), &s), Ok(None));
+    }
+
+    fn get(version: http::Version, headers: &[(&str, &str)]) -> RequestHeader {
+        let mut r = RequestHeader::build("GET", b"/pay?txn=1", None).expect("request");
+        r.set_version(version);
+        for (k, v) in headers {
+            r.append_header(k.to_string(), *v).expect("header");
+        }
+        r
+    }
+
+    #[test]
+    fn host_rules() {
+        use http::Version;
+        let host = [("host", "pos")];
+        assert_eq!(
+            check_request(&get(Version::HTTP_11, &host), None, None),
+            Ok(())
+        );
+        assert!(matches!(
+            check_request(&get(Version::HTTP_11, &[]), None, None),
+            Err(Invalid::Malformed(_))
+        ));
+        assert_eq!(
+            check_request(&get(Version::HTTP_10, &[]), None, None),
+            Ok(())
+        );
+        assert!(matches!(
+            check_request(
+                &get(Version::HTTP_10, &[("host", "a"), ("host", "b")]),
+                None,
+                None
+            ),
+            Err(Invalid::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn request_line_rules() {
+        let r = get(http::Version::HTTP_11, &[("host", "pos")]);
+        let ok: &[&[u8]] = &[
+            b"GET /pay?txn=1 HTTP/1.1\r\n",
+            b"GET /pay?txn=1 HTTP/1.1\n",
+            b"GET /a%20b%41 HTTP/1.1\r\n",
+        ];
+        for line in ok {
+            assert_eq!(check_request(&r, None, Some(line)), Ok(()), "{line:?}");
+        }
+        let bad: &[&[u8]] = &[
+            b"GET /a b HTTP/1.1\r\n",
+            b"GET /a\0b HTTP/1.1\r\n",
+            b"GET /a\rb HTTP/1.1\r\n",
+            b"GET /a\x01b HTTP/1.1\r\n",
+            b"GET /a\x7fb HTTP/1.1\r\n",
+            b"GET /a\tb HTTP/1.1\r\n",
+            b"GET  /a HTTP/1.1\r\n",
+        ];
+        for line in bad {
+            assert!(
+                matches!(
+                    check_request(&r, None, Some(line)),
+                    Err(Invalid::Malformed(_))
+                ),
+                "{line:?}"
+            );
+        }
+        // What pingora's parser leaves of a raw control character: its escape.
+        for raw in [
+            &b"GET /a%00b HTTP/1.1\r\nHost: pos\r\n\r\n"[..],
+            b"GET /a%0db HTTP/1.1\r\nHost: pos\r\n\r\n",
+            b"GET /a%1F HTTP/1.1\r\nHost: pos\r\n\r\n",
+            b"GET /a%7f HTTP/1.1\r\nHost: pos\r\n\r\n",
+        ] {
+            assert!(
+                matches!(
+                    check_request(&r, Some(raw), None),
+                    Err(Invalid::Malformed(_))
+                ),
+                "{raw:?}"
+            );
+        }
+        for raw in [
+            &b"GET /a%20b HTTP/1.1\r\nHost: pos\r\n\r\n"[..],
+            b"GET /a%2 HTTP/1.1\r\nHost: pos\r\n\r\n",
+            b"GET /%e2%82%ac HTTP/1.1\r\nHost: pos\r\n\r\n",
+        ] {
+            assert_eq!(check_request(&r, Some(raw), None), Ok(()), "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn keepalive_and_http10_framing() {
+        use http::Version;
+        assert!(client_wants_keepalive(&get(Version::HTTP_11, &[])));
+        assert!(!client_wants_keepalive(&get(Version::HTTP_10, &[])));
+        assert!(client_wants_keepalive(&get(
+            Version::HTTP_10,
+            &[("connection", "Keep-Alive")]
+        )));
+        let mut chunked = ResponseHeader::build(200, None).expect("response");
+        chunked
+            .insert_header("transfer-encoding", "chunked")
+            .expect("te");
+        assert!(frame_for_http10(&mut chunked, false), "no length: close");
+        assert!(!chunked.headers.contains_key("transfer-encoding"));
+        let mut sized = ResponseHeader::build(200, None).expect("response");
+        sized.insert_header("content-length", "3").expect("cl");
+        assert!(!frame_for_http10(&mut sized, false), "a length: may keep");
+        let mut head = ResponseHeader::build(200, None).expect("response");
+        head.insert_header("transfer-encoding", "chunked")
+            .expect("te");
+        assert!(!frame_for_http10(&mut head, true), "HEAD has no body");
+        assert!(!head.headers.contains_key("transfer-encoding"));
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! Unlike a general-purpose client it hides nothing: a [`Conn`] is exactly one
 //! TCP connection, requests go out byte for byte as built by [`Request`]
-//! (plus a `Host` header when absent), and tests can write arbitrary bytes with
+//! (plus a `Host` header when an HTTP/1.1 request has none; an HTTP/1.0 one
+//! goes without, as WinInet terminals send it), and tests can write arbitrary bytes with
 //! [`Conn::send_raw`] or check whether the peer closed the connection with
 //! [`Conn::is_closed_by_peer`]. Every read is bounded by the connection's
 //! timeout ([`DEFAULT_TIMEOUT`] unless changed), so a test never hangs forever.
@@ -108,11 +109,12 @@ impl Request {
         wire::find_header(&self.headers, name)
     }
 
-    /// Serialises the request. `host` is used for a `Host` header when the
-    /// request has none.
+    /// Serialises the request. `host` is used for a `Host` header when an
+    /// HTTP/1.1 request has none; an HTTP/1.0 request gets none unless set
+    /// (WinInet terminals send HTTP/1.0 without `Host`).
     pub fn encode(&self, host: &str) -> Vec<u8> {
         let mut out = format!("{} {} HTTP/1.{}\r\n", self.method, self.path, self.version);
-        if self.header_value("host").is_none() {
+        if self.version >= 1 && self.header_value("host").is_none() {
             out.push_str(&format!("Host: {host}\r\n"));
         }
         for (n, v) in &self.headers {
@@ -477,7 +479,10 @@ mod tests {
             "POST /pay HTTP/1.1\r\nHost: h:1\r\nX-Txn-Id: x1\r\nContent-Length: 3\r\n\r\na=1"
         );
         let text = String::from_utf8(Request::get("/").http10().encode("h")).expect("utf8");
-        assert_eq!(text, "GET / HTTP/1.0\r\nHost: h\r\n\r\n");
+        assert_eq!(text, "GET / HTTP/1.0\r\n\r\n", "HTTP/1.0 goes without Host");
+        let req = Request::get("/").http10().header("Host", "x");
+        let text = String::from_utf8(req.encode("h")).expect("utf8");
+        assert_eq!(text, "GET / HTTP/1.0\r\nHost: x\r\n\r\n");
     }
 
     #[tokio::test(flavor = "multi_thread")]

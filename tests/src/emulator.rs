@@ -25,7 +25,11 @@
 //!
 //! Each response is `200`, `text/plain`, body `ok <id>\n`, with the request's
 //! transaction id (header `X-Txn-Id`, else query parameter `txn=`) echoed in
-//! `X-Txn-Id`. Faults are injected per request with `X-Fault`: see [`Fault`].
+//! `X-Txn-Id`. Answers are framed by `Content-Length`, chunked, or
+//! close-delimited ([`AnswerFraming`]; by default they alternate between the
+//! first two). An HTTP/1.1 request without `Host` gets `400` and the connection
+//! is closed, as http.sys does; what each request carried is recorded
+//! ([`EmulatorHandle::seen`]). Faults are injected per request with `X-Fault`: see [`Fault`].
 //! `GET /__emu/stats` (the [`Stats`] as JSON) and `POST /__emu/reset` are
 //! answered at once and counted nowhere (their TCP connection is, however,
 //! counted as accepted).
@@ -86,6 +90,8 @@ pub struct EmulatorConfig {
     pub keepalive_timeout: Duration,
     /// Capacity ramp after a start or restart; `None` starts at full capacity.
     pub cold_start: Option<ColdStart>,
+    /// How answers are framed (a request's `X-Framing` header overrides it).
+    pub framing: AnswerFraming,
 }
 
 impl Default for EmulatorConfig {
@@ -97,6 +103,7 @@ impl Default for EmulatorConfig {
             lockup_duration: Duration::from_secs(5),
             keepalive_timeout: Duration::from_secs(120),
             cold_start: None,
+            framing: AnswerFraming::Mixed,
         }
     }
 }
@@ -184,6 +191,117 @@ impl FromStr for Fault {
     }
 }
 
+/// How the emulator frames an answer's body, as an ISAPI extension may (KB 278998, KB 332143).
+///
+/// Set for all answers with [`EmulatorConfig::framing`], or per request with the header
+/// `X-Framing: length|chunked|close`. Applies to ordinary answers (not to `/__emu/*`, errors
+/// or faults).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AnswerFraming {
+    /// `Content-Length`.
+    Length,
+    /// `Transfer-Encoding: chunked`, to HTTP/1.0 clients too (nothing stopped an ISAPI).
+    Chunked,
+    /// No length: the body ends when the emulator closes the connection (it sends no
+    /// `Connection: close`). Defeats connection reuse.
+    Close,
+    /// The default: answers alternate deterministically between `Length` and `Chunked`
+    /// (the first answer has a length), so every test meets chunked answers.
+    #[default]
+    Mixed,
+}
+
+impl FromStr for AnswerFraming {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "length" => Ok(AnswerFraming::Length),
+            "chunked" => Ok(AnswerFraming::Chunked),
+            "close" => Ok(AnswerFraming::Close),
+            "mixed" => Ok(AnswerFraming::Mixed),
+            other => Err(format!(
+                "unknown framing {other:?}: one of length, chunked, close, mixed"
+            )),
+        }
+    }
+}
+
+/// What the emulator saw of one request (ordinary requests only, not `/__emu/*`), in arrival
+/// order: see [`EmulatorHandle::seen`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    /// Method.
+    pub method: String,
+    /// Request target.
+    pub path: String,
+    /// Minor HTTP version of the request line.
+    pub version: u8,
+    /// The `Host` header, if any.
+    pub host: Option<String>,
+    /// Every `Content-Length` header value, in order (a proxy must send at most one).
+    pub content_lengths: Vec<String>,
+    /// The transaction id, if any.
+    pub txn: Option<String>,
+    /// The connection it came on: a serial number, unique for the emulator's
+    /// life (not reset), in accept order from 0.
+    pub conn: u64,
+}
+
+impl Seen {
+    fn of(head: &ReqHead, txn: Option<&str>, conn: u64) -> Seen {
+        Seen {
+            method: head.method.clone(),
+            path: head.path.clone(),
+            version: head.version,
+            host: wire::find_header(&head.headers, "host").map(str::to_string),
+            content_lengths: head
+                .headers
+                .iter()
+                .filter(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+                .map(|(_, v)| v.clone())
+                .collect(),
+            txn: txn.map(str::to_string),
+            conn,
+        }
+    }
+}
+
+/// The framing of one answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framed {
+    Length,
+    Chunked,
+    Close,
+}
+
+impl Shared {
+    /// The framing of the next ordinary answer: the request's `X-Framing`, else the config's
+    /// (`Mixed` alternates, one shared counter for all connections).
+    fn framing(&self, head: &ReqHead) -> Result<Framed, String> {
+        let chosen = match wire::find_header(&head.headers, "x-framing") {
+            Some(v) => v.parse::<AnswerFraming>()?,
+            None => self.cfg.framing,
+        };
+        Ok(match chosen {
+            AnswerFraming::Length => Framed::Length,
+            AnswerFraming::Chunked => Framed::Chunked,
+            AnswerFraming::Close => Framed::Close,
+            AnswerFraming::Mixed => {
+                if self.answers.fetch_add(1, Ordering::Relaxed) % 2 == 0 {
+                    Framed::Length
+                } else {
+                    Framed::Chunked
+                }
+            }
+        })
+    }
+
+    fn record_seen(&self, seen: Seen) {
+        lock(&self.seen).push(seen);
+    }
+}
+
 /// Counters, all updated with relaxed atomics.
 #[derive(Debug, Default)]
 struct Counters {
@@ -215,6 +333,12 @@ struct Shared {
     service_time_ns: AtomicU64,
     counters: Counters,
     transactions: Mutex<Vec<String>>,
+    /// Ordinary requests as they arrived.
+    seen: Mutex<Vec<Seen>>,
+    /// Answers framed under [`AnswerFraming::Mixed`].
+    answers: AtomicU64,
+    /// The next connection's serial number ([`Seen::conn`]).
+    next_conn: AtomicU64,
     gate: watch::Sender<Gate>,
     unlock_task: Mutex<Option<AbortHandle>>,
     /// Woken on every counter change, for [`EmulatorHandle::wait_for`].
@@ -324,6 +448,8 @@ impl Shared {
         c.max_open
             .store(c.open_now.load(Ordering::Relaxed), Ordering::Relaxed);
         lock(&self.transactions).clear();
+        lock(&self.seen).clear();
+        self.answers.store(0, Ordering::Relaxed);
         self.touch();
     }
 }
@@ -426,6 +552,14 @@ impl EmulatorHandle {
     /// kept (faulted requests included).
     pub fn transactions(&self) -> Vec<String> {
         lock(&self.inner.shared.transactions).clone()
+    }
+
+    /// What the emulator saw of each ordinary request (method, target, `Host`,
+    /// `Content-Length` headers, transaction id), in arrival order since start or
+    /// the last reset. A request refused with `400` (e.g. HTTP/1.1 without
+    /// `Host`) is not in it.
+    pub fn seen(&self) -> Vec<Seen> {
+        lock(&self.inner.shared.seen).clone()
     }
 
     /// Resets totals, maxima (to the current gauges) and the transaction list.
@@ -614,6 +748,9 @@ impl EmulatorHandle {
             service_time_ns,
             counters: Counters::default(),
             transactions: Mutex::new(Vec::new()),
+            seen: Mutex::new(Vec::new()),
+            answers: AtomicU64::new(0),
+            next_conn: AtomicU64::new(0),
             gate,
             unlock_task: Mutex::new(None),
             changed: Notify::new(),
@@ -816,7 +953,9 @@ async fn accept_loop(
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let open = OpenConn::new(&shared);
-                    conns.spawn(serve_conn(Arc::clone(&shared), Arc::clone(&sem), stream, open));
+                    let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+                    let conn = (stream, id);
+                    conns.spawn(serve_conn(Arc::clone(&shared), Arc::clone(&sem), conn, open));
                 }
                 // E.g. EMFILE: back off briefly rather than spin.
                 Err(_) => tokio::time::sleep(ACCEPT_BACKOFF).await,
@@ -862,7 +1001,12 @@ enum Next {
 }
 
 /// Serves the requests of one connection.
-async fn serve_conn(shared: Arc<Shared>, sem: Arc<Semaphore>, stream: TcpStream, _open: OpenConn) {
+async fn serve_conn(
+    shared: Arc<Shared>,
+    sem: Arc<Semaphore>,
+    (stream, conn_id): (TcpStream, u64),
+    _open: OpenConn,
+) {
     let _ = stream.set_nodelay(true);
     let mut wire = Wire::new(stream);
     for _ in 0..MAX_REQUESTS_PER_CONN {
@@ -877,7 +1021,7 @@ async fn serve_conn(shared: Arc<Shared>, sem: Arc<Semaphore>, stream: TcpStream,
             }
             Err(_) => return,
         };
-        match handle_request(&shared, &sem, &mut wire, head).await {
+        match handle_request(&shared, &sem, &mut wire, head, conn_id).await {
             Next::KeepAlive => {}
             Next::Close => return,
         }
@@ -953,6 +1097,58 @@ impl Reply<'_> {
     /// Serialises the reply.
     fn encode(&self) -> Vec<u8> {
         self.encode_with_length(self.body.len())
+    }
+}
+
+/// Why a request is refused as http.sys would (`400`, then close), if it is: an HTTP/1.1
+/// request without `Host`.
+fn strict_refusal(head: &ReqHead) -> Option<&'static str> {
+    (head.version >= 1 && wire::find_header(&head.headers, "host").is_none())
+        .then_some("HTTP/1.1 request without Host")
+}
+
+impl Reply<'_> {
+    /// Serialises an ordinary answer framed as chosen. `body_len` is the length of the
+    /// full body (a `HEAD` answer announces it and sends none): announced by
+    /// `Content-Length`, or not at all for a chunked or close-delimited answer.
+    fn encode_framed(&self, framing: Framed, body_len: usize) -> Vec<u8> {
+        if framing == Framed::Length {
+            return self.encode_with_length(body_len);
+        }
+        let mut head = format!(
+            "HTTP/1.{} {} {}\r\nServer: legacy-emu\r\nContent-Type: {}\r\n",
+            self.version, self.status, self.reason, self.content_type
+        );
+        if framing == Framed::Chunked {
+            head.push_str("Transfer-Encoding: chunked\r\n");
+        }
+        if let Some(id) = self.txn {
+            head.push_str(&format!("X-Txn-Id: {id}\r\n"));
+        }
+        // A close-delimited answer says nothing about the connection: the close says it.
+        match (framing, self.version, self.keep_alive) {
+            (Framed::Close, _, _) => {}
+            (_, _, false) => head.push_str("Connection: close\r\n"),
+            (_, 0, true) => head.push_str("Connection: keep-alive\r\n"),
+            _ => {}
+        }
+        head.push_str("\r\n");
+        let mut bytes = head.into_bytes();
+        if framing == Framed::Chunked {
+            // Two chunks when there is enough body, so a reader meets a chunk boundary.
+            let split = self.body.len() / 2;
+            for part in [&self.body[..split], &self.body[split..]] {
+                if !part.is_empty() {
+                    bytes.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
+                    bytes.extend_from_slice(part);
+                    bytes.extend_from_slice(b"\r\n");
+                }
+            }
+            bytes.extend_from_slice(b"0\r\n\r\n");
+        } else {
+            bytes.extend_from_slice(self.body);
+        }
+        bytes
     }
 }
 
@@ -1038,6 +1234,7 @@ async fn handle_request(
     sem: &Semaphore,
     wire: &mut Wire,
     head: ReqHead,
+    conn_id: u64,
 ) -> Next {
     let keep_alive = if head.version >= 1 {
         !wire::has_token(&head.headers, "connection", "close")
@@ -1051,6 +1248,10 @@ async fn handle_request(
             return Next::Close;
         }
     };
+    if let Some(why) = strict_refusal(&head) {
+        bad_request(shared, wire, why).await;
+        return Next::Close;
+    }
     if let Some(next) = control_request(shared, wire, &head, framing, keep_alive).await {
         return next;
     }
@@ -1082,7 +1283,15 @@ async fn handle_request(
                 return Next::Close;
             }
         };
+    let answer_framing = match shared.framing(&head) {
+        Ok(f) => f,
+        Err(e) => {
+            bad_request(shared, wire, &format!("bad X-Framing: {e}")).await;
+            return Next::Close;
+        }
+    };
     let txn = txn_id(&head);
+    shared.record_seen(Seen::of(&head, txn.as_deref(), conn_id));
 
     // Inside from here until the response is handed to the socket (guard dropped).
     let c = &shared.counters;
@@ -1161,6 +1370,13 @@ async fn handle_request(
             } else {
                 body.as_bytes()
             };
+            // A HEAD answer has no body to chunk or to end by a close: it announces a length.
+            let answer_framing = if sent_body.is_empty() && !body.is_empty() {
+                Framed::Length
+            } else {
+                answer_framing
+            };
+            let keep = keep && answer_framing != Framed::Close;
             let reply = Reply::ok(head.version, id, keep, sent_body);
             // Counted before the write, so a client that has its response
             // already sees it in the stats. For the same reason the request leaves
@@ -1169,7 +1385,7 @@ async fn handle_request(
             c.requests.fetch_add(1, Ordering::Relaxed);
             drop(serving);
             drop(inside);
-            if write(wire, &reply.encode_with_length(body.len()))
+            if write(wire, &reply.encode_framed(answer_framing, body.len()))
                 .await
                 .is_err()
             {
@@ -1643,6 +1859,72 @@ mod tests {
         let s = emu.stats();
         assert_eq!(s.bad_requests, 1);
         assert_eq!(s.max_inside, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn answers_alternate_length_and_chunked_or_as_asked() {
+        let emu = Emulator::start(cfg()).await.expect("start");
+        let mut conn = Conn::connect(emu.addr()).await.expect("connect");
+        // Mixed (the default): Content-Length, chunked, Content-Length, ...
+        for (i, chunked) in [false, true, false, true].into_iter().enumerate() {
+            let r = conn.send(&Request::get("/pay").txn(format!("m{i}"))).await;
+            let r = r.expect("response");
+            assert_eq!(r.body, format!("ok m{i}\n").as_bytes());
+            assert_eq!(
+                r.header("transfer-encoding").is_some(),
+                chunked,
+                "answer {i}"
+            );
+            assert_eq!(r.header("content-length").is_none(), chunked, "answer {i}");
+        }
+        // Close-delimited on request: no length, no Connection header, then the close.
+        let r = conn
+            .send(&Request::get("/pay").txn("c").header("X-Framing", "close"))
+            .await
+            .expect("response");
+        assert_eq!(r.body, b"ok c\n");
+        assert_eq!(r.header("content-length"), None);
+        assert_eq!(r.header("transfer-encoding"), None);
+        assert_eq!(r.header("connection"), None);
+        assert!(conn.is_closed_by_peer().await);
+        assert_eq!(emu.stats().accepted_connections, 1);
+        // An unknown framing is a bad request.
+        let mut conn = Conn::connect(emu.addr()).await.expect("connect");
+        let r = conn
+            .send(&Request::get("/pay").header("X-Framing", "gzip"))
+            .await
+            .expect("response");
+        assert_eq!(r.status, 400);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn http11_without_host_is_refused_and_hosts_are_recorded() {
+        let emu = Emulator::start(cfg()).await.expect("start");
+        let mut conn = Conn::connect(emu.addr()).await.expect("connect");
+        conn.send_raw(b"GET /pay?txn=nohost HTTP/1.1\r\n\r\n")
+            .await
+            .expect("send");
+        let r = conn.read_response().await.expect("400");
+        assert_eq!(r.status, 400);
+        assert_eq!(r.header("connection"), Some("close"));
+        assert!(conn.is_closed_by_peer().await);
+        assert_eq!(emu.stats().bad_requests, 1);
+        assert!(emu.seen().is_empty() && emu.transactions().is_empty());
+        // HTTP/1.0 without Host is served; both are recorded as they came.
+        let r = request(emu.addr(), &Request::get("/pay").http10().txn("h10"))
+            .await
+            .expect("1.0");
+        assert_eq!(r.status, 200);
+        let r = request(emu.addr(), &Request::post("/pay", "abc").txn("h11"))
+            .await
+            .expect("1.1");
+        assert_eq!(r.status, 200);
+        let seen = emu.seen();
+        assert_eq!(seen.len(), 2);
+        assert_eq!((seen[0].version, seen[0].host.as_deref()), (0, None));
+        assert_eq!(seen[1].host, Some(emu.addr().to_string()));
+        assert_eq!(seen[1].content_lengths, vec!["3".to_string()]);
+        assert_ne!(seen[0].conn, seen[1].conn);
     }
 
     #[test]

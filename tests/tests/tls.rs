@@ -113,8 +113,18 @@ async fn get(s: &mut Tls, id: &str) -> (u16, Option<String>) {
                     .find(|h| h.name.eq_ignore_ascii_case("x-txn-id"))
                     .map(|h| String::from_utf8_lossy(h.value).to_string());
                 let status = resp.code.unwrap_or(0);
-                if buf.len() >= head + len {
-                    buf.drain(..head + len);
+                let chunked = resp.headers.iter().any(|h| {
+                    h.name.eq_ignore_ascii_case("transfer-encoding")
+                        && h.value.eq_ignore_ascii_case(b"chunked")
+                });
+                // The emulator answers by Content-Length or chunked (no trailers).
+                let end = if chunked {
+                    chunked_end(&buf[head..]).map(|n| head + n)
+                } else {
+                    (buf.len() >= head + len).then_some(head + len)
+                };
+                if let Some(end) = end {
+                    buf.drain(..end);
                     return (status, txn);
                 }
             }
@@ -126,6 +136,27 @@ async fn get(s: &mut Tls, id: &str) -> (u16, Option<String>) {
     tokio::time::timeout(Duration::from_secs(10), read)
         .await
         .expect("a response in time")
+}
+
+/// The length of a complete chunked body (without trailers) at the start of `body`, if it is all
+/// there.
+fn chunked_end(body: &[u8]) -> Option<usize> {
+    let mut at = 0;
+    // Each pass consumes one chunk; bounded by the body's length.
+    for _ in 0..=body.len() {
+        let line_end = at + body.get(at..)?.windows(2).position(|w| w == b"\r\n")?;
+        let size = usize::from_str_radix(std::str::from_utf8(&body[at..line_end]).ok()?.trim(), 16)
+            .ok()?;
+        at = line_end + 2;
+        if size == 0 {
+            return (body.len() >= at + 2).then_some(at + 2);
+        }
+        at += size + 2;
+        if body.len() < at {
+            return None;
+        }
+    }
+    None
 }
 
 /// A sluice with a TLS listener in front of `backend`, from a file (so it can reload).

@@ -22,6 +22,11 @@
 //! reset, one per line in order of arrival, duplicates kept (the stats
 //! endpoint only has counts), and a summary of duplicates to stderr.
 //!
+//! `--framing` (default `mixed`) frames answers by Content-Length, chunked,
+//! close-delimited, or alternating the first two; a request's `X-Framing`
+//! header overrides it. Like http.sys, it answers an HTTP/1.1 request without
+//! `Host` with `400` and closes.
+//!
 //! The soft open-files limit is raised to the hard limit at start; raise the
 //! hard limit (`ulimit -n`) beforehand for very many connections.
 
@@ -35,7 +40,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, ValueEnum};
 use serde_json::{json, Value};
-use sluice_tests::emulator::{ColdStart, Emulator, EmulatorConfig, EmulatorHandle};
+use sluice_tests::emulator::{AnswerFraming, ColdStart, Emulator, EmulatorConfig, EmulatorHandle};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::time::Instant;
 
@@ -75,6 +80,10 @@ struct Args {
     /// Idle keep-alive timeout per connection.
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     keepalive_timeout: Duration,
+    /// Answer framing: length, chunked, close (close-delimited) or mixed (alternating length
+    /// and chunked); a request's `X-Framing` header overrides it.
+    #[arg(long, default_value = "mixed", value_parser = |s: &str| s.parse::<AnswerFraming>())]
+    framing: AnswerFraming,
     /// Cold start: fraction of workers available at start and after an outage (0.0-1.0).
     #[arg(long, requires = "cold_start_duration")]
     cold_start_fraction: Option<f64>,
@@ -290,6 +299,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         lockup_duration: args.lockup_duration,
         keepalive_timeout: args.keepalive_timeout,
         cold_start,
+        framing: args.framing,
     };
     let timeline = Timeline::open(args.timeline.as_deref())?;
     let emu = Emulator::start_on(cfg, args.listen).await?;
