@@ -86,6 +86,7 @@ pub struct Metrics {
     connections_refused: IntCounterVec,
     client_timeouts: IntCounterVec,
     timeout_holds: IntCounterVec,
+    transitions: IntCounterVec,
 }
 
 /// Why a client connection was refused at accept, for
@@ -254,6 +255,11 @@ impl Metrics {
             "Client connections cut off by a deadline, by phase (header, body, request).",
             &["phase"],
         );
+        let transitions = counter(
+            "sluice_backend_transitions_total",
+            "Times health took a backend down (to=\"down\") or brought it back (to=\"up\").",
+            &["backend", "to"],
+        );
         Metrics {
             registry,
             requests,
@@ -274,6 +280,7 @@ impl Metrics {
             connections_refused,
             client_timeouts,
             timeout_holds,
+            transitions,
         }
     }
 
@@ -360,6 +367,11 @@ impl Metrics {
                 self.tokens.with_label_values(&l).set(i64::from(t));
             }
             self.slow_start.with_label_values(&l).set(b.ramp);
+            // Admission counts the transitions; the counters catch up at each scrape.
+            for (to, total) in [("down", b.downs), ("up", b.ups)] {
+                let c = self.transitions.with_label_values(&[b.name.as_str(), to]);
+                c.inc_by(total.saturating_sub(c.get()));
+            }
         }
         let mut out = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
@@ -398,6 +410,8 @@ mod tests {
             "sluice_effective_limit{backend=\"b0\"} 4",
             "sluice_inflight{backend=\"b0\"} 0",
             "sluice_backend_up{backend=\"b0\"} 1",
+            "sluice_backend_transitions_total{backend=\"b0\",to=\"down\"} 0",
+            "sluice_backend_transitions_total{backend=\"b0\",to=\"up\"} 0",
             "sluice_queue_max 10",
             "sluice_reloads_total{result=\"ok\"} 1",
             "sluice_client_connections 1",
