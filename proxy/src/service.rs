@@ -825,6 +825,12 @@ impl ProxyHttp for Sluice {
         Ok(())
     }
 
+    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, _error: &Error) -> bool {
+        // A failed health probe is reported once per transition by admission (with the
+        // reason), not once per check.
+        ctx.probe
+    }
+
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         // Release the backend slot first: the response has been delivered or the request is
         // over, and the next waiter should not wait for bookkeeping. After an upstream timeout
