@@ -360,9 +360,6 @@ impl Sluice {
 }
 
 impl Sluice {
-    /// A health probe from our own checker: take a slot on the named backend whatever its
-    /// state (the probe counts inside the backend's cap and uses its pooled connections), or
-    /// answer 204 at once when the backend is too busy to probe.
     /// Receive a request body of up to [`defaults::BODY_BUFFER_BYTES`] whole, within
     /// `client_body_timeout`, before the request may take a backend slot: a slow or stalled
     /// sender then never holds the backend's capacity, and a body that cannot be parsed (a bad
@@ -426,6 +423,9 @@ impl Sluice {
         }
     }
 
+    /// A health probe from our own checker: take a slot on the named backend whatever its
+    /// state (the probe counts inside the backend's cap and uses its pooled connections), or
+    /// answer 204 at once when the backend is too busy to probe.
     async fn admit_probe(
         &self,
         session: &mut Session,
