@@ -84,6 +84,9 @@ struct BackendHealth {
     /// Times it went down, and came back up, by health (not by the operator).
     downs: u64,
     ups: u64,
+    /// The last transition by health, as logged (e.g. `down: 3 passive failures in a row,
+    /// last: connection refused`).
+    last_transition: Option<String>,
 }
 
 /// Shared admission state of one proxy: the pool, the queue deadline, backend health.
@@ -121,6 +124,8 @@ pub struct BackendStatus {
     pub downs: u64,
     /// Times health brought it back up since start.
     pub ups: u64,
+    /// The last transition by health and why, as logged; `None` before the first.
+    pub last_transition: Option<String>,
 }
 
 /// What one active health check (or recovery probe) saw.
@@ -195,6 +200,7 @@ impl Admission {
                         passive_failures: 0,
                         downs: 0,
                         ups: 0,
+                        last_transition: None,
                     })
                     .collect(),
             ),
@@ -353,6 +359,7 @@ impl Admission {
             passive_failures: 0,
             downs: 0,
             ups: 0,
+            last_transition: None,
         });
         drop(backends);
         self.timer.notify_one();
@@ -389,6 +396,7 @@ impl Admission {
                 tokens: s.tokens,
                 downs: b.downs,
                 ups: b.ups,
+                last_transition: b.last_transition.clone(),
             })
             .collect()
     }
@@ -510,7 +518,9 @@ impl Admission {
                     (Seen::Answered(_), _) => format!(" (expecting {expect})"),
                     _ => String::new(),
                 };
-                log::warn!("backend {} up: {saw}{rule}", b.name);
+                let what = format!("up: {saw}{rule}");
+                log::warn!("backend {} {what}", b.name);
+                b.last_transition = Some(what);
             }
             Some(Transition::Down) => {
                 b.downs += 1;
@@ -518,11 +528,12 @@ impl Admission {
                     Seen::Answered(_) => format!(" (expecting {expect})"),
                     _ => String::new(),
                 };
-                log::warn!(
-                    "backend {} down: {} health checks failed in a row, last: {saw}{rule}",
-                    b.name,
+                let what = format!(
+                    "down: {} health checks failed in a row, last: {saw}{rule}",
                     b.health.fall()
                 );
+                log::warn!("backend {} {what}", b.name);
+                b.last_transition = Some(what);
             }
             None => return,
         }
@@ -554,11 +565,12 @@ impl Admission {
         b.passive_failures = b.passive_failures.saturating_add(1);
         if b.passive_failures >= self.passive_threshold && b.health.force_down().is_some() {
             b.downs += 1;
-            log::warn!(
-                "backend {} down: {} passive failures in a row, last: {why}",
-                b.name,
+            let what = format!(
+                "down: {} passive failures in a row, last: {why}",
                 b.passive_failures
             );
+            log::warn!("backend {} {what}", b.name);
+            b.last_transition = Some(what);
             self.apply_state(backend, b);
         }
     }
@@ -819,6 +831,13 @@ mod tests {
         assert!(!a.passive_down(b));
         let s = &a.status()[0];
         assert_eq!((s.downs, s.ups), (1, 1));
+        assert_eq!(
+            s.last_transition.as_deref(),
+            Some(
+                "up: health check GET / answered 404 (down for passive failures: any answer \
+                 below 500 counts)"
+            )
+        );
     }
 
     /// With `check = "none"`, passive failures still take a backend down and the recovery
@@ -865,5 +884,11 @@ mod tests {
         assert_eq!(state(&a), BackendState::Down);
         assert!(!a.passive_down(b));
         assert_eq!(a.status()[0].downs, 1);
+        assert_eq!(
+            a.status()[0].last_transition.as_deref(),
+            Some(
+                "down: 2 health checks failed in a row, last: health check GET / failed: timed out"
+            )
+        );
     }
 }

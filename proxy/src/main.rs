@@ -121,6 +121,11 @@ fn status(args: &cli::AdminArgs) -> ExitCode {
                         .unwrap_or_else(|| "-".into())
                 );
             }
+            for b in &st.backends {
+                if let Some(t) = &b.last_transition {
+                    println!("{}: {t}", b.name);
+                }
+            }
             println!("queue: {} waiting (max {})", st.queued, st.max_queue);
             ExitCode::SUCCESS
         }

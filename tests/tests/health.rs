@@ -219,6 +219,14 @@ async fn a_restarted_backend_is_served_again_within_rise_intervals(root_status: 
     );
     let status = &admission.status()[0];
     assert_eq!((status.downs, status.ups), (1, 1), "{status:?}");
+    // Why it came back, as logged and shown by `sluice status`: the root's answer counted.
+    let why = status.last_transition.as_deref().unwrap_or_default();
+    assert!(
+        why.starts_with("up: ")
+            && why.contains(&format!("GET / answered {root_status}"))
+            && why.contains("any answer below 500 counts"),
+        "{why}"
+    );
 
     let report = load.await.expect("load");
     eprintln!("load: {report}");
