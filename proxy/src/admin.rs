@@ -3,7 +3,7 @@
 //! | method | path | what |
 //! |---|---|---|
 //! | GET | `/metrics` | Prometheus metrics ([`crate::metrics`]) |
-//! | GET | `/status` | backends (state, health, limits, in-flight, ramp, tokens) and the queue |
+//! | GET | `/status` | backends (state, health, limits, in-flight, ramp, tokens, health transitions and the last one's reason) and the queue |
 //! | POST | `/reload` | re-read the config file ([`crate::reload`]) |
 //! | POST | `/backends/NAME/drain` | no new requests to NAME; in-flight ones finish |
 //! | POST | `/backends/NAME/ready` | NAME takes requests again, ramping up with slow start |
@@ -62,6 +62,16 @@ pub struct BackendView {
     pub baseline_ms: Option<f64>,
     /// Tokens available, when a rate is set.
     pub tokens: Option<u32>,
+    /// Times health took the backend down since start.
+    #[serde(default)]
+    pub downs: u64,
+    /// Times health brought it back up since start.
+    #[serde(default)]
+    pub ups: u64,
+    /// The last transition by health and why (e.g. `down: 3 passive failures in a row, last:
+    /// connection refused`); absent before the first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition: Option<String>,
 }
 
 fn state_name(s: BackendState) -> &'static str {
@@ -88,6 +98,9 @@ impl From<BackendStatus> for BackendView {
                 .baseline
                 .map(|d| (d.as_secs_f64() * 10_000.0).round() / 10.0),
             tokens: b.tokens,
+            downs: b.downs,
+            ups: b.ups,
+            last_transition: b.last_transition,
         }
     }
 }

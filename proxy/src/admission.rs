@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use sluice_plugins::adaptive::{LatencyLimitConfig, Sample};
-use sluice_plugins::health::{Health, Transition};
+use sluice_plugins::health::{DownCause, Expect, Health, Transition};
 use sluice_plugins::pool::BackendPolicy;
 use sluice_plugins::slow_start::SlowStartConfig;
 use sluice_plugins::token_bucket::RateLimit;
@@ -105,6 +105,12 @@ struct BackendHealth {
     health: Health,
     drained: bool,
     passive_failures: u32,
+    /// Times it went down, and came back up, by health (not by the operator).
+    downs: u64,
+    ups: u64,
+    /// The last transition by health, as logged (e.g. `down: 3 passive failures in a row,
+    /// last: connection refused`).
+    last_transition: Option<String>,
 }
 
 /// Shared admission state of one proxy: the pool, the queue deadline, backend health.
@@ -142,6 +148,23 @@ pub struct BackendStatus {
     pub baseline: Option<Duration>,
     /// Tokens available, if rate-limited.
     pub tokens: Option<u32>,
+    /// Times health took the backend down since start.
+    pub downs: u64,
+    /// Times health brought it back up since start.
+    pub ups: u64,
+    /// The last transition by health and why, as logged; `None` before the first.
+    pub last_transition: Option<String>,
+}
+
+/// What one active health check (or recovery probe) saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Seen {
+    /// The backend answered an HTTP check with this status.
+    Answered(u16),
+    /// A TCP check connected.
+    Connected,
+    /// No answer; why (connection refused, timed out...).
+    Failed(String),
 }
 
 /// Why an operator command failed.
@@ -170,12 +193,9 @@ impl Admission {
             names,
             cfg.max_queue,
             cfg.queue_timeout,
-            // Without active checks nothing could bring a backend back: passive checks only
-            // take a backend down when active checks exist.
-            match cfg.health.check {
-                crate::config::CheckKind::None => 0,
-                _ => cfg.health.passive_failures,
-            },
+            // Even with `check = "none"`: the health checker probes a backend that passive
+            // failures took down until it answers again (see `crate::health`).
+            cfg.health.passive_failures,
             cfg.health.rise,
             cfg.health.fall,
         )
@@ -206,6 +226,9 @@ impl Admission {
                         health: Health::new(rise, fall),
                         drained: false,
                         passive_failures: 0,
+                        downs: 0,
+                        ups: 0,
+                        last_transition: None,
                     })
                     .collect(),
             ),
@@ -362,6 +385,9 @@ impl Admission {
             health: Health::new(rise, fall),
             drained: false,
             passive_failures: 0,
+            downs: 0,
+            ups: 0,
+            last_transition: None,
         });
         drop(backends);
         self.timer.notify_one();
@@ -398,6 +424,9 @@ impl Admission {
                 limit_phase: s.phase.map(|p| p.as_str()),
                 baseline: s.baseline,
                 tokens: s.tokens,
+                downs: b.downs,
+                ups: b.ups,
+                last_transition: b.last_transition.clone(),
             })
             .collect()
     }
@@ -478,18 +507,64 @@ impl Admission {
         Ok(())
     }
 
-    /// Result of an active health check.
-    pub fn observe_check(&self, backend: BackendId, ok: bool) {
+    /// Whether `backend` is down because passive failures took it down (then the health
+    /// checker probes it even with `check = "none"`, and any answer below 500 brings it back).
+    pub fn passive_down(&self, backend: BackendId) -> bool {
+        self.backends()
+            .get(backend.0)
+            .is_some_and(|b| b.health.down_cause() == Some(DownCause::Passive))
+    }
+
+    /// Result of an active health check `check` (e.g. `health check GET /`) that counts
+    /// answers `expect` accepts as alive; while passive failures hold the backend down, any
+    /// answer below 500 does. Logs each transition once, with what the check saw.
+    pub fn observe_check(&self, backend: BackendId, check: &str, expect: &Expect, seen: &Seen) {
         let mut backends = self.backends();
         let Some(b) = backends.get_mut(backend.0) else {
             return;
         };
+        let passive = b.health.down_cause() == Some(DownCause::Passive);
+        let ok = match seen {
+            Seen::Answered(status) => b.health.alive_on(expect, *status),
+            Seen::Connected => true,
+            Seen::Failed(_) => false,
+        };
+        let saw = match seen {
+            Seen::Answered(status) => format!("{check} answered {status}"),
+            Seen::Connected => format!("{check} connected"),
+            Seen::Failed(why) => format!("{check} failed: {why}"),
+        };
         match b.health.observe(ok) {
             Some(Transition::Up) => {
                 b.passive_failures = 0;
-                log::warn!("backend {}: up (health check passed)", b.name);
+                b.ups += 1;
+                let rule = match (seen, passive) {
+                    (Seen::Answered(_), true) if *expect != Expect::Below500 => {
+                        " (down for passive failures: any answer below 500 counts)".to_string()
+                    }
+                    (Seen::Answered(_), _) if *expect == Expect::Below500 => {
+                        " (any answer below 500 counts)".to_string()
+                    }
+                    (Seen::Answered(_), _) => format!(" (expecting {expect})"),
+                    _ => String::new(),
+                };
+                let what = format!("up: {saw}{rule}");
+                log::warn!("backend {} {what}", b.name);
+                b.last_transition = Some(what);
             }
-            Some(Transition::Down) => log::warn!("backend {}: down (health check failed)", b.name),
+            Some(Transition::Down) => {
+                b.downs += 1;
+                let rule = match seen {
+                    Seen::Answered(_) => format!(" (expecting {expect})"),
+                    _ => String::new(),
+                };
+                let what = format!(
+                    "down: {} health checks failed in a row, last: {saw}{rule}",
+                    b.health.fall()
+                );
+                log::warn!("backend {} {what}", b.name);
+                b.last_transition = Some(what);
+            }
             None => return,
         }
         self.apply_state(backend, b);
@@ -505,10 +580,11 @@ impl Admission {
         hand_over(&mut pool, grants);
     }
 
-    /// Passive health: a real request could (`ok`) or could not (connect failure, timeout)
-    /// get an answer from `backend`. Enough failures in a row take it down until active checks
-    /// bring it back (never with `health.check = "none"`, which has no way back).
-    pub fn observe_passive(&self, backend: BackendId, ok: bool) {
+    /// Passive health: a real request got an answer from `backend` (`failure` is `None`) or
+    /// could not get one (`Some(why)`: a connect failure or a timeout). `passive_failures` in a
+    /// row take it down; the health checker brings it back once it answers again, whatever
+    /// the active check's setting (see [`Admission::observe_check`]).
+    pub fn observe_passive(&self, backend: BackendId, failure: Option<&str>) {
         if self.passive_threshold == 0 {
             return;
         }
@@ -516,17 +592,19 @@ impl Admission {
         let Some(b) = backends.get_mut(backend.0) else {
             return;
         };
-        if ok {
+        let Some(why) = failure else {
             b.passive_failures = 0;
             return;
-        }
+        };
         b.passive_failures = b.passive_failures.saturating_add(1);
         if b.passive_failures >= self.passive_threshold && b.health.force_down().is_some() {
-            log::warn!(
-                "backend {}: down ({} connect failures or timeouts in a row)",
-                b.name,
+            b.downs += 1;
+            let what = format!(
+                "down: {} passive failures in a row, last: {why}",
                 b.passive_failures
             );
+            log::warn!("backend {} {what}", b.name);
+            b.last_transition = Some(what);
             self.apply_state(backend, b);
         }
     }
@@ -737,5 +815,114 @@ mod tests {
         tokio::task::yield_now().await;
         a.set_limit(BackendId(0), 2);
         assert_eq!(waiter.await.expect("join"), Ok(BackendId(0)));
+    }
+
+    fn admission_for(health: &str) -> Arc<Admission> {
+        let cfg = crate::config::Config::parse(
+            &format!(
+                "[[backend]]\naddress = \"127.0.0.1:9\"\nmax_inflight = 4\n[health]\n{health}"
+            ),
+            None,
+            &crate::config::Overrides::default(),
+        )
+        .expect("config");
+        Admission::from_config(&cfg)
+    }
+
+    fn state(a: &Admission) -> BackendState {
+        a.status()[0].state
+    }
+
+    /// Passive failures take the backend down; while it is down for that reason, a 404 to the
+    /// check brings it back even though `expect_status = [200]`.
+    #[tokio::test]
+    async fn a_passively_downed_backend_comes_back_on_a_404_despite_a_strict_list() {
+        let a = admission_for("expect_status = [200]\nrise = 2\npassive_failures = 3\n");
+        let b = BackendId(0);
+        let expect = Expect::Statuses(vec![200]);
+        let check = "health check GET /";
+        // Up: the strict list applies, a 404 is a failed check (not yet `fall` of them).
+        a.observe_check(b, check, &expect, &Seen::Answered(404));
+        assert_eq!(state(&a), BackendState::Up);
+        for _ in 0..2 {
+            a.observe_passive(b, Some("connection refused"));
+        }
+        assert_eq!(state(&a), BackendState::Up, "below passive_failures");
+        a.observe_passive(b, Some("connection refused"));
+        assert_eq!(state(&a), BackendState::Down);
+        assert!(a.passive_down(b));
+        a.observe_check(
+            b,
+            check,
+            &expect,
+            &Seen::Failed("connection refused".into()),
+        );
+        a.observe_check(b, check, &expect, &Seen::Answered(503));
+        a.observe_check(b, check, &expect, &Seen::Answered(404));
+        assert_eq!(state(&a), BackendState::Down, "rise is 2");
+        a.observe_check(b, check, &expect, &Seen::Answered(404));
+        assert_eq!(state(&a), BackendState::Up);
+        assert!(!a.passive_down(b));
+        let s = &a.status()[0];
+        assert_eq!((s.downs, s.ups), (1, 1));
+        assert_eq!(
+            s.last_transition.as_deref(),
+            Some(
+                "up: health check GET / answered 404 (down for passive failures: any answer \
+                 below 500 counts)"
+            )
+        );
+    }
+
+    /// With `check = "none"`, passive failures still take a backend down and the recovery
+    /// probe's answers bring it back (before, passive checks were off without active ones).
+    #[tokio::test]
+    async fn with_no_active_check_passive_down_still_recovers() {
+        let a = admission_for("check = \"none\"\nrise = 1\npassive_failures = 2\n");
+        let b = BackendId(0);
+        a.observe_passive(b, Some("no answer within upstream.read_timeout"));
+        a.observe_passive(b, None);
+        a.observe_passive(b, Some("no answer within upstream.read_timeout"));
+        assert_eq!(state(&a), BackendState::Up, "an answer resets the run");
+        a.observe_passive(b, Some("no answer within upstream.read_timeout"));
+        assert_eq!(state(&a), BackendState::Down);
+        assert!(a.passive_down(b));
+        a.observe_check(
+            b,
+            "recovery probe GET /",
+            &Expect::Below500,
+            &Seen::Answered(403),
+        );
+        assert_eq!(state(&a), BackendState::Up);
+    }
+
+    /// The active check (default: any answer below 500) never takes down a backend that
+    /// answers 403 or 404; a 5xx or no answer does.
+    #[tokio::test]
+    async fn the_default_check_counts_403_and_404_as_alive() {
+        let a = admission_for("fall = 2\n");
+        let b = BackendId(0);
+        let check = "health check GET /";
+        for _ in 0..10 {
+            a.observe_check(b, check, &Expect::Below500, &Seen::Answered(403));
+            a.observe_check(b, check, &Expect::Below500, &Seen::Answered(404));
+        }
+        assert_eq!(state(&a), BackendState::Up);
+        a.observe_check(b, check, &Expect::Below500, &Seen::Answered(500));
+        a.observe_check(
+            b,
+            check,
+            &Expect::Below500,
+            &Seen::Failed("timed out".into()),
+        );
+        assert_eq!(state(&a), BackendState::Down);
+        assert!(!a.passive_down(b));
+        assert_eq!(a.status()[0].downs, 1);
+        assert_eq!(
+            a.status()[0].last_transition.as_deref(),
+            Some(
+                "down: 2 health checks failed in a row, last: health check GET / failed: timed out"
+            )
+        );
     }
 }

@@ -159,6 +159,13 @@ pub struct ConfigArgs {
     /// Admin listener address; "" disables it (overrides admin.listen).
     #[arg(long, value_name = "ADDR")]
     pub admin_listen: Option<String>,
+    /// Active health check: http (GET --health-path, alive on any answer below 500), tcp
+    /// (a connect) or none (overrides health.check).
+    #[arg(long, value_name = "http|tcp|none")]
+    pub health_check: Option<String>,
+    /// Path of the HTTP health check, e.g. /health (overrides health.path).
+    #[arg(long, value_name = "PATH")]
+    pub health_path: Option<String>,
 }
 
 impl ConfigArgs {
@@ -174,6 +181,8 @@ impl ConfigArgs {
             slow_start: self.slow_start,
             rate: self.rate,
             admin_listen: self.admin_listen.clone(),
+            health_check: self.health_check.clone(),
+            health_path: self.health_path.clone(),
         }
     }
 
@@ -319,25 +328,7 @@ pub fn describe(cfg: &Config) -> String {
             );
         }
     }
-    let check = match &cfg.health.check {
-        crate::config::CheckKind::Http {
-            path,
-            expect_status,
-        } => {
-            format!("GET {path} expecting {expect_status:?}")
-        }
-        crate::config::CheckKind::Tcp => "TCP connect".into(),
-        crate::config::CheckKind::None => "none".into(),
-    };
-    let _ = writeln!(
-        s,
-        "health            {check} every {}, timeout {}, rise {}, fall {}; passive: down after {} connect failures/timeouts",
-        d(cfg.health.interval),
-        d(cfg.health.timeout),
-        cfg.health.rise,
-        cfg.health.fall,
-        cfg.health.passive_failures
-    );
+    let _ = writeln!(s, "health            {}", describe_health(&cfg.health));
     let _ = writeln!(
         s,
         "admin             {}",
@@ -388,4 +379,50 @@ pub fn describe(cfg: &Config) -> String {
         "The backends never see more than {cap} concurrent requests, over at most {cap} TCP connections."
     );
     s
+}
+
+/// What the health checks do and accept, in one line (for `sluice check`).
+pub fn describe_health(h: &crate::config::HealthConfig) -> String {
+    use crate::config::CheckKind;
+    let d = |d: Duration| humantime::format_duration(d).to_string();
+    let active = match h.check {
+        CheckKind::Http => format!(
+            "http GET {} every {}, alive on {} within {}; rise {}, fall {}",
+            h.path,
+            d(h.interval),
+            h.expect,
+            d(h.timeout),
+            h.rise,
+            h.fall
+        ),
+        CheckKind::Tcp => format!(
+            "tcp connect every {}, alive on a connection within {}; rise {}, fall {}",
+            d(h.interval),
+            d(h.timeout),
+            h.rise,
+            h.fall
+        ),
+        CheckKind::None => "no active check".to_string(),
+    };
+    let passive = match (h.passive_failures, h.check) {
+        (0, _) => "passive: off".to_string(),
+        (n, CheckKind::Tcp) => format!(
+            "passive: {n} failures (connect failures or timeouts in a row) take a backend down; \
+             back after {} tcp connects in a row",
+            h.rise
+        ),
+        (n, CheckKind::Http) if h.expect == crate::config::Expect::Below500 => format!(
+            "passive: {n} failures (connect failures or timeouts in a row) take a backend down; \
+             back after {} answers in a row",
+            h.rise
+        ),
+        (n, _) => format!(
+            "passive: {n} failures (connect failures or timeouts in a row) take a backend down; \
+             back after {} answers below 500 in a row to GET {} every {}",
+            h.rise,
+            h.path,
+            d(h.interval)
+        ),
+    };
+    format!("{active}; {passive}")
 }

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+pub use sluice_plugins::health::Expect;
 
 /// Every default value, with its unit and the reason for it.
 pub mod defaults {
@@ -126,8 +127,6 @@ pub mod defaults {
     pub const HEALTH_CHECK: &str = "http";
     /// Path requested by the HTTP health check.
     pub const HEALTH_PATH: &str = "/";
-    /// Statuses that pass the HTTP health check.
-    pub const HEALTH_EXPECT_STATUS: &[u16] = &[200];
     /// Time between health checks of a backend (2 s).
     pub const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
     /// A health check that takes longer than this fails (1 s).
@@ -220,7 +219,7 @@ pub mod file {
         pub check: Option<String>,
         /// `path = "/"`
         pub path: Option<String>,
-        /// `expect_status = [200]`
+        /// `expect_status = [200]` (absent: any answer below 500)
         pub expect_status: Option<Vec<i64>>,
         /// `interval = "2s"`
         #[serde(default, with = "opt_duration")]
@@ -490,6 +489,10 @@ pub struct Overrides {
     pub rate: Option<f64>,
     /// `--admin-listen` (`""` disables)
     pub admin_listen: Option<String>,
+    /// `--health-check` (`http`, `tcp` or `none`; overrides `[health] check`)
+    pub health_check: Option<String>,
+    /// `--health-path` (overrides `[health] path`)
+    pub health_path: Option<String>,
 }
 
 /// Validated configuration the proxy runs on.
@@ -594,19 +597,26 @@ pub struct Learning {
 }
 
 /// What an active health check does.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CheckKind {
-    /// `GET path`, passing on one of the expected statuses.
-    Http {
-        /// Request path.
-        path: String,
-        /// Statuses that pass.
-        expect_status: Vec<u16>,
-    },
+    /// `GET health.path`, alive on an answer `health.expect_status` accepts.
+    Http,
     /// A TCP connect.
     Tcp,
-    /// No active checks (passive ones still run if enabled).
+    /// No active checks. Passive checks still run; a backend they took down is probed with
+    /// `GET health.path` (any answer below 500) until it is back.
     None,
+}
+
+impl CheckKind {
+    /// The name used in the config (`"http"`, `"tcp"`, `"none"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckKind::Http => "http",
+            CheckKind::Tcp => "tcp",
+            CheckKind::None => "none",
+        }
+    }
 }
 
 /// Health checking.
@@ -614,6 +624,11 @@ pub enum CheckKind {
 pub struct HealthConfig {
     /// The active check.
     pub check: CheckKind,
+    /// Path of HTTP checks (and of the recovery probe with `check = "none"`).
+    pub path: String,
+    /// Answers an HTTP check counts as alive (a backend down for passive failures comes back on
+    /// any answer below 500 whatever this says).
+    pub expect: Expect,
     /// Time between checks.
     pub interval: Duration,
     /// Check timeout.
@@ -756,6 +771,12 @@ impl Config {
         }
         if let Some(a) = &o.admin_listen {
             f.admin.listen = Some(a.clone());
+        }
+        if let Some(c) = &o.health_check {
+            f.health.check = Some(c.clone());
+        }
+        if let Some(p) = &o.health_path {
+            f.health.path = Some(p.clone());
         }
 
         let listen_text = f.proxy.listen.as_deref().unwrap_or(defaults::LISTEN);
@@ -1328,43 +1349,39 @@ fn learning_for(f: &file::AdmissionSection, max_inflight: u32) -> Result<Learnin
 fn health_config(f: &file::HealthSection) -> Result<HealthConfig, ConfigError> {
     let check_text = f.check.as_deref().unwrap_or(defaults::HEALTH_CHECK);
     let check = match check_text {
-        "http" => {
-            let path = f
-                .path
-                .clone()
-                .unwrap_or_else(|| defaults::HEALTH_PATH.into());
-            if !path.starts_with('/') || path.bytes().any(|c| c.is_ascii_control() || c == b' ') {
-                return Err(ConfigError::new(
-                    "health.path",
-                    format!("{path:?}"),
-                    "must be an absolute path such as \"/\" or \"/health\", without spaces",
-                ));
-            }
-            let expect_status = match &f.expect_status {
-                None => defaults::HEALTH_EXPECT_STATUS.to_vec(),
-                Some(v) if !v.is_empty() && v.iter().all(|c| (100..=599).contains(c)) => {
-                    v.iter().map(|&c| c as u16).collect()
-                }
-                Some(v) => {
-                    return Err(ConfigError::new(
-                        "health.expect_status",
-                        format!("{v:?}"),
-                        "must list HTTP statuses between 100 and 599, such as [200, 204]",
-                    ))
-                }
-            };
-            CheckKind::Http {
-                path,
-                expect_status,
-            }
-        }
+        "http" => CheckKind::Http,
         "tcp" => CheckKind::Tcp,
         "none" => CheckKind::None,
         other => {
             return Err(ConfigError::new(
                 "health.check",
                 format!("{other:?}"),
-                "must be \"http\", \"tcp\" or \"none\"",
+                "must be \"http\" (GET health.path), \"tcp\" (a connect) or \"none\"",
+            ))
+        }
+    };
+    let path = f
+        .path
+        .clone()
+        .unwrap_or_else(|| defaults::HEALTH_PATH.into());
+    if !path.starts_with('/') || path.bytes().any(|c| c.is_ascii_control() || c == b' ') {
+        return Err(ConfigError::new(
+            "health.path",
+            format!("{path:?}"),
+            "must be an absolute path such as \"/\" or \"/health\", without spaces",
+        ));
+    }
+    let expect = match &f.expect_status {
+        None => Expect::Below500,
+        Some(v) if !v.is_empty() && v.iter().all(|c| (100..=599).contains(c)) => {
+            Expect::Statuses(v.iter().map(|&c| c as u16).collect())
+        }
+        Some(v) => {
+            return Err(ConfigError::new(
+                "health.expect_status",
+                format!("{v:?}"),
+                "must list HTTP statuses between 100 and 599, such as [200, 204]; \
+                 remove the key to count any answer below 500 as alive (the default)",
             ))
         }
     };
@@ -1381,6 +1398,8 @@ fn health_config(f: &file::HealthSection) -> Result<HealthConfig, ConfigError> {
     };
     Ok(HealthConfig {
         check,
+        path,
+        expect,
         interval: positive("health.interval", f.interval, defaults::HEALTH_INTERVAL)?,
         timeout: positive("health.timeout", f.timeout, defaults::HEALTH_TIMEOUT)?,
         rise: count("health.rise", f.rise, defaults::HEALTH_RISE, 1)?,
@@ -1598,6 +1617,82 @@ mod tests {
         assert_eq!(c.backends[0].addr.port(), 7);
         assert_eq!(c.backends[0].max_inflight, 3);
         assert_eq!(c.queue_timeout, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn health_check_defaults_to_any_answer_below_500_and_takes_a_strict_list() {
+        let c = parse(MINIMAL).expect("valid");
+        assert_eq!(c.health.check, CheckKind::Http);
+        assert_eq!(c.health.path, "/");
+        assert_eq!(c.health.expect, Expect::Below500);
+        assert!(c.health.expect.accepts(403) && c.health.expect.accepts(404));
+        assert!(!c.health.expect.accepts(500));
+        assert_eq!(c.health.passive_failures, defaults::PASSIVE_FAILURES);
+        let c = parse(&format!(
+            "{MINIMAL}[health]\npath = \"/health\"\nexpect_status = [200, 204]\n"
+        ))
+        .expect("valid");
+        assert_eq!(c.health.path, "/health");
+        assert_eq!(c.health.expect, Expect::Statuses(vec![200, 204]));
+        // `none` keeps passive checks (a downed backend is probed back).
+        let c = parse(&format!("{MINIMAL}[health]\ncheck = \"none\"\n")).expect("valid");
+        assert_eq!(c.health.check, CheckKind::None);
+        assert_eq!(c.health.passive_failures, defaults::PASSIVE_FAILURES);
+    }
+
+    #[test]
+    fn bad_health_values_are_named_with_the_fix() {
+        for (line, key, value, fix) in [
+            (
+                "expect_status = []",
+                "health.expect_status",
+                "[]",
+                "below 500",
+            ),
+            (
+                "expect_status = [200, 700]",
+                "health.expect_status",
+                "[200, 700]",
+                "between 100 and 599",
+            ),
+            ("check = \"https\"", "health.check", "\"https\"", "\"tcp\""),
+            (
+                "path = \"health\"",
+                "health.path",
+                "\"health\"",
+                "absolute path",
+            ),
+            (
+                "path = \"/a b\"",
+                "health.path",
+                "\"/a b\"",
+                "without spaces",
+            ),
+        ] {
+            let e = parse(&format!("{MINIMAL}[health]\n{line}\n")).expect_err(line);
+            let msg = e.to_string();
+            assert!(
+                msg.contains(&format!("{key} = {value}")) && msg.contains(fix),
+                "{line}: {msg}"
+            );
+        }
+        // The flags go through the same validation.
+        let o = Overrides {
+            health_check: Some("ping".into()),
+            ..Default::default()
+        };
+        let e = Config::parse(MINIMAL, None, &o).expect_err("bad --health-check");
+        assert!(e.to_string().contains("health.check = \"ping\""), "{e}");
+        let o = Overrides {
+            health_check: Some("tcp".into()),
+            health_path: Some("/ping".into()),
+            ..Default::default()
+        };
+        let c = Config::parse(MINIMAL, None, &o).expect("valid");
+        assert_eq!(
+            (c.health.check, c.health.path.as_str()),
+            (CheckKind::Tcp, "/ping")
+        );
     }
 
     #[test]

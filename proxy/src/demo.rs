@@ -101,8 +101,8 @@ pub fn run(args: &DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
         threads: Some(2),
         // The demo compares steady admission; `sluice run` shows the ramp.
         slow_start: Some(Duration::ZERO),
-        rate: None,
         admin_listen: Some(String::new()),
+        ..Overrides::default()
     };
     // The demo prints its own summary; no access log lines.
     let cfg = Config::parse("[log]\naccess = \"off\"\n", None, &o)?;

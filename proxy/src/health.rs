@@ -9,8 +9,15 @@
 //!
 //! A TCP check connects to the backend directly while holding a probe slot, then closes.
 //!
-//! Results feed [`Admission::observe_check`], which applies `rise`/`fall` and, on recovery,
-//! restarts the slow-start ramp.
+//! With `check = "none"` nothing is probed while backends are up; a backend that passive
+//! failures (real requests that got no answer) took down is probed with the HTTP check at
+//! `health.path` until it answers again.
+//!
+//! Results feed [`Admission::observe_check`], which applies `rise`/`fall` and the recovery rule
+//! (a passively-downed backend is alive on any answer below 500, whatever `expect_status`
+//! says), logs each transition with what the check saw, and, on recovery, restarts the
+//! slow-start ramp. When the backend gives no answer, sluice answers the probe itself with a
+//! header saying why (connection refused, timed out), so the log names the backend's failure.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -24,9 +31,9 @@ use pingora::services::background::BackgroundService;
 use pingora::upstreams::peer::HttpPeer;
 use sluice_plugins::BackendId;
 
-use crate::admission::Admission;
+use crate::admission::{Admission, Seen};
 use crate::config::{CheckKind, Config};
-use crate::service::{Shared, PROBE_BACKEND_HEADER, PROBE_HEADER};
+use crate::service::{Shared, PROBE_BACKEND_HEADER, PROBE_ERROR_HEADER, PROBE_HEADER};
 
 /// A fresh random secret for the probe header, from the OS's hash seeds (no extra crate).
 pub fn probe_secret() -> String {
@@ -80,83 +87,109 @@ impl HealthChecker {
 }
 
 impl Checker {
+    /// `GET path` through our own listener. `None` when every slot of the backend is busy
+    /// (it is evidently serving: no verdict).
     async fn check_http(
         &self,
         connector: &Connector,
         peer: &HttpPeer,
         backend: usize,
         path: &str,
-        expect: &[u16],
-    ) -> Option<bool> {
+    ) -> Option<Seen> {
         let settings = self.shared.settings();
         let b = settings.upstreams.get(backend)?;
         let attempt = async {
-            let (mut session, _reused) = connector.get_http_session(peer).await.ok()?;
-            let mut req = RequestHeader::build("GET", path.as_bytes(), Some(4)).ok()?;
+            let (mut session, _reused) = connector
+                .get_http_session(peer)
+                .await
+                .map_err(|e| format!("could not reach sluice's own listener: {e}"))?;
+            let build = |e: Box<pingora::Error>| format!("could not build the request: {e}");
+            let mut req = RequestHeader::build("GET", path.as_bytes(), Some(4)).map_err(build)?;
             req.insert_header("Host", b.host.as_deref().unwrap_or(&b.address))
-                .ok()?;
-            req.insert_header(PROBE_HEADER, &self.secret).ok()?;
+                .map_err(build)?;
+            req.insert_header(PROBE_HEADER, &self.secret)
+                .map_err(build)?;
             req.insert_header(PROBE_BACKEND_HEADER, backend.to_string())
-                .ok()?;
+                .map_err(build)?;
             req.insert_header("User-Agent", "sluice-health-check")
-                .ok()?;
-            session.write_request_header(Box::new(req)).await.ok()?;
-            session.finish_request_body().await.ok()?;
-            session.read_response_header().await.ok()?;
-            let header = session.response_header()?;
+                .map_err(build)?;
+            let io = |e: Box<pingora::Error>| format!("{e}");
+            session
+                .write_request_header(Box::new(req))
+                .await
+                .map_err(io)?;
+            session.finish_request_body().await.map_err(io)?;
+            session.read_response_header().await.map_err(io)?;
+            let header = session
+                .response_header()
+                .ok_or_else(|| "no response header".to_string())?;
             let status = header.status.as_u16();
-            let busy = status == 204 && header.headers.get(PROBE_HEADER).is_some();
+            let seen = if status == 204 && header.headers.get(PROBE_HEADER).is_some() {
+                None
+            } else if let Some(why) = header.headers.get(PROBE_ERROR_HEADER) {
+                // sluice's own answer: the backend gave none.
+                Some(Seen::Failed(
+                    String::from_utf8_lossy(why.as_bytes()).into_owned(),
+                ))
+            } else {
+                Some(Seen::Answered(status))
+            };
             // Read the body to its end so the connection can be reused (bounded: the response
             // of a health page is small; give up on the connection past 1 MiB).
             let mut read = 0usize;
             while let Ok(Some(chunk)) = session.read_response_body().await {
                 read += chunk.len();
                 if read > 1 << 20 {
-                    return Some(if busy {
-                        None
-                    } else {
-                        Some(expect.contains(&status))
-                    });
+                    return Ok(seen);
                 }
             }
             connector
                 .release_http_session(session, peer, Some(Duration::from_secs(60)))
                 .await;
-            Some(if busy {
-                None
-            } else {
-                Some(expect.contains(&status))
-            })
+            Ok::<_, String>(seen)
         };
         match tokio::time::timeout(self.cfg.health.timeout, attempt).await {
-            Ok(Some(result)) => result,
-            // Could not talk to our own listener, or the check timed out: a failure.
-            Ok(None) | Err(_) => Some(false),
+            Ok(Ok(seen)) => seen,
+            Ok(Err(why)) => Some(Seen::Failed(why)),
+            Err(_) => Some(Seen::Failed(format!(
+                "no answer within {} (health.timeout)",
+                humantime::format_duration(self.cfg.health.timeout)
+            ))),
         }
     }
 
-    async fn check_tcp(&self, backend: usize) -> Option<bool> {
+    /// A TCP connect to the backend while holding a probe slot. `None` when every slot is busy.
+    async fn check_tcp(&self, backend: usize) -> Option<Seen> {
         let permit = self.admission.acquire_probe(BackendId(backend))?;
         let addr = self.shared.settings().upstreams.get(backend)?.addr;
-        let ok = matches!(
-            tokio::time::timeout(
-                self.cfg.health.timeout,
-                tokio::net::TcpStream::connect(addr)
-            )
-            .await,
-            Ok(Ok(_))
-        );
+        let seen = match tokio::time::timeout(
+            self.cfg.health.timeout,
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            Ok(Ok(_)) => Seen::Connected,
+            Ok(Err(e)) => Seen::Failed(e.to_string()),
+            Err(_) => Seen::Failed(format!(
+                "no connection within {} (health.timeout)",
+                humantime::format_duration(self.cfg.health.timeout)
+            )),
+        };
         drop(permit);
-        Some(ok)
+        Some(seen)
     }
 
     async fn run_backend(self: Arc<Self>, backend: usize, mut shutdown: ShutdownWatch) {
-        let connector = Connector::new(None);
+        // Built on first use: a connector loads the TLS roots, which a `tcp` check never needs
+        // and a `none` one only once a backend is down.
+        let mut connector: Option<Connector> = None;
         let mut peer = HttpPeer::new(self_addr(self.cfg.listen), false, String::new());
         peer.options.connection_timeout = Some(self.cfg.health.timeout);
         peer.options.read_timeout = Some(self.cfg.health.timeout);
         peer.options.idle_timeout = Some(Duration::from_secs(60));
-        let mut interval = tokio::time::interval(self.cfg.health.interval);
+        let health = &self.cfg.health;
+        let id = BackendId(backend);
+        let mut interval = tokio::time::interval(health.interval);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -167,19 +200,38 @@ impl Checker {
                     }
                 }
             }
-            let result = match &self.cfg.health.check {
-                CheckKind::Http {
-                    path,
-                    expect_status,
-                } => {
-                    self.check_http(&connector, &peer, backend, path, expect_status)
-                        .await
-                }
-                CheckKind::Tcp => self.check_tcp(backend).await,
-                CheckKind::None => return,
+            let (what, seen) = match health.check {
+                CheckKind::Http => (
+                    format!("health check GET {}", health.path),
+                    self.check_http(
+                        connector.get_or_insert_with(|| Connector::new(None)),
+                        &peer,
+                        backend,
+                        &health.path,
+                    )
+                    .await,
+                ),
+                CheckKind::Tcp => (
+                    "health check tcp connect".to_string(),
+                    self.check_tcp(backend).await,
+                ),
+                // No active check: probe only a backend that passive failures took down,
+                // until it answers again.
+                CheckKind::None if self.admission.passive_down(id) => (
+                    format!("recovery probe GET {}", health.path),
+                    self.check_http(
+                        connector.get_or_insert_with(|| Connector::new(None)),
+                        &peer,
+                        backend,
+                        &health.path,
+                    )
+                    .await,
+                ),
+                CheckKind::None => continue,
             };
-            if let Some(ok) = result {
-                self.admission.observe_check(BackendId(backend), ok);
+            if let Some(seen) = seen {
+                self.admission
+                    .observe_check(id, &what, &health.expect, &seen);
             }
         }
     }
@@ -188,7 +240,9 @@ impl Checker {
 #[async_trait]
 impl BackgroundService for HealthChecker {
     async fn start(&self, shutdown: ShutdownWatch) {
-        if self.0.cfg.health.check == CheckKind::None {
+        let health = &self.0.cfg.health;
+        if health.check == CheckKind::None && health.passive_failures == 0 {
+            // Nothing can take a backend down, so nothing needs to bring one back.
             return;
         }
         // One task per backend; backends added by a reload get theirs at the next interval.

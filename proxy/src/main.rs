@@ -126,6 +126,11 @@ fn status(args: &cli::AdminArgs) -> ExitCode {
                     }
                 );
             }
+            for b in &st.backends {
+                if let Some(t) = &b.last_transition {
+                    println!("{}: {t}", b.name);
+                }
+            }
             println!("queue: {} waiting (max {})", st.queued, st.max_queue);
             ExitCode::SUCCESS
         }

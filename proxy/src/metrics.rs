@@ -92,6 +92,7 @@ pub struct Metrics {
     connections_refused: IntCounterVec,
     client_timeouts: IntCounterVec,
     timeout_holds: IntCounterVec,
+    transitions: IntCounterVec,
 }
 
 /// Why a client connection was refused at accept, for
@@ -279,6 +280,11 @@ impl Metrics {
             "Client connections cut off by a deadline, by phase (header, body, request).",
             &["phase"],
         );
+        let transitions = counter(
+            "sluice_backend_transitions_total",
+            "Times health took a backend down (to=\"down\") or brought it back (to=\"up\").",
+            &["backend", "to"],
+        );
         Metrics {
             registry,
             requests,
@@ -302,6 +308,7 @@ impl Metrics {
             connections_refused,
             client_timeouts,
             timeout_holds,
+            transitions,
         }
     }
 
@@ -403,6 +410,11 @@ impl Metrics {
             if let Some(d) = b.baseline {
                 self.baseline.with_label_values(&l).set(d.as_secs_f64());
             }
+            // Admission counts the transitions; the counters catch up at each scrape.
+            for (to, total) in [("down", b.downs), ("up", b.ups)] {
+                let c = self.transitions.with_label_values(&[b.name.as_str(), to]);
+                c.inc_by(total.saturating_sub(c.get()));
+            }
         }
         let mut out = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
@@ -441,6 +453,8 @@ mod tests {
             "sluice_effective_limit{backend=\"b0\"} 4",
             "sluice_inflight{backend=\"b0\"} 0",
             "sluice_backend_up{backend=\"b0\"} 1",
+            "sluice_backend_transitions_total{backend=\"b0\",to=\"down\"} 0",
+            "sluice_backend_transitions_total{backend=\"b0\",to=\"up\"} 0",
             "sluice_queue_max 10",
             "sluice_reloads_total{result=\"ok\"} 1",
             "sluice_client_connections 1",

@@ -818,7 +818,7 @@ impl ProxyHttp for Sluice {
                 Sample::Ok(latency)
             };
             self.admission.record_outcome(backend, sample);
-            self.admission.observe_passive(backend, true);
+            self.admission.observe_passive(backend, None);
         }
         Ok(())
     }
@@ -869,7 +869,8 @@ impl ProxyHttp for Sluice {
         if let Some(backend) = ctx.backend {
             // No answer: nothing was sent, but the backend is not taking connections.
             self.admission.record_outcome(backend, Sample::Lost);
-            self.admission.observe_passive(backend, false);
+            self.admission
+                .observe_passive(backend, Some(failure_text(e.etype())));
         }
         // Nothing reached the backend: give the slot back and wait for one again, while the
         // request's deadline allows. Each retry waits for a backend that is (again) up.
@@ -912,7 +913,8 @@ impl ProxyHttp for Sluice {
                     e.etype(),
                     ErrorType::ReadTimedout | ErrorType::WriteTimedout
                 ) {
-                    self.admission.observe_passive(backend, false);
+                    self.admission
+                        .observe_passive(backend, Some(failure_text(e.etype())));
                 }
             }
         }
@@ -954,7 +956,13 @@ impl ProxyHttp for Sluice {
             },
         };
         // Nothing can be sent once the response has started, or to a client that is gone.
-        if code > 0 && final_response(session).is_none() {
+        if ctx.probe && code > 0 && final_response(session).is_none() {
+            // Our own health checker: tell it why, so that a transition is logged with the
+            // backend's failure rather than with sluice's 502.
+            if let Err(err) = write_probe_error(session, code, failure_text(e.etype())).await {
+                log::debug!("could not answer the health check: {err}");
+            }
+        } else if code > 0 && final_response(session).is_none() {
             let retry_after = self.settings(ctx).retry_after_secs;
             if let Err(err) = write_error(session, code, retry_after).await {
                 log::debug!("could not send {code} to the client: {err}");
@@ -984,6 +992,12 @@ impl ProxyHttp for Sluice {
             }
         }
         Ok(())
+    }
+
+    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, _error: &Error) -> bool {
+        // A failed health probe is reported once per transition by admission (with the
+        // reason), not once per check.
+        ctx.probe
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
@@ -1120,6 +1134,43 @@ async fn write_error_with(
     h.insert_header("Content-Type", "text/plain")?;
     h.insert_header("Content-Length", body.len().to_string())?;
     h.insert_header("Cache-Control", "no-store")?;
+    session.as_downstream_mut().set_keepalive(None);
+    session.write_response_header(Box::new(h), false).await?;
+    session.write_response_body(Some(body), true).await?;
+    Ok(())
+}
+
+/// Header on sluice's own answer to a health probe that could not reach the backend: why.
+pub const PROBE_ERROR_HEADER: &str = "x-sluice-probe-error";
+
+/// Why a request could not get an answer from its backend, in words, for logs.
+pub fn failure_text(e: &ErrorType) -> &'static str {
+    match e {
+        ErrorType::ConnectRefused => "connection refused",
+        ErrorType::ConnectTimedout => "connect timed out (upstream.connect_timeout)",
+        ErrorType::ConnectNoRoute => "no route to host",
+        ErrorType::TLSHandshakeFailure
+        | ErrorType::TLSHandshakeTimedout
+        | ErrorType::InvalidCert
+        | ErrorType::HandshakeError => "TLS handshake failed",
+        ErrorType::ReadTimedout => "no answer within upstream.read_timeout",
+        ErrorType::WriteTimedout => "write timed out (upstream.write_timeout)",
+        ErrorType::ConnectionClosed => "connection closed before the answer",
+        ErrorType::ReadError => "read error",
+        ErrorType::WriteError => "write error",
+        ErrorType::InvalidHTTPHeader | ErrorType::H1Error => "malformed answer",
+        other => other.as_str(),
+    }
+}
+
+/// sluice's answer to its own health probe when the backend gave none: `code`, with the reason
+/// in [`PROBE_ERROR_HEADER`].
+async fn write_probe_error(session: &mut Session, code: u16, why: &str) -> Result<()> {
+    let body = Bytes::from(format!("{code} {why}\n"));
+    let mut h = ResponseHeader::build(code, Some(4))?;
+    h.insert_header(PROBE_ERROR_HEADER, why)?;
+    h.insert_header("Content-Type", "text/plain")?;
+    h.insert_header("Content-Length", body.len().to_string())?;
     session.as_downstream_mut().set_keepalive(None);
     session.write_response_header(Box::new(h), false).await?;
     session.write_response_body(Some(body), true).await?;

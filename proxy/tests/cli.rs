@@ -88,6 +88,90 @@ fn check_prints_limits_and_what_request_n_plus_one_gets() {
     assert!(stdout.contains("request 1017 gets 503"), "{stdout}");
 }
 
+/// `sluice check` says what the health check accepts: with the defaults, any answer below
+/// 500 (a legacy site's 403 or 404 at `/` is alive); a strict list, the flags, and a
+/// passively-downed backend's way back.
+#[test]
+fn check_prints_what_the_health_check_accepts() {
+    let stdout = |out: &Output| {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let text = stdout(&check(VALID, "health-default.toml"));
+    assert!(
+        text.contains(
+            "health            http GET / every 2s, alive on any answer below 500 within 1s; \
+             rise 2, fall 3; passive: 3 failures (connect failures or timeouts in a row) take a \
+             backend down; back after 2 answers in a row\n"
+        ),
+        "{text}"
+    );
+    let text = stdout(&check(
+        &format!("{VALID}[health]\npath = \"/health\"\nexpect_status = [200]\n"),
+        "health-strict.toml",
+    ));
+    assert!(
+        text.contains("http GET /health every 2s, alive on only 200 within 1s")
+            && text.contains("back after 2 answers below 500 in a row to GET /health every 2s"),
+        "{text}"
+    );
+    let out = sluice()
+        .args([
+            "check",
+            "--backend",
+            "127.0.0.1:9",
+            "--max-inflight",
+            "32",
+            "--health-check",
+            "none",
+            "--health-path",
+            "/ping",
+        ])
+        .output()
+        .expect("run");
+    let text = stdout(&out);
+    assert!(
+        text.contains("health            no active check; passive: 3 failures")
+            && text.contains("back after 2 answers below 500 in a row to GET /ping every 2s"),
+        "{text}"
+    );
+}
+
+#[test]
+fn bad_health_flags_exit_2_naming_the_key_the_value_and_the_fix() {
+    let run = |flag: &str, value: &str| {
+        sluice()
+            .args([
+                "check",
+                "--backend",
+                "127.0.0.1:9",
+                "--max-inflight",
+                "8",
+                flag,
+                value,
+            ])
+            .output()
+            .expect("run")
+    };
+    assert_config_error(
+        &run("--health-check", "https"),
+        &[
+            "health.check = \"https\"",
+            "\"http\"",
+            "\"tcp\"",
+            "\"none\"",
+        ],
+    );
+    assert_config_error(
+        &run("--health-path", "health"),
+        &["health.path = \"health\"", "absolute path"],
+    );
+}
+
 #[test]
 fn unknown_key_exits_2_naming_it() {
     let out = check(&format!("{VALID}[server]\nthreadz = 4\n"), "unknown.toml");

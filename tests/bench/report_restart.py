@@ -427,7 +427,7 @@ def section(res, p):
     probes travel through its own admission, inside the cap.
   - *haproxy*: `server … maxconn {p['max_inflight']} maxqueue {p['max_queue']} check inter
     {rp['health_interval']} fall {rp['fall']} rise {rp['rise']} slowstart {rp['slow_start']}`,
-    `option httpchk GET /`, `timeout check {rp['health_timeout']}`, `timeout queue
+    `option httpchk GET /`, `http-check expect status 200-499`, `timeout check {rp['health_timeout']}`, `timeout queue
     {p['queue_timeout']}`, `http-reuse always`, `option http-keep-alive`, **`option redispatch`**
     and `retries 3` (HAProxy's default count), `retry-on` left at its default `conn-failure`:
     HAProxy then re-sends only a request whose connection could not be established, which never

@@ -528,7 +528,10 @@ frontend terminals
     default_backend legacy
 
 backend legacy
+    # The emulator answers 403 at / (as IIS 6 does on an ISAPI-only site); like sluice's
+    # default, count any answer below 500 as alive.
     option httpchk GET /
+    http-check expect status 200-499
     server legacy $backend maxconn $MAX_INFLIGHT maxqueue $MAX_QUEUE check inter $RS_HEALTH_INTERVAL fall $RS_FALL rise $RS_RISE slowstart $RS_SLOW_START
 EOF
         haproxy -c -q -f "$dir/haproxy.cfg" >"$WORK/$name.check" 2>&1 ||

@@ -25,7 +25,11 @@
 //!
 //! Each response is `200`, `text/plain`, body `ok <id>\n`, with the request's
 //! transaction id (header `X-Txn-Id`, else query parameter `txn=`) echoed in
-//! `X-Txn-Id`. Answers are framed by `Content-Length`, chunked, or
+//! `X-Txn-Id`, except at the site root: `/` (any query) answers
+//! [`EmulatorConfig::root_status`], by default `403` with an HTML body, as IIS 6
+//! does on a site that only hosts an ISAPI extension (served like any request:
+//! inside, by a worker, after the service time; counted in
+//! [`Stats::root_requests`]). Answers are framed by `Content-Length`, chunked, or
 //! close-delimited ([`AnswerFraming`]; by default they alternate between the
 //! first two). An HTTP/1.1 request without `Host` gets `400` and the connection
 //! is closed, as http.sys does; what each request carried is recorded
@@ -92,6 +96,10 @@ pub struct EmulatorConfig {
     pub cold_start: Option<ColdStart>,
     /// How answers are framed (a request's `X-Framing` header overrides it).
     pub framing: AnswerFraming,
+    /// Status of the answer at `/` (default 403, what IIS 6 answers at the root of a site
+    /// that only hosts an ISAPI extension; 404 is the other common one). `200` answers `/`
+    /// like every other path.
+    pub root_status: u16,
 }
 
 impl Default for EmulatorConfig {
@@ -104,6 +112,7 @@ impl Default for EmulatorConfig {
             keepalive_timeout: Duration::from_secs(120),
             cold_start: None,
             framing: AnswerFraming::Mixed,
+            root_status: 403,
         }
     }
 }
@@ -156,6 +165,10 @@ pub struct Stats {
     pub faults: u64,
     /// Workers available now (below `workers` during a cold start).
     pub workers_now: usize,
+    /// Requests answered at `/` (with [`EmulatorConfig::root_status`]), included in
+    /// `requests`.
+    #[serde(default)]
+    pub root_requests: u64,
 }
 
 /// A fault injected with the `X-Fault` request header.
@@ -317,6 +330,7 @@ struct Counters {
     bad_requests: AtomicU64,
     faults: AtomicU64,
     workers_now: AtomicUsize,
+    root_requests: AtomicU64,
 }
 
 /// What stalls responses: a lock-up, or a test's [`EmulatorHandle::hold`].
@@ -427,6 +441,7 @@ impl Shared {
             bad_requests: total(&c.bad_requests),
             faults: total(&c.faults),
             workers_now: level(&c.workers_now),
+            root_requests: total(&c.root_requests),
         }
     }
 
@@ -438,6 +453,7 @@ impl Shared {
             &c.lockups,
             &c.bad_requests,
             &c.faults,
+            &c.root_requests,
         ] {
             a.store(0, Ordering::Relaxed);
         }
@@ -1377,7 +1393,33 @@ async fn handle_request(
                 answer_framing
             };
             let keep = keep && answer_framing != Framed::Close;
-            let reply = Reply::ok(head.version, id, keep, sent_body);
+            let root = head.path.split('?').next() == Some("/") && shared.cfg.root_status != 200;
+            let (root_status, root_reason) = root_reply(shared.cfg.root_status);
+            let root_body = if root {
+                c.root_requests.fetch_add(1, Ordering::Relaxed);
+                root_page(root_status, root_reason)
+            } else {
+                String::new()
+            };
+            let reply = if root {
+                Reply {
+                    status: root_status,
+                    reason: root_reason,
+                    content_type: "text/html",
+                    ..Reply::ok(head.version, id, keep, &sent_body[..0])
+                }
+            } else {
+                Reply::ok(head.version, id, keep, sent_body)
+            };
+            let reply = if root && !head.method.eq_ignore_ascii_case("HEAD") {
+                Reply {
+                    body: root_body.as_bytes(),
+                    ..reply
+                }
+            } else {
+                reply
+            };
+            let length = if root { root_body.len() } else { body.len() };
             // Counted before the write, so a client that has its response
             // already sees it in the stats. For the same reason the request leaves
             // "inside" before the write: once a proxy can see the response, the
@@ -1385,7 +1427,7 @@ async fn handle_request(
             c.requests.fetch_add(1, Ordering::Relaxed);
             drop(serving);
             drop(inside);
-            if write(wire, &reply.encode_framed(answer_framing, body.len()))
+            if write(wire, &reply.encode_framed(answer_framing, length))
                 .await
                 .is_err()
             {
@@ -1398,6 +1440,34 @@ async fn handle_request(
             }
         }
     }
+}
+
+/// The status and reason phrase of the answer at `/` (a status outside 100–599 becomes 403).
+fn root_reply(status: u16) -> (u16, &'static str) {
+    match status {
+        403 => (403, "Forbidden"),
+        404 => (404, "Not Found"),
+        401 => (401, "Unauthorized"),
+        500 => (500, "Internal Server Error"),
+        503 => (503, "Service Unavailable"),
+        s @ 100..=599 => (s, "Status"),
+        _ => (403, "Forbidden"),
+    }
+}
+
+/// The HTML page IIS 6 sends with an error status at the root of an ISAPI-only site.
+fn root_page(status: u16, reason: &str) -> String {
+    let title = match status {
+        403 => "You are not authorized to view this page",
+        404 => "The page cannot be found",
+        _ => reason,
+    };
+    format!(
+        "<!DOCTYPE HTML PUBLIC \"-//W3C//DTD HTML 4.01//EN\">\r\n<HTML><HEAD><TITLE>{title}</TITLE>\r\n\
+         <META HTTP-EQUIV=\"Content-Type\" Content=\"text/html; charset=Windows-1252\"></HEAD>\r\n\
+         <BODY><h1>{title}</h1>\r\n<p>HTTP Error {status} - {reason}<br>\
+         Internet Information Services (IIS)</p></BODY></HTML>\r\n"
+    )
 }
 
 /// Holds a hung request: reads and discards until the peer closes, the
@@ -1431,7 +1501,11 @@ impl fmt::Display for Stats {
             self.bad_requests,
             self.faults,
             self.workers_now,
-        )
+        )?;
+        if self.root_requests > 0 {
+            write!(f, " | at / {}", self.root_requests)?;
+        }
+        Ok(())
     }
 }
 
@@ -1585,14 +1659,14 @@ mod tests {
         let addr = emu.addr();
         let err = request(
             addr,
-            &Request::get("/").txn("t").header("X-Fault", "truncate"),
+            &Request::get("/pay").txn("t").header("X-Fault", "truncate"),
         )
         .await
         .expect_err("truncated");
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
         let err = request(
             addr,
-            &Request::get("/").txn("m").header("X-Fault", "malformed"),
+            &Request::get("/pay").txn("m").header("X-Fault", "malformed"),
         )
         .await
         .expect_err("malformed");
@@ -1600,7 +1674,7 @@ mod tests {
 
         let mut conn = Conn::connect(addr).await.expect("connect");
         let resp = conn
-            .send(&Request::get("/").txn("c").header("X-Fault", "close"))
+            .send(&Request::get("/pay").txn("c").header("X-Fault", "close"))
             .await
             .expect("close fault answers");
         assert_eq!(resp.status, 200);
@@ -1610,14 +1684,16 @@ mod tests {
         let started = Instant::now();
         let resp = request(
             addr,
-            &Request::get("/").txn("s").header("X-Service-Time", "150ms"),
+            &Request::get("/pay")
+                .txn("s")
+                .header("X-Service-Time", "150ms"),
         )
         .await
         .expect("slow");
         assert_eq!(resp.status, 200);
         assert!(started.elapsed() >= Duration::from_millis(150));
 
-        let resp = request(addr, &Request::get("/").header("X-Fault", "bogus"))
+        let resp = request(addr, &Request::get("/pay").header("X-Fault", "bogus"))
             .await
             .expect("400");
         assert_eq!(resp.status, 400);
@@ -1634,7 +1710,7 @@ mod tests {
         .expect("start");
         let mut hung = Conn::connect(emu.addr()).await.expect("connect");
         hung.send_raw(
-            &Request::get("/")
+            &Request::get("/pay")
                 .txn("h")
                 .header("X-Fault", "hang")
                 .encode("x"),
@@ -1653,7 +1729,7 @@ mod tests {
         emu.wait_for(SOON, |s| s.inside_now == 0 && s.serving_now == 0)
             .await
             .expect("hang released");
-        let resp = request(emu.addr(), &Request::get("/").txn("after"))
+        let resp = request(emu.addr(), &Request::get("/pay").txn("after"))
             .await
             .expect("worker free again");
         assert_eq!(resp.status, 200);
@@ -1705,7 +1781,7 @@ mod tests {
         let emu = Emulator::start(cfg()).await.expect("start");
         let mut conn = Conn::connect(emu.addr()).await.expect("connect");
         let resp = conn
-            .send(&Request::get("/").http10().txn("a"))
+            .send(&Request::get("/pay").http10().txn("a"))
             .await
             .expect("send");
         assert_eq!(resp.version, 0);
@@ -1716,7 +1792,7 @@ mod tests {
         for id in ["b", "c"] {
             let resp = conn
                 .send(
-                    &Request::get("/")
+                    &Request::get("/pay")
                         .http10()
                         .txn(id)
                         .header("Connection", "keep-alive"),
@@ -1742,11 +1818,50 @@ mod tests {
         .await
         .expect("start");
         let mut conn = Conn::connect(emu.addr()).await.expect("connect");
-        conn.send(&Request::get("/").txn("i")).await.expect("send");
+        conn.send(&Request::get("/pay").txn("i"))
+            .await
+            .expect("send");
         assert!(conn.is_closed_by_peer_within(SOON).await);
         emu.wait_for(SOON, |s| s.open_connections == 0)
             .await
             .expect("closed");
+    }
+
+    /// `/` answers `root_status` (403 by default) with an HTML page, any query included;
+    /// every other path answers 200; `root_status = 200` makes `/` like any other path.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_root_answers_403_by_default_and_other_paths_200() {
+        let emu = Emulator::start(cfg()).await.expect("start");
+        let r = request(emu.addr(), &Request::get("/")).await.expect("root");
+        assert_eq!(r.status, 403);
+        assert_eq!(r.header("content-type"), Some("text/html"));
+        assert!(r.text().contains("You are not authorized"), "{}", r.text());
+        let r = request(emu.addr(), &Request::get("/?txn=q").http10())
+            .await
+            .expect("root");
+        assert_eq!(r.status, 403);
+        assert_eq!(r.txn_id(), Some("q"));
+        let r = request(emu.addr(), &Request::get("/pay").txn("p"))
+            .await
+            .expect("pay");
+        assert_eq!(r.status, 200);
+        let r = request(emu.addr(), &Request::get("/index.html"))
+            .await
+            .expect("page");
+        assert_eq!(r.status, 200);
+        let s = emu.stats();
+        assert_eq!((s.requests, s.root_requests), (4, 2));
+
+        for (root_status, want) in [(404, 404), (200, 200)] {
+            let emu = Emulator::start(EmulatorConfig {
+                root_status,
+                ..cfg()
+            })
+            .await
+            .expect("start");
+            let r = request(emu.addr(), &Request::get("/")).await.expect("root");
+            assert_eq!(r.status, want);
+        }
     }
 
     #[tokio::test(flavor = "multi_thread")]
@@ -1754,25 +1869,27 @@ mod tests {
         let emu = Emulator::start(cfg()).await.expect("start");
         let addr = emu.addr();
         let mut kept = Conn::connect(addr).await.expect("connect");
-        kept.send(&Request::get("/").txn("before"))
+        kept.send(&Request::get("/pay").txn("before"))
             .await
             .expect("send");
         emu.stop().await;
         assert!(!emu.is_running());
         assert!(kept.is_closed_by_peer().await);
-        assert!(request(addr, &Request::get("/").txn("down")).await.is_err());
+        assert!(request(addr, &Request::get("/pay").txn("down"))
+            .await
+            .is_err());
         assert_eq!(emu.stats().open_connections, 0);
 
         emu.restart().await.expect("restart");
         assert_eq!(emu.addr(), addr);
-        let resp = request(addr, &Request::get("/").txn("after"))
+        let resp = request(addr, &Request::get("/pay").txn("after"))
             .await
             .expect("after restart");
         assert_eq!(resp.status, 200);
         assert_eq!(emu.transactions(), ["before", "after"]);
         // Restarting while running is a stop + start.
         emu.restart().await.expect("restart again");
-        request(addr, &Request::get("/").txn("again"))
+        request(addr, &Request::get("/pay").txn("again"))
             .await
             .expect("after second restart");
     }
@@ -1813,7 +1930,7 @@ mod tests {
         .await
         .expect("start");
         // Even with no worker at first, requests get served once it ramps.
-        let resp = request(emu.addr(), &Request::get("/").txn("z"))
+        let resp = request(emu.addr(), &Request::get("/pay").txn("z"))
             .await
             .expect("served after ramp");
         assert_eq!(resp.status, 200);
@@ -1826,7 +1943,9 @@ mod tests {
     async fn control_paths_are_not_counted() {
         let emu = Emulator::start(cfg()).await.expect("start");
         let mut conn = Conn::connect(emu.addr()).await.expect("connect");
-        conn.send(&Request::get("/").txn("x")).await.expect("send");
+        conn.send(&Request::get("/pay").txn("x"))
+            .await
+            .expect("send");
         let resp = conn
             .send(&Request::get("/__emu/stats"))
             .await
@@ -1954,7 +2073,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn emulator_thread_can_be_used_and_dropped_inside_async_code() {
         let emu = EmulatorThread::start(cfg()).expect("start");
-        let resp = request(emu.addr(), &Request::get("/").txn("in-async"))
+        let resp = request(emu.addr(), &Request::get("/pay").txn("in-async"))
             .await
             .expect("response");
         assert_eq!(resp.status, 200);

@@ -243,14 +243,14 @@ async fn connection_caps_refuse_with_503_and_free_on_close() {
     let mut open = Vec::new();
     for i in 0..4 {
         let mut c = Conn::connect(addr).await.expect("connect");
-        let r = c.send(&Request::get("/").txn(format!("c{i}"))).await;
+        let r = c.send(&Request::get("/pay").txn(format!("c{i}"))).await;
         assert_eq!(r.expect("served").status, 200);
         open.push(c);
     }
     assert_eq!(metric(&proxy, "sluice_client_connections"), Some(4));
     let mut over = Conn::connect(addr).await.expect("connect");
     let r = over
-        .send(&Request::get("/").txn("over"))
+        .send(&Request::get("/pay").txn("over"))
         .await
         .expect("a 503, not a reset");
     assert_eq!(r.status, 503);
@@ -268,7 +268,7 @@ async fn connection_caps_refuse_with_503_and_free_on_close() {
     // The kept-alive connections are still served.
     for c in &mut open {
         assert_eq!(
-            c.send(&Request::get("/")).await.expect("served").status,
+            c.send(&Request::get("/pay")).await.expect("served").status,
             200
         );
     }
@@ -281,7 +281,11 @@ async fn connection_caps_refuse_with_503_and_free_on_close() {
     .await;
     let mut again = Conn::connect(addr).await.expect("connect");
     assert_eq!(
-        again.send(&Request::get("/")).await.expect("served").status,
+        again
+            .send(&Request::get("/pay"))
+            .await
+            .expect("served")
+            .status,
         200
     );
     drop((open, again));
@@ -301,18 +305,22 @@ async fn connection_caps_refuse_with_503_and_free_on_close() {
     for _ in 0..2 {
         let mut c = Conn::connect_from(a, addr, t).await.expect("connect");
         assert_eq!(
-            c.send(&Request::get("/")).await.expect("served").status,
+            c.send(&Request::get("/pay")).await.expect("served").status,
             200
         );
         from_a.push(c);
     }
     let mut third = Conn::connect_from(a, addr, t).await.expect("connect");
-    let r = third.send(&Request::get("/")).await.expect("a 503");
+    let r = third.send(&Request::get("/pay")).await.expect("a 503");
     assert_eq!(r.status, 503);
     assert!(r.text().contains("this address"), "{}", r.text());
     let mut other = Conn::connect_from(b, addr, t).await.expect("connect");
     assert_eq!(
-        other.send(&Request::get("/")).await.expect("served").status,
+        other
+            .send(&Request::get("/pay"))
+            .await
+            .expect("served")
+            .status,
         200
     );
     assert_eq!(

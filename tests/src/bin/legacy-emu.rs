@@ -90,6 +90,10 @@ struct Args {
     /// Cold start: time to ramp up to all workers.
     #[arg(long, requires = "cold_start_fraction", value_parser = humantime::parse_duration)]
     cold_start_duration: Option<Duration>,
+    /// Status answered at `/` (IIS 6 on an ISAPI-only site answers 403 or 404 there); every
+    /// other path answers 200. 200 makes `/` like any other path.
+    #[arg(long, default_value_t = 403, value_parser = clap::value_parser!(u16).range(100..=599))]
+    root_status: u16,
     /// Crash at this time on the clock: close the listener and drop every connection.
     #[arg(long, requires = "outage_for", value_parser = humantime::parse_duration)]
     outage_at: Option<Duration>,
@@ -300,6 +304,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         keepalive_timeout: args.keepalive_timeout,
         cold_start,
         framing: args.framing,
+        root_status: args.root_status,
     };
     let timeline = Timeline::open(args.timeline.as_deref())?;
     let emu = Emulator::start_on(cfg, args.listen).await?;
