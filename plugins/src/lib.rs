@@ -8,12 +8,14 @@
 //! and HTTP responses, and owns all the timers.
 //!
 //! - [`body_pace`]: by when a client must have sent more of a request body (start, rate, total).
+//! - [`calibrate`]: the steps, stopping rule and proposal of `sluice calibrate`.
 //! - [`pool`]: the admission pool, a set of backends each with a concurrency limit that can change
 //!   at runtime, and one bounded FIFO wait queue in front of them.
 
 #![forbid(unsafe_code)]
 
 pub mod body_pace;
+pub mod calibrate;
 pub mod health;
 pub mod pool;
 pub mod slow_start;
