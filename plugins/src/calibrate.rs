@@ -189,6 +189,8 @@ pub struct Calibration {
     flat: u32,
     refined: u32,
     stop: Option<StopReason>,
+    /// The ramp's last step, at `max`, still rose by at least [`RISE`].
+    rising_at_max: bool,
 }
 
 /// The next ramp step after `c`, capped at `max`.
@@ -221,6 +223,7 @@ impl Calibration {
             flat: 0,
             refined: 0,
             stop: None,
+            rising_at_max: false,
         }
     }
 
@@ -312,6 +315,7 @@ impl Calibration {
                     if self.flat >= FLAT_STEPS {
                         Some(StopReason::Plateau { concurrency: c })
                     } else if c >= self.max {
+                        self.rising_at_max = self.flat == 0;
                         Some(StopReason::MaxReached { max: self.max })
                     } else {
                         None
@@ -397,19 +401,12 @@ impl Calibration {
         let (knee, best) = self.knee()?;
         let highest_clean = self.trusted().map(|s| s.concurrency).max()?;
         let cap = ((f64::from(highest_clean) * SAFETY).floor() as u32).max(1);
-        let best_at = self
-            .trusted()
-            .filter(|s| s.throughput >= best)
-            .map(|s| s.concurrency)
-            .min()
-            .unwrap_or(knee);
         Some(Proposal {
             max_inflight: knee.min(cap),
             knee,
             best_throughput: best,
             highest_clean,
-            still_rising: best_at == highest_clean
-                && matches!(self.stop, Some(StopReason::MaxReached { .. })),
+            still_rising: self.rising_at_max,
             max: self.max,
         })
     }
@@ -426,7 +423,8 @@ pub struct Proposal {
     pub best_throughput: f64,
     /// The highest concurrency the backend was seen to take cleanly.
     pub highest_clean: u32,
-    /// Throughput was still rising at `--max`: the capacity lies above what was tried.
+    /// Throughput still rose (by at least [`RISE`]) at the ramp's last step, at `--max`: the
+    /// capacity lies above what was tried.
     pub still_rising: bool,
     /// The calibration's maximum.
     pub max: u32,

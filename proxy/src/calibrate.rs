@@ -514,6 +514,9 @@ pub fn report(plan: &Plan, out: &Outcome) -> String {
     let _ = writeln!(s, "{TABLE_HEADER}");
     for step in sorted_steps(cal) {
         let mark = match &proposal {
+            Some(p) if p.max_inflight == step.concurrency && p.knee == step.concurrency => {
+                "<- knee, proposed"
+            }
             Some(p) if p.max_inflight == step.concurrency => "<- proposed",
             Some(p) if p.knee == step.concurrency => "<- knee",
             _ => "",
@@ -850,8 +853,14 @@ pub fn main(args: &CalibrateArgs) -> ExitCode {
                 }
             }
         });
-        eprintln!("{TABLE_HEADER}");
-        calibrate(plan.clone(), rx, |step| eprintln!("{}", row(step, ""))).await
+        let mut first = true;
+        calibrate(plan.clone(), rx, |step| {
+            if std::mem::take(&mut first) {
+                eprintln!("{TABLE_HEADER}");
+            }
+            eprintln!("{}", row(step, ""));
+        })
+        .await
     });
     let outcome = match outcome {
         Ok(o) => o,
