@@ -10,6 +10,7 @@
 //! - [`adaptive`]: a concurrency limit learned from the backend's latency and failures, under the
 //!   operator's ceiling (latency-driven ramp, optional gradient, collapse on a stalled backend).
 //! - [`body_pace`]: by when a client must have sent more of a request body (start, rate, total).
+//! - [`calibrate`]: the steps, stopping rule and proposal of `sluice calibrate`.
 //! - [`pool`]: the admission pool, a set of backends each with a concurrency limit that can change
 //!   at runtime, and one bounded FIFO wait queue in front of them.
 
@@ -17,6 +18,7 @@
 
 pub mod adaptive;
 pub mod body_pace;
+pub mod calibrate;
 pub mod health;
 pub mod pool;
 pub mod slow_start;

@@ -1,4 +1,5 @@
-//! The command line: `sluice run`, `sluice check`, `sluice demo`.
+//! The command line: `sluice run`, `sluice check`, `sluice demo`, `sluice calibrate`, and the
+//! admin commands.
 //!
 //! Flags override the file's values and go through the same validation (see
 //! [`crate::config::Overrides`]). Exit status: 0 on success, 2 for a configuration or usage
@@ -41,6 +42,9 @@ pub enum Command {
     /// Show sluice at work: a surge of POS terminals against an emulated legacy server, first
     /// directly, then through sluice.
     Demo(crate::demo::DemoArgs),
+    /// Measure how many concurrent requests a live backend takes (throughput and latency at
+    /// rising concurrency, never above --max) and propose admission.max_inflight.
+    Calibrate(crate::calibrate::CalibrateArgs),
     /// Show the running proxy's backends, limits, in-flight counts and queue.
     Status(AdminArgs),
     /// Make the running proxy re-read its config file (same as SIGHUP).

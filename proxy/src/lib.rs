@@ -2,8 +2,9 @@
 //!
 //! This crate is the only one that touches pingora. It holds the `ProxyHttp` service
 //! ([`service`]), the async admission adapter around the pure policy of `sluice-plugins`
-//! ([`admission`]), configuration ([`config`]), the command line ([`cli`]) and the in-process
-//! runner used by the demo and the end-to-end tests ([`run`]).
+//! ([`admission`]), configuration ([`config`]), the command line ([`cli`]), the in-process
+//! runner used by the demo and the end-to-end tests ([`run`]), and `sluice calibrate`, which
+//! measures a backend's capacity ([`calibrate`]).
 
 #![forbid(unsafe_code)]
 
@@ -11,6 +12,7 @@ pub mod access_log;
 pub mod admin;
 pub mod admission;
 pub mod body;
+pub mod calibrate;
 pub mod cli;
 pub mod config;
 pub mod demo;

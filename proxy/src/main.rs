@@ -42,6 +42,7 @@ fn main() -> ExitCode {
         Command::Status(args) => status(&args),
         Command::Reload(args) => admin_post(&args, "/reload"),
         Command::Backend(args) => admin_post(&args.admin, &args.action.path()),
+        Command::Calibrate(args) => sluice::calibrate::main(&args),
         Command::Demo(args) => match sluice::demo::run(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -318,3 +318,32 @@ fn demo_shows_the_backend_held_at_its_cap() {
     assert_eq!(through[7], "0", "lock-ups through sluice: {stdout}");
     assert!(through[6].parse::<u32>().expect("conns") <= 32, "{stdout}");
 }
+
+#[test]
+fn calibrate_bad_options_exit_2_naming_option_value_and_fix() {
+    let calibrate = |extra: &[&str]| {
+        sluice()
+            .args(["calibrate", "--path", "/pay"])
+            .args(extra)
+            .output()
+            .expect("run sluice calibrate")
+    };
+    let out = calibrate(&["--backend", "nonsense"]);
+    assert_config_error(&out, &["--backend", "\"nonsense\"", "write it like"]);
+    let out = calibrate(&["--backend", "127.0.0.1:9", "--max", "0"]);
+    assert_config_error(&out, &["--max = 0", "must be between 1 and", "e.g. 64"]);
+    let out = calibrate(&["--backend", "127.0.0.1:9", "--step-time", "0s"]);
+    assert_config_error(&out, &["--step-time", "longer than zero"]);
+    let out = sluice()
+        .args(["calibrate", "--backend", "127.0.0.1:9", "--path", "pay"])
+        .output()
+        .expect("run");
+    assert_config_error(&out, &["--path = \"pay\"", "starting with /"]);
+    // --path is required: a legacy IIS answers `/` with 403, which measures nothing.
+    let out = sluice()
+        .args(["calibrate", "--backend", "127.0.0.1:9"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--path"));
+}
