@@ -7,12 +7,14 @@
 //! completed requests, in **rounds**: a round is as many completions as the limit allows at
 //! once (at least [`LatencyLimitConfig::min_round`]), about one "round trip" of the backend.
 //!
-//! - **Ramp** (TCP slow start): from `initial`, the limit doubles after each *clean* round: its
-//!   median latency within `tolerance` × the baseline, and its error share at most
-//!   `max_error_rate`. A warm backend reaches the ceiling in log2(ceiling / initial) rounds. The
-//!   first unclean round ends the ramp and steps back to the last clean limit.
-//! - **Steady** (adaptive, opt-in): each round's median latency against the baseline gives a
-//!   gradient, `tolerance × baseline / median`, clamped to [0.5, 1]; below 1 the limit is
+//! - **Ramp** (TCP slow start): from `initial`, the limit doubles after each round that is
+//!   clean with room to spare: its mean latency within half the tolerance's margin over the
+//!   baseline (1.15 × for a tolerance of 1.3), and its error share at most `max_error_rate`. A
+//!   warm backend reaches the ceiling in log2(ceiling / initial) rounds. A round that is clean
+//!   but near the edge ends the doubling (growth goes on one at a time, as TCP past its
+//!   threshold); an unclean round ends the ramp and steps back to the last clean limit.
+//! - **Steady** (adaptive, opt-in): each round's mean latency against the baseline gives a
+//!   gradient, `tolerance × baseline / mean`, clamped to [0.5, 1]; below 1 the limit is
 //!   multiplied by it (Envoy's and Gradient2's rule). A clean round whose demand reached the
 //!   limit adds one (additive recovery), up to the ceiling. Without the adaptive mode the
 //!   limit stays where the ramp left it (normally the ceiling) until the backend fails again.
@@ -21,10 +23,13 @@
 //!   was sent) [`LatencyLimitConfig::lost_in_a_row`] times in a row, drops to the floor and is
 //!   ramped again once it answers.
 //!
-//! The **baseline** is the backend's latency at low concurrency: the lowest round median seen
-//! at a limit of at most [`LatencyLimitConfig::baseline_below`], refreshed from the rounds of
-//! the last [`LatencyLimitConfig::baseline_window`] (so a backend that becomes permanently
-//! slower is followed, slowly), and seeded by the first round.
+//! The **baseline** is the backend's latency without queueing: the lowest 10th percentile of a
+//! round seen at a limit of at most [`LatencyLimitConfig::baseline_below`], refreshed from the
+//! rounds of the last [`LatencyLimitConfig::baseline_window`] (so a backend that becomes
+//! permanently slower is followed, slowly), and seeded by the first round. A low percentile,
+//! not the mean, because even the first round may already queue at a cold backend: its
+//! fastest answers are the ones served without waiting (Envoy's and Vegas' minRTT, made robust
+//! to a single outlier).
 //!
 //! `duration` bounds the ramp: while no round has shown inflation, the limit is at least where
 //! a linear clock ramp from `initial` to the ceiling over `duration` would be, so little
@@ -45,7 +50,10 @@ pub struct LatencyLimitConfig {
     pub floor: u32,
     /// Where a ramp starts (clamped to `[floor, ceiling]`).
     pub initial: u32,
-    /// A round is clean while its median latency is at most this × the baseline.
+    /// A round is clean while its mean latency is at most this × the baseline. The mean, not
+    /// the median: with W workers and N > W requests inside, the median stays at the service
+    /// time until N reaches about 2 W (where a legacy server may already lock up), while the
+    /// mean grows with every request that has to wait.
     pub tolerance: f64,
     /// A round is clean while at most this share of its requests failed.
     pub max_error_rate: f64,
@@ -67,7 +75,7 @@ pub struct LatencyLimitConfig {
 }
 
 impl LatencyLimitConfig {
-    /// Defaults for a backend with cap `ceiling`: start at 10 % (at least 1), tolerance 1.5 ×,
+    /// Defaults for a backend with cap `ceiling`: start at 10 % (at least 1), tolerance 1.3 ×,
     /// 10 % errors, rounds of at least 8, collapse after 3 lost answers or a 2 s stall.
     pub fn new(ceiling: u32) -> Self {
         let ceiling = ceiling.max(1);
@@ -75,7 +83,7 @@ impl LatencyLimitConfig {
             ceiling,
             floor: 1,
             initial: (ceiling / 10).max(1),
-            tolerance: 1.5,
+            tolerance: 1.3,
             max_error_rate: 0.1,
             adaptive: false,
             min_round: 8,
@@ -139,7 +147,7 @@ pub struct LatencyLimit {
     last_clean: u32,
     round: Round,
     baseline: Option<Duration>,
-    /// The lowest low-concurrency round median since `window_start`.
+    /// The lowest low-concurrency round 10th percentile since `window_start`.
     window_min: Option<Duration>,
     window_start: Instant,
     lost: u32,
@@ -340,25 +348,37 @@ impl LatencyLimit {
     fn end_round(&mut self, now: Instant) {
         let mut round = std::mem::take(&mut self.round);
         round.latencies.sort_unstable();
-        let median = round.latencies[round.latencies.len() / 2];
+        let n = round.latencies.len() as u32;
+        let mean = round.latencies.iter().sum::<Duration>() / n.max(1);
+        let fastest = round.latencies[round.latencies.len() / 10];
         let errors = f64::from(round.failed) / round.latencies.len() as f64;
         let at = self.limit.floor() as u32;
-        self.update_baseline(median, at, now);
+        self.update_baseline(fastest, at, now);
         let Some(baseline) = self.baseline else {
             return;
         };
         let allowed = baseline.as_secs_f64() * self.cfg.tolerance;
-        let inflated = median.as_secs_f64() > allowed;
+        let inflated = mean.as_secs_f64() > allowed;
         let clean = !inflated && errors <= self.cfg.max_error_rate;
+        // Doubling is safe only well within the tolerance: half its margin.
+        let well_within = 1.0 + (self.cfg.tolerance - 1.0) / 2.0;
         let ceiling = f64::from(self.cfg.ceiling);
         let floor = f64::from(self.cfg.floor);
         match self.phase {
-            Phase::Ramp if clean => {
+            Phase::Ramp if clean && mean.as_secs_f64() <= baseline.as_secs_f64() * well_within => {
                 self.last_clean = at;
                 self.limit = (self.limit * 2.0).min(ceiling);
                 if self.limit >= ceiling {
                     self.phase = Phase::Steady;
                 }
+            }
+            Phase::Ramp if clean => {
+                // Clean, but near the edge: doubling could jump past a cliff. Grow one at a
+                // time from here (as TCP does past its slow-start threshold).
+                self.last_clean = at;
+                self.inflated = true;
+                self.limit = (self.limit + 1.0).min(ceiling);
+                self.phase = Phase::Steady;
             }
             Phase::Ramp => {
                 // The last doubling went too far: step back to the last clean limit.
@@ -382,7 +402,7 @@ impl LatencyLimit {
                 // At the ceiling the operator's cap is trusted until the backend fails.
             }
             Phase::Steady => {
-                let gradient = (allowed / median.as_secs_f64().max(1e-9)).clamp(0.5, 1.0);
+                let gradient = (allowed / mean.as_secs_f64().max(1e-9)).clamp(0.5, 1.0);
                 if errors > self.cfg.max_error_rate {
                     self.limit = (self.limit * 0.5).max(floor);
                 } else if gradient < 1.0 {
@@ -395,7 +415,7 @@ impl LatencyLimit {
         }
     }
 
-    fn update_baseline(&mut self, median: Duration, at: u32, now: Instant) {
+    fn update_baseline(&mut self, fastest: Duration, at: u32, now: Instant) {
         if now.saturating_duration_since(self.window_start) >= self.cfg.baseline_window {
             // A new window: the last one's minimum becomes the baseline (following a backend
             // that became slower for good), if it saw any low-concurrency round.
@@ -406,8 +426,8 @@ impl LatencyLimit {
         }
         let low = at <= self.cfg.baseline_below || self.baseline.is_none();
         if low {
-            self.window_min = Some(self.window_min.map_or(median, |m| m.min(median)));
-            self.baseline = Some(self.baseline.map_or(median, |b| b.min(median)));
+            self.window_min = Some(self.window_min.map_or(fastest, |m| m.min(fastest)));
+            self.baseline = Some(self.baseline.map_or(fastest, |b| b.min(fastest)));
         }
     }
 }
@@ -557,6 +577,38 @@ mod tests {
         l.tick(32, t);
         assert_eq!(l.phase(), Phase::Collapsed);
         assert_eq!(l.limit(t), 1);
+    }
+
+    #[test]
+    fn a_cold_backend_that_queues_from_the_first_round_is_held_near_its_capacity() {
+        let mut t = Instant::now();
+        let mut l = LatencyLimit::new(
+            LatencyLimitConfig {
+                initial: 4,
+                ..cfg(32)
+            },
+            t,
+        );
+        // 3 workers: of 4 requests in flight, 3 are served at once and one waits a turn.
+        for _ in 0..30 {
+            let at = l.limit(t);
+            for i in 0..at.max(8) {
+                let turn = i % at.max(1) / 3 + 1;
+                t += ms(7);
+                l.record(Sample::Ok(ms(20) * turn), t);
+            }
+            // Locking up above 2 × its workers, it must never be given more than 6.
+            assert!(
+                l.limit(t) <= 6,
+                "a 3-worker backend was given {}",
+                l.limit(t)
+            );
+        }
+        assert_eq!(
+            l.baseline(),
+            Some(ms(20)),
+            "the baseline ignores the queueing"
+        );
     }
 
     #[test]

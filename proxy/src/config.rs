@@ -116,7 +116,7 @@ pub mod defaults {
     pub const SLOW_START_MODE: &str = "latency";
     /// A round of completions is clean while its median latency is at most this × the
     /// backend's baseline (latency at low concurrency).
-    pub const LATENCY_TOLERANCE: f64 = 1.5;
+    pub const LATENCY_TOLERANCE: f64 = 1.3;
     /// Share of failed requests in a round above which the latency ramp stops growing.
     pub const LATENCY_MAX_ERROR_RATE: f64 = 0.1;
     /// Adapt the limit below `max_inflight` in steady service (opt-in).

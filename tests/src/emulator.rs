@@ -125,6 +125,9 @@ pub struct ColdStart {
     pub initial_fraction: f64,
     /// Time to ramp linearly from there to all workers.
     pub duration: Duration,
+    /// The lock-up threshold ramps too: while warming, the server locks up above
+    /// `lockup_above × workers_now / workers` (a cold app pool is fragile as well as slow).
+    pub lockup_scales: bool,
 }
 
 /// A snapshot of the emulator's counters.
@@ -371,6 +374,19 @@ impl Shared {
 
     fn service_time(&self) -> Duration {
         Duration::from_nanos(self.service_time_ns.load(Ordering::Relaxed))
+    }
+
+    /// The lock-up threshold now: scaled with the workers available while a cold start
+    /// ramps, when [`ColdStart::lockup_scales`] says so.
+    fn lockup_threshold(&self) -> Option<usize> {
+        let limit = self.cfg.lockup_above?;
+        match &self.cfg.cold_start {
+            Some(c) if c.lockup_scales && self.cfg.workers > 0 => {
+                let now = self.counters.workers_now.load(Ordering::Relaxed);
+                Some((limit * now / self.cfg.workers).max(1))
+            }
+            _ => Some(limit),
+        }
     }
 
     fn record_txn(&self, id: &str) {
@@ -1318,7 +1334,7 @@ async fn handle_request(
     if fault.is_some() {
         c.faults.fetch_add(1, Ordering::Relaxed);
     }
-    if let Some(limit) = shared.cfg.lockup_above {
+    if let Some(limit) = shared.lockup_threshold() {
         if inside_now > limit {
             shared.trigger_lockup();
         }
@@ -1901,6 +1917,7 @@ mod tests {
             cold_start: Some(ColdStart {
                 initial_fraction: 0.2,
                 duration: Duration::from_secs(30),
+                lockup_scales: false,
             }),
             ..cfg()
         })
@@ -1924,6 +1941,7 @@ mod tests {
             cold_start: Some(ColdStart {
                 initial_fraction: 0.0,
                 duration: Duration::from_millis(200),
+                lockup_scales: false,
             }),
             ..cfg()
         })

@@ -151,6 +151,7 @@ async fn a_restarted_backend_is_served_again_within_rise_intervals(root_status: 
         cold_start: Some(ColdStart {
             initial_fraction: 0.1,
             duration: Duration::from_secs(2),
+            lockup_scales: false,
         }),
         root_status,
         ..EmulatorConfig::default()

@@ -43,7 +43,7 @@ fn sample_against_limit(
     })
 }
 
-/// Cold start: 2,000 clients arrive within 100 ms of sluice starting. Throughout, the backend's
+/// Cold start with the clock ramp: 2,000 clients arrive within 100 ms of sluice starting. Throughout, the backend's
 /// concurrency never exceeds the ramp's limit at that moment, it never locks up, and every
 /// client gets its 200.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -63,7 +63,7 @@ async fn cold_start_ramps_under_a_surge() {
         32,
         4000,
         Duration::from_secs(30),
-        "[slow_start]\nduration = \"2s\"\ninitial = 4\n[health]\ncheck = \"none\"\n",
+        "[slow_start]\nmode = \"clock\"\nduration = \"2s\"\ninitial = 4\n[health]\ncheck = \"none\"\n",
     );
     let proxy = start(&cfg);
     let admission = proxy.admission().clone();
@@ -115,6 +115,7 @@ async fn outage_is_ridden_out_and_recovery_ramps() {
         cold_start: Some(ColdStart {
             initial_fraction: 0.1,
             duration: Duration::from_secs(2),
+            lockup_scales: false,
         }),
         ..EmulatorConfig::default()
     })
@@ -381,68 +382,44 @@ async fn token_bucket_caps_the_rate_and_queues_the_rest() {
     );
 }
 
-/// The default ramp learns from the backend: against a warm backend (64 workers × 20 ms, so
-/// no queueing up to the cap), 2,000 terminals arriving at once drive its concurrency to the
-/// cap of 32 within 1.5 s of the first arrival (a clock ramp would take its whole 10 s), and
-/// never above it.
+/// A cold backend whose capacity and lock-up threshold both ramp over 20 s (from 10 %: 3
+/// workers, locking up above 6 inside, at first), under more terminals than it can serve,
+/// with sluice's default config: the latency ramp holds the limit where the backend's latency
+/// says, and the backend never locks up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_warm_backend_is_ramped_to_its_cap_within_a_second_and_a_half() {
+async fn a_cold_backend_is_not_locked_up_by_the_default_ramp() {
     raise_fd_limit();
     let emu = Emulator::start(EmulatorConfig {
-        workers: 64,
+        workers: 32,
         service_time: Duration::from_millis(20),
         lockup_above: Some(64),
+        cold_start: Some(ColdStart {
+            initial_fraction: 0.1,
+            duration: Duration::from_secs(20),
+            lockup_scales: true,
+        }),
         ..EmulatorConfig::default()
     })
     .await
     .expect("emulator");
-    // Default [slow_start] (latency mode, 10 % initial) and default health checks.
     let cfg = config_with(emu.addr(), 32, 4000, Duration::from_secs(30), "");
     let proxy = start(&cfg);
-    assert_eq!(proxy.admission().snapshot().backends[0].effective_limit, 4);
-    let stop = Arc::new(AtomicBool::new(false));
-    // When the backend first held the whole cap, measured from its first request.
-    let watcher = {
-        let (emu, stop) = (emu.handle(), stop.clone());
-        tokio::spawn(async move {
-            let mut first: Option<std::time::Instant> = None;
-            for _ in 0..60_000 {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                let inside = emu.inside_now();
-                if inside > 0 && first.is_none() {
-                    first = Some(std::time::Instant::now());
-                }
-                if inside >= 32 {
-                    return first.map(|f| f.elapsed());
-                }
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            None
-        })
-    };
+    let admission = proxy.admission().clone();
     let report = terminals::run(LoadConfig {
         target: proxy.addr(),
-        terminals: 2000,
-        transactions_per_terminal: Some(1),
-        conn_mode: ConnMode::PerTransaction,
+        terminals: 400,
+        transactions_per_terminal: None,
+        duration: Some(Duration::from_secs(20)),
+        conn_mode: ConnMode::KeepAlive,
         http: HttpMix::Mixed,
-        start: StartMode::Ramp(Duration::from_millis(100)),
         request_timeout: Duration::from_secs(40),
         ..LoadConfig::default()
     })
     .await;
-    stop.store(true, Ordering::Relaxed);
-    let reached = watcher.await.expect("watcher");
     let stats = emu.stats();
-    eprintln!("reached the cap after {reached:?}; {report}; {stats}");
-    assert_eq!(report.ok, 2000, "{report}");
-    let reached = reached.expect("the backend never held the whole cap");
-    assert!(
-        reached <= Duration::from_millis(1500),
-        "the cap was reached only after {reached:?}"
-    );
-    assert!(stats.max_inside <= 32, "{stats}");
+    let status = &admission.status()[0];
+    eprintln!("{report}; {stats}; {status:?}");
     assert_eq!(stats.lockups, 0, "{stats}");
+    assert!(report.ok > 1_000, "{report}");
+    assert_eq!(report.mismatched, 0, "{report}");
 }

@@ -90,6 +90,9 @@ struct Args {
     /// Cold start: time to ramp up to all workers.
     #[arg(long, requires = "cold_start_fraction", value_parser = humantime::parse_duration)]
     cold_start_duration: Option<Duration>,
+    /// Cold start: the lock-up threshold ramps with the workers (a cold server is fragile too).
+    #[arg(long, requires = "cold_start_fraction")]
+    cold_start_lockup_scales: bool,
     /// Status answered at `/` (IIS 6 on an ISAPI-only site answers 403 or 404 there); every
     /// other path answers 200. 200 makes `/` like any other path.
     #[arg(long, default_value_t = 403, value_parser = clap::value_parser!(u16).range(100..=599))]
@@ -293,6 +296,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         (Some(initial_fraction), Some(duration)) => Some(ColdStart {
             initial_fraction,
             duration,
+            lockup_scales: args.cold_start_lockup_scales,
         }),
         _ => None,
     };
