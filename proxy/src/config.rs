@@ -207,7 +207,8 @@ pub mod file {
         pub max_latency: Option<Duration>,
         /// `mode = "latency"` or `"clock"`.
         pub mode: Option<String>,
-        /// `tolerance = 1.5`: latency mode's bound on a clean round's median, × the baseline.
+        /// `tolerance = 1.3`: latency mode's bound on a clean round's mean latency, × the
+        /// baseline.
         pub tolerance: Option<f64>,
     }
 
@@ -1311,8 +1312,8 @@ fn slow_start_for(
         return Err(ConfigError::new(
             "slow_start.tolerance",
             tolerance,
-            "must be a factor between 1 and 100, such as 1.5 (a round is clean while its median \
-             latency is at most 1.5 × the baseline)",
+            "must be a factor between 1 and 100, such as 1.3 (a round is clean while its mean \
+             latency is at most 1.3 × the baseline)",
         ));
     }
     Ok(Some(SlowStart {
