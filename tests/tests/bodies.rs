@@ -10,17 +10,10 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{config_with, emulator_and_proxy, start, NO_RAMP_NO_CHECKS};
+use common::{config_with, emulator_and_proxy, metric, start, NO_RAMP_NO_CHECKS};
 use sluice_tests::client::{Conn, Request};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-
-/// The value of one metric sample line.
-fn metric(proxy: &sluice::run::RunningProxy, sample: &str) -> Option<u64> {
-    let text = proxy.shared().metrics.render(proxy.admission());
-    text.lines()
-        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
-}
 
 /// What the capturing backend saw of one request.
 #[derive(Debug, Clone)]

@@ -10,17 +10,11 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use common::{
-    assert_full_capacity, config_with, emulator_and_proxy, eventually, start, NO_RAMP_NO_CHECKS,
+    assert_full_capacity, config_with, emulator_and_proxy, eventually, metric, start,
+    NO_RAMP_NO_CHECKS,
 };
 use sluice_tests::client::{Conn, Request};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// The value of one metric sample line, e.g. `sluice_client_connections`.
-fn metric(proxy: &sluice::run::RunningProxy, sample: &str) -> Option<u64> {
-    let text = proxy.shared().metrics.render(proxy.admission());
-    text.lines()
-        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
-}
 
 /// Trickle a request header, one short line every 100 ms (at most 100 lines), until the proxy
 /// answers or closes the connection; returns how long the connection lived after `since`, and

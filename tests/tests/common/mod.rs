@@ -91,6 +91,14 @@ pub fn start(cfg: &Config) -> RunningProxy {
     }
 }
 
+/// The value of one sluice metric sample, e.g. `sluice_client_connections` or
+/// `sluice_client_timeouts_total{phase="body"}`.
+pub fn metric(proxy: &RunningProxy, sample: &str) -> Option<u64> {
+    let text = proxy.shared().metrics.render(proxy.admission());
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+}
+
 /// Poll `cond` until it holds, at most `within`; panics with `what` otherwise.
 pub async fn eventually(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
     let started = Instant::now();
