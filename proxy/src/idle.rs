@@ -438,6 +438,9 @@ async fn one(
     }
 }
 
+/// A connection's whole life. This future *is* an idle connection's task, and its size is set by
+/// the largest state among its await points: anything awaited inline here (not boxed) costs
+/// every kept-alive terminal its locals, so rare paths with buffers are boxed.
 async fn serve(
     proxy: Arc<Proxy>,
     shared: Arc<Shared>,
@@ -461,7 +464,8 @@ async fn serve(
             Ended::Closed => break,
             Ended::HeaderTimeout(mut reclaim) => {
                 if let Ok(stream) = reclaim.try_recv() {
-                    answer_and_close(stream, HEADER_TIMEOUT_ANSWER.as_bytes()).await;
+                    // Boxed: its read buffer must not grow every idle connection's task.
+                    Box::pin(answer_and_close(stream, HEADER_TIMEOUT_ANSWER.as_bytes())).await;
                 }
                 break;
             }
@@ -475,7 +479,8 @@ async fn serve(
                 Next::Request if *shutdown.borrow() => {
                     let started = Instant::now();
                     let deadline = started + shared.settings().client_header_timeout;
-                    match buffer_header(stream, deadline).await {
+                    // Boxed: its read buffer must not grow every idle connection's task.
+                    match Box::pin(buffer_header(stream, deadline)).await {
                         Some(s) => stream = s,
                         None => break,
                     }
