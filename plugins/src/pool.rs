@@ -397,16 +397,30 @@ impl<W> AdmissionPool<W> {
         Acquire::Queued(ticket)
     }
 
-    /// Take a slot on `backend` for a health probe, whatever its state, if a slot is free
-    /// under its effective limit. No token is taken. Release it with [`release`](Self::release).
+    /// Take a slot on `backend` for a health probe, whatever its state, if a slot is free: under
+    /// its effective limit while it is up (a busy backend is evidently serving), under its full
+    /// limit (less reserved slots) while it is down or drained, when no real request is
+    /// admitted and a ramp or a collapsed learned limit must not keep the probe that would
+    /// bring it back from running. No token is taken. Release it with
+    /// [`release`](Self::release).
     pub fn acquire_probe(&mut self, backend: BackendId, now: Instant) -> bool {
         self.tick(now);
         match self.slots.get_mut(backend.0) {
-            Some(slot) if slot.inflight < slot.effective_limit() => {
-                slot.inflight += 1;
-                true
+            Some(slot) => {
+                let bound = match slot.state {
+                    BackendState::Up => slot.effective_limit(),
+                    BackendState::Down | BackendState::Draining => {
+                        slot.limit.saturating_sub(slot.reserved)
+                    }
+                };
+                if slot.inflight < bound {
+                    slot.inflight += 1;
+                    true
+                } else {
+                    false
+                }
             }
-            _ => false,
+            None => false,
         }
     }
 
@@ -991,6 +1005,40 @@ mod tests {
         );
         let _ = pool.release(BackendId(0), now);
         assert_eq!(pool.inflight(BackendId(0)), 0);
+    }
+
+    #[test]
+    fn a_collapsed_learned_limit_never_blocks_the_probe_of_a_down_backend() {
+        // A backend that stopped answering: its learned limit collapsed to 1, and one slot is
+        // still taken (a request on its way out). Down, it must still be probed up to the cap,
+        // or nothing would ever bring it back.
+        let now = t0();
+        let mut policy = BackendPolicy::limit(4);
+        policy.learn = Some(LatencyLimitConfig::new(4));
+        let mut pool: AdmissionPool<()> = AdmissionPool::with_policies(&[policy], 1, now);
+        for _ in 0..3 {
+            let _ = pool.record(BackendId(0), Sample::Lost, now);
+        }
+        assert_eq!(pool.snapshot(now).backends[0].effective_limit, 1);
+        assert!(matches!(
+            pool.acquire(now, now + Duration::from_secs(1), ()),
+            Acquire::Admitted(_)
+        ));
+        assert!(
+            !pool.acquire_probe(BackendId(0), now),
+            "up: the busy slot means the backend is serving"
+        );
+        let _ = pool.set_state(BackendId(0), BackendState::Down, now);
+        assert!(
+            pool.acquire_probe(BackendId(0), now),
+            "down: probed within the cap"
+        );
+        assert!(pool.acquire_probe(BackendId(0), now));
+        assert!(pool.acquire_probe(BackendId(0), now));
+        assert!(
+            !pool.acquire_probe(BackendId(0), now),
+            "never beyond the cap"
+        );
     }
 
     mod properties {

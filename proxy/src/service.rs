@@ -878,7 +878,12 @@ impl ProxyHttp for Sluice {
             .deadline
             .is_some_and(|d| d > tokio::time::Instant::now());
         if in_time {
-            drop(ctx.permit.take());
+            // Not held after release: this connection was refused, and a backend that refuses
+            // connections is not working on anything this request sent before (a retry after
+            // a reused connection closed under it).
+            if let Some(mut permit) = ctx.permit.take() {
+                permit.hold_on_drop(None);
+            }
             ctx.requeue = true;
             e.set_retry(true);
         }
