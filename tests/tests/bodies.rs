@@ -410,6 +410,7 @@ async fn slowhttptest_attacks_leave_a_terminal_served() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+    eprintln!("under attack: {ok} of {sent} transactions succeeded");
     assert!(sent >= 50, "the terminal sent {sent}");
     assert!(
         f64::from(ok) >= 0.95 * f64::from(sent),
