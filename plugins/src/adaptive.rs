@@ -160,12 +160,7 @@ pub struct LatencyLimit {
 impl LatencyLimit {
     /// A limit that starts ramping at `now`.
     pub fn new(cfg: LatencyLimitConfig, now: Instant) -> Self {
-        let mut cfg = cfg;
-        cfg.ceiling = cfg.ceiling.max(1);
-        cfg.floor = cfg.floor.clamp(1, cfg.ceiling);
-        cfg.initial = cfg.initial.clamp(cfg.floor, cfg.ceiling);
-        cfg.min_round = cfg.min_round.max(1);
-        cfg.lost_in_a_row = cfg.lost_in_a_row.max(1);
+        let cfg = Self::bounded(cfg);
         let mut l = LatencyLimit {
             cfg,
             limit: f64::from(cfg.initial),
@@ -184,21 +179,30 @@ impl LatencyLimit {
         l
     }
 
+    /// `cfg` with its bounds made consistent: a ceiling of at least 1, the floor and the
+    /// initial limit within it.
+    fn bounded(mut cfg: LatencyLimitConfig) -> LatencyLimitConfig {
+        cfg.ceiling = cfg.ceiling.max(1);
+        cfg.floor = cfg.floor.clamp(1, cfg.ceiling);
+        cfg.initial = cfg.initial.clamp(cfg.floor, cfg.ceiling);
+        cfg.min_round = cfg.min_round.max(1);
+        cfg.lost_in_a_row = cfg.lost_in_a_row.max(1);
+        cfg
+    }
+
     /// The configuration in force.
     pub fn config(&self) -> LatencyLimitConfig {
         self.cfg
     }
 
-    /// Change the configuration (a reload): the limit is kept within the new bounds.
+    /// Change the configuration (a reload, a new ceiling): everything learned is kept (phase,
+    /// baseline, the round under way, the ramp's clock), and the limit is kept within the new
+    /// bounds.
     pub fn reconfigure(&mut self, cfg: LatencyLimitConfig) {
-        let now = self.last_completion;
-        let phase = self.phase;
-        let limit = self.limit;
-        let baseline = self.baseline;
-        *self = LatencyLimit::new(cfg, now);
-        self.phase = phase;
-        self.limit = limit.clamp(f64::from(self.cfg.floor), f64::from(self.cfg.ceiling));
-        self.baseline = baseline;
+        self.cfg = Self::bounded(cfg);
+        let (floor, ceiling) = (self.cfg.floor, self.cfg.ceiling);
+        self.limit = self.limit.clamp(f64::from(floor), f64::from(ceiling));
+        self.last_clean = self.last_clean.clamp(floor, ceiling);
     }
 
     /// Start a ramp from `initial` (sluice started, the backend came back, an operator asked).
@@ -609,6 +613,40 @@ mod tests {
             Some(ms(20)),
             "the baseline ignores the queueing"
         );
+    }
+
+    #[test]
+    fn a_reload_keeps_what_was_learned() {
+        let mut t = Instant::now();
+        let mut l = LatencyLimit::new(
+            LatencyLimitConfig {
+                initial: 4,
+                duration: Duration::from_secs(10),
+                ..LatencyLimitConfig::new(32)
+            },
+            t,
+        );
+        // A round showing inflation: the clock no longer lifts the limit.
+        for _ in 0..8 {
+            t += ms(10);
+            l.record(Sample::Ok(ms(20)), t);
+        }
+        for _ in 0..8 {
+            t += ms(10);
+            l.record(Sample::Ok(ms(200)), t);
+        }
+        let held = l.limit(t + Duration::from_secs(10));
+        assert!(held < 32);
+        // The same configuration again (a reload of another key): nothing changes.
+        l.reconfigure(l.config());
+        assert_eq!(l.limit(t + Duration::from_secs(10)), held);
+        assert_eq!(l.baseline(), Some(ms(20)));
+        // A lower ceiling bounds the limit at once.
+        l.reconfigure(LatencyLimitConfig {
+            ceiling: 2,
+            ..l.config()
+        });
+        assert_eq!(l.limit(t), 2);
     }
 
     #[test]
