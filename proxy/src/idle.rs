@@ -118,6 +118,69 @@ pub fn request_line() -> Option<Vec<u8>> {
 /// Longest request line read ahead of pingora; a longer one is left to pingora's limits.
 const REQUEST_LINE_MAX: usize = 16 * 1024;
 
+/// How reading ahead of pingora ended. Whatever was read is put back into the stream (except
+/// after a timeout, when the stream is only good for a last answer).
+enum ReadAhead {
+    /// What was read so far satisfied the caller's test; the bytes read.
+    Done(Stream, Vec<u8>),
+    /// The limit was reached without that.
+    Full(Stream),
+    /// The client closed, or a read failed, first.
+    Closed(Stream),
+    /// The deadline passed first.
+    TimedOut(Stream),
+    /// Not a plain TCP stream: nothing was read (a TLS stream cannot be put back).
+    Unsupported(Stream),
+    /// The stream could not be recovered (not expected: its type is checked first).
+    Lost,
+}
+
+/// Read a plain TCP connection's next bytes, by `deadline`, until `done` holds for what was
+/// read or `max` bytes came, and put them back into the stream for pingora to parse as usual.
+async fn read_ahead(
+    stream: Stream,
+    deadline: Instant,
+    max: usize,
+    done: impl Fn(&[u8]) -> bool,
+) -> ReadAhead {
+    if !stream.as_any().is::<L4Stream>() {
+        return ReadAhead::Unsupported(stream);
+    }
+    let mut l4 = match stream.into_any().downcast::<L4Stream>() {
+        Ok(l4) => l4,
+        Err(_) => {
+            log::error!("client stream changed type while being read; connection dropped");
+            return ReadAhead::Lost;
+        }
+    };
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout_at(deadline, async {
+        let mut chunk = [0u8; 2048];
+        loop {
+            if done(&buf) {
+                return Some(true);
+            }
+            if buf.len() >= max {
+                return Some(false);
+            }
+            match l4.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    let Ok(ended) = read else {
+        return ReadAhead::TimedOut(l4 as Stream);
+    };
+    l4.rewind(&buf);
+    match ended {
+        Some(true) => ReadAhead::Done(l4 as Stream, buf),
+        Some(false) => ReadAhead::Full(l4 as Stream),
+        None => ReadAhead::Closed(l4 as Stream),
+    }
+}
+
 /// What reading a request line gave.
 enum LineRead {
     /// The stream, with every byte read put back, and the line (`None` for a TLS stream, or
@@ -132,48 +195,20 @@ enum LineRead {
 /// Read a plain TCP connection's next request line (until its LF), by `deadline`, and put every
 /// byte read back into the stream, for pingora to parse as usual.
 async fn read_request_line(stream: Stream, deadline: Instant) -> LineRead {
-    use pingora::protocols::l4::stream::Stream as L4;
-    if !stream.as_any().is::<L4>() {
-        return LineRead::Read(stream, None);
-    }
-    let mut l4 = match stream.into_any().downcast::<L4>() {
-        Ok(l4) => l4,
-        Err(_) => {
-            log::error!("client stream changed type while being read; connection dropped");
-            return LineRead::Lost;
-        }
-    };
-    let mut buf = Vec::new();
-    let mut found = false;
-    let read = tokio::time::timeout_at(deadline, async {
-        let mut chunk = [0u8; 2048];
-        while buf.len() < REQUEST_LINE_MAX {
-            match l4.read(&mut chunk).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    let start = buf.len();
-                    buf.extend_from_slice(&chunk[..n]);
-                    if buf[start..].contains(&b'\n') {
-                        found = true;
-                        break;
-                    }
-                }
-            }
-        }
-    })
-    .await;
-    if read.is_err() {
-        return LineRead::TimedOut(l4 as Stream);
-    }
-    l4.rewind(&buf);
-    let line = found
-        .then(|| {
-            buf.iter()
+    match read_ahead(stream, deadline, REQUEST_LINE_MAX, |b| b.contains(&b'\n')).await {
+        ReadAhead::Done(stream, buf) => {
+            let line = buf
+                .iter()
                 .position(|&c| c == b'\n')
-                .map(|i| buf[..=i].to_vec())
-        })
-        .flatten();
-    LineRead::Read(l4 as Stream, line)
+                .map(|i| buf[..=i].to_vec());
+            LineRead::Read(stream, line)
+        }
+        ReadAhead::Full(stream) | ReadAhead::Closed(stream) | ReadAhead::Unsupported(stream) => {
+            LineRead::Read(stream, None)
+        }
+        ReadAhead::TimedOut(stream) => LineRead::TimedOut(stream),
+        ReadAhead::Lost => LineRead::Lost,
+    }
 }
 
 /// Open client connections, in total and per client IP.
@@ -313,24 +348,12 @@ fn header_complete(buf: &[u8]) -> bool {
 /// deadline passed before the header was complete. A stream other than plain TCP (which
 /// cannot be put back) is returned as it is.
 async fn buffer_header(stream: Stream, deadline: Instant) -> Option<Stream> {
-    if !stream.as_any().is::<L4Stream>() {
-        return Some(stream);
-    }
-    let mut tcp = stream.into_any().downcast::<L4Stream>().ok()?;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let read = tokio::time::timeout_at(deadline, async {
-        while !header_complete(&buf) && buf.len() < SHUTDOWN_HEADER_BYTES {
-            match tcp.read(&mut chunk).await {
-                Ok(0) | Err(_) => return false,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
+    match read_ahead(stream, deadline, SHUTDOWN_HEADER_BYTES, header_complete).await {
+        ReadAhead::Done(stream, _) | ReadAhead::Full(stream) | ReadAhead::Unsupported(stream) => {
+            Some(stream)
         }
-        true
-    })
-    .await;
-    tcp.rewind(&buf);
-    matches!(read, Ok(true)).then_some(tcp as Stream)
+        ReadAhead::Closed(_) | ReadAhead::TimedOut(_) | ReadAhead::Lost => None,
+    }
 }
 
 /// Whether the next request on a connection has already been read (the client pipelined it):
