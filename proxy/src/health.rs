@@ -200,25 +200,18 @@ impl Checker {
                     }
                 }
             }
-            let (what, seen) = match health.check {
-                CheckKind::Http => (
-                    format!("health check GET {}", health.path),
-                    self.check_http(
-                        connector.get_or_insert_with(|| Connector::new(None)),
-                        &peer,
-                        backend,
-                        &health.path,
-                    )
-                    .await,
-                ),
-                CheckKind::Tcp => (
-                    "health check tcp connect".to_string(),
-                    self.check_tcp(backend).await,
-                ),
+            let what = match health.check {
+                CheckKind::Http => "health check",
+                CheckKind::Tcp => "health check tcp connect",
                 // No active check: probe only a backend that passive failures took down,
                 // until it answers again.
-                CheckKind::None if self.admission.passive_down(id) => (
-                    format!("recovery probe GET {}", health.path),
+                CheckKind::None if self.admission.passive_down(id) => "recovery probe",
+                CheckKind::None => continue,
+            };
+            let (what, seen) = match health.check {
+                CheckKind::Tcp => (what.to_string(), self.check_tcp(backend).await),
+                CheckKind::Http | CheckKind::None => (
+                    format!("{what} GET {}", health.path),
                     self.check_http(
                         connector.get_or_insert_with(|| Connector::new(None)),
                         &peer,
@@ -227,7 +220,6 @@ impl Checker {
                     )
                     .await,
                 ),
-                CheckKind::None => continue,
             };
             if let Some(seen) = seen {
                 self.admission

@@ -399,10 +399,7 @@ pub fn frame_for_http10(resp: &mut ResponseHeader, head_request: bool) -> bool {
     if resp.status.is_informational() {
         return false;
     }
-    let chunked = resp.headers.contains_key(http::header::TRANSFER_ENCODING);
-    if chunked {
-        resp.remove_header(&http::header::TRANSFER_ENCODING);
-    }
+    resp.remove_header(&http::header::TRANSFER_ENCODING);
     let no_body = head_request || matches!(resp.status.as_u16(), 204 | 304);
     !no_body && !resp.headers.contains_key(http::header::CONTENT_LENGTH)
 }
@@ -742,32 +739,20 @@ impl ProxyHttp for Sluice {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let settings = self.settings(ctx);
-        let host = ctx
+        let up = ctx
             .permit
             .as_ref()
-            .and_then(|p| settings.upstreams.get(p.backend().0))
-            .and_then(|u| u.host.as_deref());
-        if let Some(host) = host {
-            upstream_request.insert_header("Host", host)?;
-        } else if !upstream_request.headers.contains_key(http::header::HOST) {
-            // Only an HTTP/1.0 request gets here without one (an HTTP/1.1 one was refused), and
-            // it goes upstream as HTTP/1.1, which must carry a Host: the backend's address.
-            let address = ctx
-                .permit
-                .as_ref()
-                .and_then(|p| settings.upstreams.get(p.backend().0))
-                .map(|u| u.address.as_str());
-            if let Some(address) = address {
-                upstream_request.insert_header("Host", address)?;
-            }
-        }
-        // A Content-Length the client repeated (`n, n`, or two identical headers) goes as one.
-        if let Some(n) = ctx.content_length {
-            if upstream_request
-                .headers
-                .contains_key(http::header::CONTENT_LENGTH)
-            {
-                upstream_request.insert_header(http::header::CONTENT_LENGTH, n.to_string())?;
+            .and_then(|p| settings.upstreams.get(p.backend().0));
+        if let Some(up) = up {
+            match &up.host {
+                Some(host) => upstream_request.insert_header("Host", host)?,
+                // Only an HTTP/1.0 request gets here without one (an HTTP/1.1 one was
+                // refused), and it goes upstream as HTTP/1.1, which must carry a Host: the
+                // backend's address.
+                None if !upstream_request.headers.contains_key(http::header::HOST) => {
+                    upstream_request.insert_header("Host", &up.address)?
+                }
+                None => {}
             }
         }
         // A legacy server expects origin-form: turn an absolute-form target
@@ -782,12 +767,26 @@ impl ProxyHttp for Sluice {
                 upstream_request.set_uri(uri);
             }
         }
-        if let Some(body) = &ctx.body {
-            // sluice already answered `100 Continue` and holds the whole body: it goes to the
-            // backend with a Content-Length (a legacy server may not take a chunked upload).
-            upstream_request.remove_header(&http::header::EXPECT);
-            upstream_request.remove_header(&http::header::TRANSFER_ENCODING);
-            upstream_request.insert_header(http::header::CONTENT_LENGTH, body.len.to_string())?;
+        match (&ctx.body, ctx.content_length) {
+            (Some(body), _) => {
+                // sluice already answered `100 Continue` and holds the whole body: it goes to
+                // the backend with a Content-Length (a legacy server may not take a chunked
+                // upload).
+                upstream_request.remove_header(&http::header::EXPECT);
+                upstream_request.remove_header(&http::header::TRANSFER_ENCODING);
+                upstream_request
+                    .insert_header(http::header::CONTENT_LENGTH, body.len.to_string())?;
+            }
+            // An empty body's Content-Length the client repeated (`0, 0`, or two identical
+            // headers) goes as one.
+            (None, Some(n))
+                if upstream_request
+                    .headers
+                    .contains_key(http::header::CONTENT_LENGTH) =>
+            {
+                upstream_request.insert_header(http::header::CONTENT_LENGTH, n.to_string())?;
+            }
+            (None, _) => {}
         }
         upstream_request.remove_header(PROBE_HEADER);
         upstream_request.remove_header(PROBE_BACKEND_HEADER);
