@@ -113,6 +113,22 @@ struct BackendHealth {
     last_transition: Option<String>,
 }
 
+impl BackendHealth {
+    /// A backend that starts up and in service, with no history.
+    fn new(name: String, rise: u32, fall: u32) -> Self {
+        BackendHealth {
+            name,
+            generation: 0,
+            health: Health::new(rise, fall),
+            drained: false,
+            passive_failures: 0,
+            downs: 0,
+            ups: 0,
+            last_transition: None,
+        }
+    }
+}
+
 /// Shared admission state of one proxy: the pool, the queue deadline, backend health.
 #[derive(Debug)]
 pub struct Admission {
@@ -220,16 +236,7 @@ impl Admission {
             backends: Mutex::new(
                 names
                     .into_iter()
-                    .map(|name| BackendHealth {
-                        name,
-                        generation: 0,
-                        health: Health::new(rise, fall),
-                        drained: false,
-                        passive_failures: 0,
-                        downs: 0,
-                        ups: 0,
-                        last_transition: None,
-                    })
+                    .map(|name| BackendHealth::new(name, rise, fall))
                     .collect(),
             ),
             passive_threshold,
@@ -379,16 +386,7 @@ impl Admission {
     ) -> BackendId {
         let mut backends = self.backends();
         let id = self.pool().add_backend(policy, Instant::now().into_std());
-        backends.push(BackendHealth {
-            name: name.to_string(),
-            generation: 0,
-            health: Health::new(rise, fall),
-            drained: false,
-            passive_failures: 0,
-            downs: 0,
-            ups: 0,
-            last_transition: None,
-        });
+        backends.push(BackendHealth::new(name.to_string(), rise, fall));
         drop(backends);
         self.timer.notify_one();
         id
