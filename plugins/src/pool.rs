@@ -53,6 +53,14 @@ pub struct BackendPolicy {
 }
 
 impl BackendPolicy {
+    /// The learned limit's configuration, its ceiling being `max_inflight`.
+    fn learner(&self) -> Option<LatencyLimitConfig> {
+        self.learn.map(|c| LatencyLimitConfig {
+            ceiling: self.max_inflight,
+            ..c
+        })
+    }
+
     /// A plain concurrency limit with no rate limit and no ramp.
     pub fn limit(max_inflight: u32) -> Self {
         BackendPolicy {
@@ -147,15 +155,7 @@ impl Slot {
                 .filter(|_| policy.learn.is_none())
                 .map(|c| SlowStart::new(c, now)),
             ramp_cfg: policy.slow_start.filter(|_| policy.learn.is_none()),
-            learner: policy.learn.map(|c| {
-                LatencyLimit::new(
-                    LatencyLimitConfig {
-                        ceiling: policy.max_inflight,
-                        ..c
-                    },
-                    now,
-                )
-            }),
+            learner: policy.learner().map(|c| LatencyLimit::new(c, now)),
             learned: policy.max_inflight,
         }
         .ticked(now)
@@ -322,21 +322,10 @@ impl<W> AdmissionPool<W> {
             if slot.ramp_cfg.is_none() {
                 slot.ramp = None;
             }
-            match (policy.learn, slot.learner.as_mut()) {
+            match (policy.learner(), slot.learner.as_mut()) {
                 (None, _) => slot.learner = None,
-                (Some(c), Some(l)) => l.reconfigure(LatencyLimitConfig {
-                    ceiling: policy.max_inflight,
-                    ..c
-                }),
-                (Some(c), None) => {
-                    slot.learner = Some(LatencyLimit::new(
-                        LatencyLimitConfig {
-                            ceiling: policy.max_inflight,
-                            ..c
-                        },
-                        now,
-                    ))
-                }
+                (Some(c), Some(l)) => l.reconfigure(c),
+                (Some(c), None) => slot.learner = Some(LatencyLimit::new(c, now)),
             }
             slot.tick(now);
         }
