@@ -36,7 +36,8 @@ pub struct DemoArgs {
     pub skip_direct: bool,
 }
 
-fn demo_backend_config() -> EmulatorConfig {
+/// The demo's legacy server: 32 workers × 20 ms, locking up for 3 s above 64 requests inside.
+pub fn demo_backend_config() -> EmulatorConfig {
     EmulatorConfig {
         workers: 32,
         service_time: Duration::from_millis(20),

@@ -13,13 +13,7 @@ use sluice_tests::emulator::{Emulator, EmulatorConfig};
 use tokio::sync::watch;
 
 fn demo_server() -> EmulatorConfig {
-    EmulatorConfig {
-        workers: 32,
-        service_time: Duration::from_millis(20),
-        lockup_above: Some(64),
-        lockup_duration: Duration::from_secs(3),
-        ..EmulatorConfig::default()
-    }
+    sluice::demo::demo_backend_config()
 }
 
 /// Short steps for a test. The p99 bound is explicit: on a loaded 2-core machine a short step's
