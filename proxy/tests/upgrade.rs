@@ -54,6 +54,23 @@ fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
     }
 }
 
+/// Start the new process with `--upgrade`, wait until it waits on the upgrade socket `sock`,
+/// and send the old process (`old_pid`) SIGQUIT: the hand-over begins.
+async fn start_upgrade(cleanup: &mut Cleanup, config: &Path, sock: &Path, old_pid: u32) {
+    cleanup.0.push(sluice(&["run", "--upgrade"], config));
+    let s = sock.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        wait_until(
+            "the new process is waiting",
+            Duration::from_secs(15),
+            || s.exists(),
+        );
+        signal(old_pid, "-QUIT");
+    })
+    .await
+    .expect("join");
+}
+
 struct Cleanup(Vec<Child>, PathBuf);
 impl Drop for Cleanup {
     fn drop(&mut self) {
@@ -121,18 +138,7 @@ async fn upgrade_under_load_keeps_the_cap_and_fails_nothing() {
         .expect("traffic flows through the old process");
 
     // The new process binds the upgrade socket and waits for the listeners.
-    cleanup.0.push(sluice(&["run", "--upgrade"], &config));
-    let s = sock.clone();
-    tokio::task::spawn_blocking(move || {
-        wait_until(
-            "the new process is waiting",
-            Duration::from_secs(15),
-            || s.exists(),
-        )
-    })
-    .await
-    .expect("join");
-    signal(old_pid, "-QUIT");
+    start_upgrade(&mut cleanup, &config, &sock, old_pid).await;
     let mut old = cleanup.0.remove(0);
     let status = tokio::task::spawn_blocking(move || wait_exit(&mut old, Duration::from_secs(30)))
         .await
@@ -257,18 +263,7 @@ async fn upgrade_under_kept_alive_terminals_fails_nothing_and_keeps_connections_
     .await
     .expect("traffic flows through the old process");
 
-    cleanup.0.push(sluice(&["run", "--upgrade"], &config));
-    let s = sock.clone();
-    tokio::task::spawn_blocking(move || {
-        wait_until(
-            "the new process is waiting",
-            Duration::from_secs(15),
-            || s.exists(),
-        )
-    })
-    .await
-    .expect("join");
-    signal(old_pid, "-QUIT");
+    start_upgrade(&mut cleanup, &config, &sock, old_pid).await;
     let quit = Instant::now();
     let mut old = cleanup.0.remove(0);
     let status = tokio::task::spawn_blocking(move || wait_exit(&mut old, Duration::from_secs(30)))
@@ -366,16 +361,9 @@ async fn upgrade_serves_a_late_request_on_an_idle_kept_alive_connection() {
         .expect("send");
     assert!(r.status == 200 && r.keep_alive());
 
-    cleanup.0.push(sluice(&["run", "--upgrade"], &config));
-    let s = sock.clone();
     let old_pid = cleanup.0[0].id();
+    start_upgrade(&mut cleanup, &config, &sock, old_pid).await;
     tokio::task::spawn_blocking(move || {
-        wait_until(
-            "the new process is waiting",
-            Duration::from_secs(15),
-            || s.exists(),
-        );
-        signal(old_pid, "-QUIT");
         // Once the old process stopped accepting, it keeps one slot (for this connection)
         // and the new process has the rest.
         wait_until(
