@@ -1785,6 +1785,48 @@ mod tests {
     }
 
     #[test]
+    fn the_learned_limit_has_defaults_and_checked_bounds() {
+        let c = parse(MINIMAL).expect("valid");
+        let b = &c.backends[0];
+        let ss = b.slow_start.expect("a ramp by default");
+        assert!(ss.latency, "the latency ramp is the default");
+        assert_eq!(ss.tolerance, 1.3);
+        assert_eq!(
+            b.learning,
+            Learning {
+                adaptive: false,
+                min_inflight: 1
+            }
+        );
+        let c = parse(&format!(
+            "[admission]\nmax_inflight = 16\nadaptive = true\nmin_inflight = 4\n\
+             [slow_start]\nmode = \"clock\"\n[[backend]]\naddress = \"127.0.0.1:9\"\n"
+        ))
+        .expect("valid");
+        assert!(!c.backends[0].slow_start.expect("ramp").latency);
+        assert_eq!(c.backends[0].learning.min_inflight, 4);
+        assert!(c.backends[0].learning.adaptive);
+        for (section, line, key) in [
+            ("slow_start", "mode = \"fast\"", "slow_start.mode"),
+            ("slow_start", "tolerance = 0.5", "slow_start.tolerance"),
+            ("slow_start", "tolerance = nan", "slow_start.tolerance"),
+        ] {
+            let e = parse(&format!("{MINIMAL}[{section}]\n{line}\n")).expect_err(line);
+            assert!(e.to_string().contains(key), "{line}: {e}");
+        }
+        for line in ["min_inflight = 0", "min_inflight = 17"] {
+            let e = parse(&format!(
+                "[admission]\nmax_inflight = 16\n{line}\n[[backend]]\naddress = \"127.0.0.1:9\"\n"
+            ))
+            .expect_err(line);
+            assert!(
+                e.to_string().contains("admission.min_inflight"),
+                "{line}: {e}"
+            );
+        }
+    }
+
+    #[test]
     fn tls_settings_are_all_or_nothing_and_backend_tls_keys_need_tls() {
         let e = parse(&format!(
             "{MINIMAL}[tls]\nlisten = \"127.0.0.1:8443\"\ncert = \"/x/cert.pem\"\n"
