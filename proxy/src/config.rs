@@ -1798,10 +1798,10 @@ mod tests {
                 min_inflight: 1
             }
         );
-        let c = parse(&format!(
+        let c = parse(
             "[admission]\nmax_inflight = 16\nadaptive = true\nmin_inflight = 4\n\
-             [slow_start]\nmode = \"clock\"\n[[backend]]\naddress = \"127.0.0.1:9\"\n"
-        ))
+             [slow_start]\nmode = \"clock\"\n[[backend]]\naddress = \"127.0.0.1:9\"\n",
+        )
         .expect("valid");
         assert!(!c.backends[0].slow_start.expect("ramp").latency);
         assert_eq!(c.backends[0].learning.min_inflight, 4);
