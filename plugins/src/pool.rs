@@ -482,6 +482,16 @@ impl<W> AdmissionPool<W> {
         self.dispatch(now)
     }
 
+    /// A backend's limit in force and, when it learns its limit, why it is there; as of the
+    /// last change (no clock read: call after an operation that ticked).
+    pub fn limit_now(&self, backend: BackendId) -> Option<(u32, Option<Phase>)> {
+        let slot = self.slots.get(backend.0)?;
+        Some((
+            slot.effective_limit(),
+            slot.learner.as_ref().map(LatencyLimit::phase),
+        ))
+    }
+
     /// Remove a queued waiter. Returns its value, or `None` if it is no longer queued (it was
     /// granted a slot, or expired, in the meantime).
     pub fn cancel(&mut self, ticket: Ticket) -> Option<W> {

@@ -62,6 +62,14 @@ pub struct Entry<'a> {
     pub backend: Option<&'a str>,
     /// How it ended (see the metrics' outcome label).
     pub outcome: &'a str,
+    /// The backend's limit in force when the request's slot was released (absent if the
+    /// slot is still held, or the request was never admitted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+    /// Why the learned limit is there: `ramp`, `steady` or `collapsed` (absent when the
+    /// backend does not learn its limit).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit_why: Option<&'a str>,
     /// The error, when the request failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -170,6 +178,8 @@ mod tests {
             bytes: 6,
             backend: Some("iis-1"),
             outcome: "ok",
+            limit: Some(32),
+            limit_why: Some("steady"),
             error: None,
         });
         drop(log);
@@ -186,6 +196,10 @@ mod tests {
         assert_eq!(v["status"], 200);
         assert_eq!(v["backend"], "iis-1");
         assert_eq!(v["outcome"], "ok");
+        assert_eq!(
+            (&v["limit"], &v["limit_why"]),
+            (&32.into(), &"steady".into())
+        );
         let _ = std::fs::remove_file(&path);
     }
 

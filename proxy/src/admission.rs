@@ -331,14 +331,20 @@ impl Admission {
             backend,
             queued,
             hold: None,
+            released: false,
         }
     }
 
-    /// Release one slot of `backend` and hand freed capacity to waiters.
-    fn release(&self, backend: BackendId) {
+    /// Release one slot of `backend` and hand freed capacity to waiters. Returns the
+    /// backend's limit in force after the release (read under the same lock).
+    fn release(&self, backend: BackendId) -> Option<LimitNow> {
         let mut pool = self.pool();
         let grants = pool.release(backend, Instant::now().into_std());
         hand_over(&mut pool, grants);
+        pool.limit_now(backend).map(|(limit, phase)| LimitNow {
+            limit,
+            why: phase.map(|p| p.as_str()),
+        })
     }
 
     /// Change a backend's concurrency limit at runtime.
@@ -674,7 +680,7 @@ impl Waiting {
 impl Drop for Waiting {
     fn drop(&mut self) {
         if let Some(backend) = self.leave() {
-            self.admission.release(backend);
+            let _ = self.admission.release(backend);
         }
     }
 }
@@ -688,6 +694,18 @@ pub struct Permit {
     queued: bool,
     /// Keep the slot this much longer when dropped (the backend may still be working).
     hold: Option<std::time::Duration>,
+    /// Released by [`Permit::release`]: nothing left to do on drop.
+    released: bool,
+}
+
+/// A backend's limit in force, as a request's access-log entry shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitNow {
+    /// The effective limit.
+    pub limit: u32,
+    /// Why the learned limit is there (`ramp`, `steady`, `collapsed`); `None` when the
+    /// backend does not learn its limit.
+    pub why: Option<&'static str>,
 }
 
 impl Permit {
@@ -708,20 +726,29 @@ impl Permit {
     pub fn hold_on_drop(&mut self, hold: Option<std::time::Duration>) {
         self.hold = hold.filter(|d| !d.is_zero());
     }
+
+    /// Release the slot now (whatever hold was set), and say the backend's limit after it.
+    pub fn release(mut self) -> Option<LimitNow> {
+        self.released = true;
+        self.admission.release(self.backend)
+    }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
+        if self.released {
+            return;
+        }
         if let (Some(hold), Ok(rt)) = (self.hold, tokio::runtime::Handle::try_current()) {
             let admission = self.admission.clone();
             let backend = self.backend;
             rt.spawn(async move {
                 tokio::time::sleep(hold).await;
-                admission.release(backend);
+                let _ = admission.release(backend);
             });
             return;
         }
-        self.admission.release(self.backend);
+        let _ = self.admission.release(self.backend);
     }
 }
 

@@ -16,6 +16,7 @@ pub mod calibrate;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod ghost;
 pub mod handoff;
 pub mod health;
 pub mod idle;

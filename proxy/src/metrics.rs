@@ -93,6 +93,8 @@ pub struct Metrics {
     client_timeouts: IntCounterVec,
     timeout_holds: IntCounterVec,
     transitions: IntCounterVec,
+    ghosts: IntCounterVec,
+    ghost_duration: HistogramVec,
 }
 
 /// Why a client connection was refused at accept, for
@@ -275,6 +277,22 @@ impl Metrics {
             "Slots kept taken for upstream.timeout_hold after an upstream timeout, by backend.",
             &["backend"],
         );
+        let ghosts = counter(
+            "sluice_ghost_requests_total",
+            "Requests the backend kept working on after an upstream timeout, by backend and how \
+             their slot was freed: answered (the late answer was read), closed (the backend \
+             closed the connection) or expired (upstream.timeout_hold ran out).",
+            &["backend", "end"],
+        );
+        let ghost_duration = must(HistogramVec::new(
+            HistogramOpts::new(
+                "sluice_ghost_duration_seconds",
+                "Time from sending a timed-out request upstream to the end of its ghost work.",
+            )
+            .buckets(UPSTREAM_BUCKETS.to_vec()),
+            &["backend"],
+        ));
+        must(registry.register(Box::new(ghost_duration.clone())));
         let client_timeouts = counter(
             "sluice_client_timeouts_total",
             "Client connections cut off by a deadline, by phase (header, body, request).",
@@ -309,12 +327,25 @@ impl Metrics {
             client_timeouts,
             timeout_holds,
             transitions,
+            ghosts,
+            ghost_duration,
         }
     }
 
     /// Count a slot held after an upstream timeout.
     pub fn timeout_hold(&self, backend: &str) {
         self.timeout_holds.with_label_values(&[backend]).inc();
+    }
+
+    /// Count a request whose late work at `backend` ended (see [`crate::ghost`]), `took` after
+    /// it was sent upstream.
+    pub fn ghost(&self, backend: &str, end: crate::ghost::End, took: std::time::Duration) {
+        self.ghosts
+            .with_label_values(&[backend, end.as_str()])
+            .inc();
+        self.ghost_duration
+            .with_label_values(&[backend])
+            .observe(took.as_secs_f64());
     }
 
     /// The open-client-connections gauge (a cheap handle to keep per connection).

@@ -155,7 +155,7 @@ fn apply(shared: &Shared, old: &Config, new: &Config) -> ReloadReport {
                         .applied
                         .push(format!("backend {}: back in service", b.name));
                 }
-                let up = upstream(new, b);
+                let up = upstream(new, b, shared.upstream.dialed());
                 if let Some(slot) = upstreams.get_mut(i) {
                     let was_tls = before.map(|o| &o.tls);
                     if slot.addr != up.addr || slot.host != up.host || was_tls != Some(&b.tls) {
@@ -171,7 +171,7 @@ fn apply(shared: &Shared, old: &Config, new: &Config) -> ReloadReport {
                 let id =
                     admission.add_backend(&b.name, policy(b), new.health.rise, new.health.fall);
                 debug_assert_eq!(id.0, upstreams.len());
-                upstreams.push(upstream(new, b));
+                upstreams.push(upstream(new, b, shared.upstream.dialed()));
                 report.applied.push(format!(
                     "backend {} added at {} (max_inflight {})",
                     b.name, b.address, b.max_inflight
@@ -217,7 +217,7 @@ fn apply(shared: &Shared, old: &Config, new: &Config) -> ReloadReport {
                 .into(),
         );
     }
-    let fresh = Settings::new(new);
+    let fresh = Settings::new(new, shared.upstream.dialed());
     let next = Settings { upstreams, ..fresh };
     *shared.settings.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
 

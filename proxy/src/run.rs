@@ -102,15 +102,16 @@ pub fn build_server_from(
         AccessLog::off()
     });
     let metrics = Metrics::new();
+    let upstream = crate::upstream_conns::UpstreamConns::default();
     let shared = Arc::new(Shared {
         admission: admission.clone(),
-        settings: RwLock::new(Arc::new(Settings::new(cfg))),
+        settings: RwLock::new(Arc::new(Settings::new(cfg, upstream.dialed()))),
         body_budget: crate::body::BodyBudget::new(metrics.buffered_body_bytes()),
         metrics,
         access_log: RwLock::new(access_log),
         tls: tls_store(cfg),
         reload: Reloader::new(path, overrides, cfg.clone()),
-        upstream: Default::default(),
+        upstream,
     });
 
     let mut server = Server::new_with_opt_and_conf(opt, conf);

@@ -74,6 +74,11 @@ pub struct RequestCtx {
     content_length: Option<u64>,
     /// The client speaks HTTP/1.0: its answer is never chunked.
     http10: bool,
+    /// The backend connection the request was given, when sluice dialed it: after an upstream
+    /// timeout its late answer is read from it ([`crate::ghost`]).
+    conn: Option<crate::ghost::Claim>,
+    /// The backend's answer header arrived.
+    answer_started: bool,
 }
 
 /// A backend as the service sees it.
@@ -124,8 +129,14 @@ pub struct Settings {
     pub timeout_hold: Duration,
 }
 
-/// Build an upstream peer for a configured backend.
-pub fn upstream(cfg: &Config, b: &crate::config::Backend) -> Upstream {
+/// Build an upstream peer for a configured backend. A plain-TCP backend is dialed by sluice
+/// (registered in `dialed`), so that a timed-out request's late answer can be read
+/// ([`crate::ghost`]).
+pub fn upstream(
+    cfg: &Config,
+    b: &crate::config::Backend,
+    dialed: &Arc<crate::ghost::Conns>,
+) -> Upstream {
     let (tls, sni) = match &b.tls {
         Some(t) => (true, t.sni.clone()),
         None => (false, String::new()),
@@ -140,6 +151,12 @@ pub fn upstream(cfg: &Config, b: &crate::config::Backend) -> Upstream {
     o.idle_timeout = Some(cfg.upstream.idle_timeout);
     o.read_timeout = Some(cfg.upstream.read_timeout);
     o.write_timeout = Some(cfg.upstream.write_timeout);
+    if b.tls.is_none() {
+        o.custom_l4 = Some(Arc::new(crate::ghost::Dialer::new(
+            dialed.clone(),
+            cfg.upstream.connect_timeout,
+        )));
+    }
     Upstream {
         name: b.name.clone(),
         address: b.address.clone(),
@@ -150,10 +167,15 @@ pub fn upstream(cfg: &Config, b: &crate::config::Backend) -> Upstream {
 }
 
 impl Settings {
-    /// Settings for a validated config, backends in config order.
-    pub fn new(cfg: &Config) -> Self {
+    /// Settings for a validated config, backends in config order; plain-TCP backends are
+    /// dialed through `dialed`.
+    pub fn new(cfg: &Config, dialed: &Arc<crate::ghost::Conns>) -> Self {
         Settings {
-            upstreams: cfg.backends.iter().map(|b| upstream(cfg, b)).collect(),
+            upstreams: cfg
+                .backends
+                .iter()
+                .map(|b| upstream(cfg, b, dialed))
+                .collect(),
             // Retry-After takes whole seconds; never advertise 0 (an immediate retry storm).
             retry_after_secs: cfg.retry_after.as_secs().max(1),
             client_write_timeout: cfg.client_write_timeout,
@@ -458,6 +480,62 @@ impl Sluice {
             shared,
             probe_secret,
         }
+    }
+
+    /// After an upstream timeout the backend is most likely still working on the request: its
+    /// slot stays taken. When sluice still holds the connection ([`crate::ghost`]), the slot is
+    /// released when the backend answers or closes it, and at `hold` at the latest; otherwise
+    /// (a TLS backend) it is held for `hold`.
+    fn hold_timed_out(
+        &self,
+        session: &Session,
+        ctx: &mut RequestCtx,
+        mut permit: Permit,
+        hold: Duration,
+    ) {
+        let settings = self.settings(ctx);
+        let Some(up) = settings.upstreams.get(permit.backend().0) else {
+            return; // dropped with its hold
+        };
+        self.shared.metrics.timeout_hold(&up.name);
+        let Some((addr, sock)) = ctx.conn.take().and_then(crate::ghost::Claim::orphan) else {
+            log::warn!(
+                "backend {}: upstream timeout; its slot stays taken for {hold:?} \
+                 (upstream.timeout_hold), the backend is likely still working",
+                up.name
+            );
+            return;
+        };
+        log::warn!(
+            "backend {}: upstream timeout; its slot stays taken until the backend answers or \
+             closes the connection, {hold:?} at most (upstream.timeout_hold)",
+            up.name
+        );
+        permit.hold_on_drop(None);
+        let ghost = crate::ghost::Ghost {
+            head: session.req_header().method == http::Method::HEAD,
+            answer_started: ctx.answer_started,
+            until: tokio::time::Instant::now() + hold,
+            park_idle: self
+                .shared
+                .upstream
+                .idle_timeout(up.peer.options.idle_timeout)
+                .unwrap_or(hold),
+        };
+        let sent = ctx.upstream_start.unwrap_or_else(Instant::now);
+        let shared = self.shared.clone();
+        let name = up.name.clone();
+        tokio::spawn(async move {
+            let end = crate::ghost::watch(shared.upstream.dialed(), addr, sock, ghost).await;
+            drop(permit);
+            let took = sent.elapsed();
+            shared.metrics.ghost(&name, end, took);
+            log::info!(
+                "backend {name}: the timed-out request's slot is free ({}, {took:?} after it \
+                 was sent)",
+                end.as_str()
+            );
+        });
     }
 
     /// The request's settings snapshot, taken on first use (one lock per request, and a reload
@@ -809,6 +887,7 @@ impl ProxyHttp for Sluice {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        ctx.answer_started = true;
         if let (Some(backend), false) = (ctx.backend, ctx.probe) {
             let latency = ctx.upstream_start.map(|t| t.elapsed()).unwrap_or_default();
             let sample = if upstream_response.status.is_server_error() {
@@ -897,6 +976,9 @@ impl ProxyHttp for Sluice {
         ctx: &mut RequestCtx,
         client_reused: bool,
     ) -> Box<Error> {
+        // A connection parked after a late answer is a reused one, whatever pingora saw.
+        let client_reused =
+            client_reused || ctx.conn.as_ref().is_some_and(crate::ghost::Claim::recycled);
         if let (Some(backend), false) = (ctx.backend, ctx.probe) {
             if matches!(e.esource(), ErrorSource::Upstream) {
                 let latency = ctx.upstream_start.map(|t| t.elapsed()).unwrap_or_default();
@@ -990,6 +1072,7 @@ impl ProxyHttp for Sluice {
         if let (Some(b), false) = (ctx.backend, reused) {
             self.shared.upstream.opened(b.0, fd);
         }
+        ctx.conn = self.shared.upstream.dialed().claim(fd);
         if let Some(b) = ctx.backend {
             if let Some(up) = self.settings(ctx).upstreams.get(b.0) {
                 self.shared.metrics.upstream_connection(&up.name, reused);
@@ -1008,7 +1091,8 @@ impl ProxyHttp for Sluice {
         // Release the backend slot first: the response has been delivered or the request is
         // over, and the next waiter should not wait for bookkeeping. After an upstream timeout
         // the backend is most likely still working on the request: the slot is held a while.
-        if let Some(mut permit) = ctx.permit.take() {
+        let mut limit = None;
+        if let Some(permit) = ctx.permit.take() {
             let timed_out = e.is_some_and(|e| {
                 matches!(e.esource(), ErrorSource::Upstream)
                     && matches!(
@@ -1016,23 +1100,15 @@ impl ProxyHttp for Sluice {
                         ErrorType::ReadTimedout | ErrorType::WriteTimedout
                     )
             });
-            if timed_out && !ctx.probe {
-                let hold = self.settings(ctx).timeout_hold;
-                if !hold.is_zero() {
-                    if let Some(up) = self.settings(ctx).upstreams.get(permit.backend().0) {
-                        self.shared.metrics.timeout_hold(&up.name);
-                        log::warn!(
-                            "backend {}: upstream timeout; its slot stays taken for {hold:?} \
-                             (upstream.timeout_hold), the backend is likely still working",
-                            up.name
-                        );
-                    }
-                }
+            let hold = self.settings(ctx).timeout_hold;
+            if timed_out && !ctx.probe && !hold.is_zero() {
+                self.hold_timed_out(session, ctx, permit, hold);
             } else {
-                permit.hold_on_drop(None);
+                limit = permit.release();
             }
-            drop(permit);
         }
+        // The connection's spare descriptor closes now if pingora is done with it.
+        ctx.conn = None;
         if ctx.probe {
             return;
         }
@@ -1089,6 +1165,8 @@ impl ProxyHttp for Sluice {
                 bytes: session.body_bytes_sent(),
                 backend,
                 outcome: outcome.as_str(),
+                limit: limit.map(|l| l.limit),
+                limit_why: limit.and_then(|l| l.why),
                 error: e.map(|e| e.to_string()),
             });
         }

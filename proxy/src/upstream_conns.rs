@@ -46,6 +46,8 @@ struct List {
 pub struct UpstreamConns {
     list: Mutex<List>,
     draining: AtomicBool,
+    /// The connections sluice dials itself, and those parked after a late answer.
+    dialed: std::sync::Arc<crate::ghost::Conns>,
 }
 
 impl Default for UpstreamConns {
@@ -56,6 +58,7 @@ impl Default for UpstreamConns {
                 prune_at: PRUNE_AT_LEAST,
             }),
             draining: AtomicBool::new(false),
+            dialed: crate::ghost::Conns::new(),
         }
     }
 }
@@ -101,8 +104,15 @@ impl UpstreamConns {
     }
 
     /// From now on, connections go back to the pool with [`DRAIN_IDLE_TIMEOUT`].
+    /// Connections parked after a late answer are closed.
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::Release);
+        self.dialed.start_draining();
+    }
+
+    /// The registry of connections sluice dials itself (see [`crate::ghost`]).
+    pub fn dialed(&self) -> &std::sync::Arc<crate::ghost::Conns> {
+        &self.dialed
     }
 
     /// The idle timeout for a connection released now: `configured`, or

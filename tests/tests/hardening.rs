@@ -401,3 +401,118 @@ async fn an_upstream_timeout_keeps_the_slot_while_the_backend_still_works() {
     })
     .await;
 }
+
+/// The value of `name` with the label `end="{end}"`, whatever the backend label.
+fn ghosts(proxy: &sluice::RunningProxy, end: &str) -> u64 {
+    let text = proxy.shared().metrics.render(proxy.admission());
+    let label = format!("end=\"{end}\"");
+    text.lines()
+        .filter(|l| l.starts_with("sluice_ghost_requests_total{") && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// After a `504` the slot is freed when the backend finishes the timed-out request (sluice
+/// keeps the backend connection and reads the late answer), not after the fixed
+/// `upstream.timeout_hold`. Cap 1, hold 30 s, a 1.5 s request timed out at 300 ms, for each
+/// framing of the late answer: the next request reaches the backend only once that work is
+/// done (the backend never sees 2 at once), is answered long before the hold would end (its
+/// client gives up after 10 s), and goes over the same backend connection when the late answer
+/// left it open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_504_the_slot_is_freed_when_the_backend_finishes_the_request() {
+    let (emu, proxy) = emulator_and_proxy(
+        Duration::from_millis(5),
+        1,
+        100,
+        Duration::from_secs(20),
+        "[upstream]\nread_timeout = \"300ms\"\ntimeout_hold = \"30s\"\n",
+    )
+    .await;
+    let addr = proxy.addr();
+    for (i, framing) in ["length", "chunked", "close"].into_iter().enumerate() {
+        emu.reset_stats();
+        let late = format!("late-{framing}");
+        let mut c = Conn::connect(addr).await.expect("connect");
+        c.set_timeout(Duration::from_secs(10));
+        let r = c
+            .send(
+                &Request::post("/pay", "amount=1")
+                    .txn(&late)
+                    .header("X-Service-Time", "1500ms")
+                    .header("X-Framing", framing),
+            )
+            .await
+            .expect("an answer");
+        assert_eq!(r.status, 504, "{framing}: {}", r.text());
+        assert_eq!(
+            proxy.admission().snapshot().backends[0].inflight,
+            1,
+            "{framing}: the slot stays taken while the backend works"
+        );
+        let next = format!("next-{framing}");
+        let mut c = Conn::connect(addr).await.expect("connect");
+        c.set_timeout(Duration::from_secs(10));
+        let r = c
+            .send(&Request::get("/pay").txn(&next))
+            .await
+            .expect("answered before the 30 s hold would end");
+        assert_eq!(r.status, 200, "{framing}: {}", r.text());
+        assert_eq!(r.txn_id(), Some(next.as_str()));
+        let stats = emu.stats();
+        assert_eq!(stats.max_inside, 1, "{framing}: cap 1 held: {stats:?}");
+        assert_eq!(ghosts(&proxy, "answered"), i as u64 + 1, "{framing}");
+        let seen = emu.seen();
+        let conn_of = |txn: &str| {
+            seen.iter()
+                .find(|s| s.txn.as_deref() == Some(txn))
+                .map(|s| s.conn)
+                .expect("seen")
+        };
+        if framing == "close" {
+            assert_ne!(conn_of(&late), conn_of(&next), "closed after its answer");
+        } else {
+            assert_eq!(
+                conn_of(&late),
+                conn_of(&next),
+                "{framing}: the connection went back into use"
+            );
+        }
+    }
+    assert_eq!(ghosts(&proxy, "expired"), 0);
+    assert_eq!(ghosts(&proxy, "closed"), 0);
+}
+
+/// A backend that never answers a timed-out request: its slot is held for
+/// `upstream.timeout_hold`, then released and the connection closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_backend_never_answers_keeps_its_slot_for_the_hold() {
+    let (emu, proxy) = emulator_and_proxy(
+        Duration::from_millis(5),
+        1,
+        100,
+        Duration::from_secs(20),
+        "[upstream]\nread_timeout = \"300ms\"\ntimeout_hold = \"1s\"\n",
+    )
+    .await;
+    let mut c = Conn::connect(proxy.addr()).await.expect("connect");
+    c.set_timeout(Duration::from_secs(10));
+    let r = c
+        .send(&Request::get("/pay").txn("hung").header("X-Fault", "hang"))
+        .await
+        .expect("an answer");
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert_eq!(proxy.admission().snapshot().backends[0].inflight, 1);
+    eventually("the hold ends", Duration::from_secs(5), || {
+        proxy.admission().snapshot().backends[0].inflight == 0
+    })
+    .await;
+    eventually("counted as expired", Duration::from_secs(5), || {
+        ghosts(&proxy, "expired") == 1
+    })
+    .await;
+    eventually("the connection is closed", Duration::from_secs(5), || {
+        emu.stats().open_connections == 0
+    })
+    .await;
+}

@@ -206,6 +206,7 @@ async fn metrics_and_access_log_match_a_known_traffic_pattern() {
     assert_eq!(ok["backend"], "iis");
     assert_eq!(ok["method"], "GET");
     assert!(ok["upstream_ms"].as_f64().is_some() && ok["time"].as_str().is_some());
+    assert_eq!(ok["limit"], 1, "the limit in force: {ok}");
     let _ = std::fs::remove_file(&log_path);
 }
 

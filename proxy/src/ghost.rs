@@ -1,0 +1,812 @@
+//! Ghost work: what the backend still does after sluice gave up waiting for it, tracked from
+//! the wire instead of guessed.
+//!
+//! After an upstream timeout the client gets its `504`, but the backend (an ISAPI request on
+//! one of its threads) is most likely still working. pingora drops the upstream connection on
+//! that error, and with it any way to see the backend finish; a fixed hold
+//! (`upstream.timeout_hold`) was the only guess left. So sluice dials plain-TCP backend
+//! connections itself, through pingora's custom L4 connector ([`Dialer`]), and keeps a spare
+//! descriptor of each socket (`TcpStream::try_clone`, a `dup`). When pingora drops a connection
+//! whose request timed out, the socket stays open through the spare, and [`watch`] reads the
+//! late answer:
+//! - the slot is released when the backend answers or closes the connection, and at
+//!   `upstream.timeout_hold` at the latest;
+//! - a complete answer on a keep-alive connection parks it for the next connection sluice
+//!   needs to that backend ([`Conns::unpark`]), so the backend sees no extra connection.
+//!
+//! Every other spare is closed the moment pingora is done with its connection: a tracer on
+//! pingora's stream reports the drop, and a connection the request path does not claim as a
+//! ghost closes with it. So no connection outlives pingora's use of it by more than the end of
+//! its request.
+//!
+//! Backends reached over TLS are dialed by pingora: their late answer cannot be read without
+//! the TLS session, and their slots keep the fixed hold.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::connectors::L4Connect;
+use pingora::protocols::l4::socket::SocketAddr as PeerAddr;
+use pingora::protocols::l4::stream::Stream;
+use pingora::upstreams::peer::{Tracer, Tracing};
+use pingora::{Error, ErrorType, OrErr, Result};
+use tokio::io::AsyncReadExt;
+
+/// Largest response header a ghost answer may have before sluice stops parsing it (and waits
+/// for the backend to close instead).
+const MAX_HEAD: usize = 64 * 1024;
+
+/// A connection parked after a ghost answer is dropped after this long unused, at most.
+const MAX_PARKED_IDLE: Duration = Duration::from_secs(60);
+
+/// The sockets sluice dialed and still holds a spare descriptor of, and the connections parked
+/// after a ghost answer. One per process.
+#[derive(Debug, Default)]
+pub struct Conns {
+    /// By pingora's descriptor: looked up when a request gets its connection.
+    by_fd: Mutex<HashMap<RawFd, Arc<Conn>>>,
+    /// Keep-alive connections whose late answer was read whole.
+    parked: Mutex<Vec<Parked>>,
+    /// The process is draining: nothing is parked any more.
+    draining: std::sync::atomic::AtomicBool,
+    /// Ids for parked connections.
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Debug)]
+struct Parked {
+    id: u64,
+    addr: SocketAddr,
+    sock: std::net::TcpStream,
+}
+
+/// One dialed connection.
+#[derive(Debug)]
+struct Conn {
+    fd: RawFd,
+    addr: SocketAddr,
+    /// Taken out of the park rather than dialed: for the request path it is a reused
+    /// connection (the backend may have closed it since).
+    recycled: bool,
+    state: Mutex<ConnState>,
+}
+
+#[derive(Debug)]
+struct ConnState {
+    /// The spare descriptor: `None` once closed or handed to a ghost watch.
+    spare: Option<std::net::TcpStream>,
+    /// A request uses the connection now.
+    claimed: bool,
+    /// pingora dropped its stream.
+    dropped: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Conns {
+    /// A new registry, shared by every backend's [`Dialer`].
+    pub fn new() -> Arc<Self> {
+        Arc::default()
+    }
+
+    /// The connection pingora hands a request (by its descriptor, from
+    /// `connected_to_upstream`), if sluice dialed it.
+    pub fn claim(&self, fd: RawFd) -> Option<Claim> {
+        let conn = lock(&self.by_fd).get(&fd)?.clone();
+        lock(&conn.state).claimed = true;
+        Some(Claim(conn))
+    }
+
+    /// Close every parked connection and park no more (the process is draining).
+    pub fn start_draining(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Release);
+        lock(&self.parked).clear();
+    }
+
+    /// Connections sluice dialed that pingora still holds.
+    pub fn dialed(&self) -> usize {
+        lock(&self.by_fd).len()
+    }
+
+    /// Connections parked after a ghost answer.
+    pub fn parked(&self) -> usize {
+        lock(&self.parked).len()
+    }
+
+    /// A parked connection to `addr` the backend has not closed, newest first.
+    fn unpark(&self, addr: SocketAddr) -> Option<std::net::TcpStream> {
+        let mut parked = lock(&self.parked);
+        while let Some(i) = parked.iter().rposition(|p| p.addr == addr) {
+            let p = parked.swap_remove(i);
+            // Alive and quiet: nothing to read yet. Anything else (closed, or bytes nobody
+            // asked for) and it is dropped.
+            let mut probe = [0u8; 1];
+            if matches!(p.sock.peek(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+            {
+                return Some(p.sock);
+            }
+        }
+        None
+    }
+
+    /// Park a connection after its ghost answer, for `idle` at most.
+    fn park(self: &Arc<Self>, addr: SocketAddr, sock: std::net::TcpStream, idle: Duration) {
+        if self.draining.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        lock(&self.parked).push(Parked { id, addr, sock });
+        let conns = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(idle.min(MAX_PARKED_IDLE)).await;
+            lock(&conns.parked).retain(|p| p.id != id);
+        });
+    }
+
+    fn forget(&self, conn: &Arc<Conn>) {
+        let mut by_fd = lock(&self.by_fd);
+        if by_fd.get(&conn.fd).is_some_and(|c| Arc::ptr_eq(c, conn)) {
+            by_fd.remove(&conn.fd);
+        }
+    }
+}
+
+/// A request's hold on the connection it was given: while it lasts, the spare descriptor
+/// survives pingora dropping the connection, so that a timed-out request can become a ghost
+/// ([`Claim::orphan`]). Dropping the claim closes the spare if pingora is done.
+#[derive(Debug)]
+pub struct Claim(Arc<Conn>);
+
+impl Claim {
+    /// The connection came out of the park: treat it as reused.
+    pub fn recycled(&self) -> bool {
+        self.0.recycled
+    }
+
+    /// The socket, if pingora dropped its side of the connection (it does on an upstream
+    /// timeout): the backend's late answer can still be read from it.
+    pub fn orphan(self) -> Option<(SocketAddr, std::net::TcpStream)> {
+        let mut st = lock(&self.0.state);
+        if !st.dropped {
+            return None;
+        }
+        st.spare.take().map(|s| (self.0.addr, s))
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let mut st = lock(&self.0.state);
+        st.claimed = false;
+        if st.dropped {
+            st.spare = None;
+        }
+    }
+}
+
+/// Tells the registry when pingora drops a connection sluice dialed.
+#[derive(Debug, Clone)]
+struct OnDrop {
+    conns: Arc<Conns>,
+    conn: Arc<Conn>,
+}
+
+impl Tracing for OnDrop {
+    fn on_connected(&self) {}
+
+    fn on_disconnected(&self) {
+        // Called from the stream's drop, before its descriptor closes: the number cannot have
+        // been reused yet.
+        self.conns.forget(&self.conn);
+        let mut st = lock(&self.conn.state);
+        st.dropped = true;
+        if !st.claimed {
+            st.spare = None;
+        }
+    }
+
+    fn boxed_clone(&self) -> Box<dyn Tracing> {
+        Box::new(self.clone())
+    }
+}
+
+/// pingora's L4 connector for a plain-TCP backend: connects (or takes a parked connection)
+/// and keeps a spare descriptor of the socket in [`Conns`].
+#[derive(Debug)]
+pub struct Dialer {
+    conns: Arc<Conns>,
+    connect_timeout: Duration,
+}
+
+impl Dialer {
+    /// A connector registering its connections in `conns`.
+    pub fn new(conns: Arc<Conns>, connect_timeout: Duration) -> Self {
+        Dialer {
+            conns,
+            connect_timeout,
+        }
+    }
+
+    async fn dial(&self, addr: SocketAddr) -> Result<std::net::TcpStream> {
+        let connect = pingora::protocols::l4::ext::connect(&addr, None);
+        let tcp = match tokio::time::timeout(self.connect_timeout, connect).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Error::e_explain(
+                    ErrorType::ConnectTimedout,
+                    format!("timeout {:?} connecting to {addr}", self.connect_timeout),
+                )
+            }
+        };
+        tcp.into_std()
+            .or_err(ErrorType::SocketError, "cannot take the connected socket")
+    }
+}
+
+#[async_trait]
+impl L4Connect for Dialer {
+    async fn connect(&self, addr: &PeerAddr) -> Result<Stream> {
+        let PeerAddr::Inet(addr) = addr else {
+            return Error::e_explain(ErrorType::ConnectError, "sluice dials TCP backends only");
+        };
+        let (sock, recycled) = match self.conns.unpark(*addr) {
+            Some(s) => (s, true),
+            None => (self.dial(*addr).await?, false),
+        };
+        let spare = sock.try_clone().or_err(
+            ErrorType::SocketError,
+            "cannot duplicate the backend socket",
+        )?;
+        let tcp = tokio::net::TcpStream::from_std(sock)
+            .or_err(ErrorType::SocketError, "cannot register the backend socket")?;
+        let conn = Arc::new(Conn {
+            fd: tcp.as_raw_fd(),
+            addr: *addr,
+            recycled,
+            state: Mutex::new(ConnState {
+                spare: Some(spare),
+                claimed: false,
+                dropped: false,
+            }),
+        });
+        lock(&self.conns.by_fd).insert(conn.fd, conn.clone());
+        let mut stream = Stream::from(tcp);
+        stream.tracer = Some(Tracer(Box::new(OnDrop {
+            conns: self.conns.clone(),
+            conn,
+        })));
+        Ok(stream)
+    }
+}
+
+/// How a ghost ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// The backend finished its answer.
+    Answered,
+    /// The backend closed the connection (or it broke) before a complete answer.
+    Closed,
+    /// `upstream.timeout_hold` ran out first; the connection is closed.
+    Expired,
+}
+
+impl End {
+    /// Label value for metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            End::Answered => "answered",
+            End::Closed => "closed",
+            End::Expired => "expired",
+        }
+    }
+}
+
+/// What sluice knows of the request when it became a ghost.
+#[derive(Debug, Clone, Copy)]
+pub struct Ghost {
+    /// A `HEAD` request: its answer has no body.
+    pub head: bool,
+    /// Part of the answer had already been read by pingora: its framing is lost, and only the
+    /// backend closing the connection ends it.
+    pub answer_started: bool,
+    /// The slot is released at this instant at the latest.
+    pub until: tokio::time::Instant,
+    /// How long a connection parked after a complete answer may wait for reuse.
+    pub park_idle: Duration,
+}
+
+/// Read the backend's late answer on `sock` until it is complete, the backend closes, or
+/// `ghost.until`. A complete answer on a keep-alive connection is parked in `conns`.
+pub async fn watch(
+    conns: &Arc<Conns>,
+    addr: SocketAddr,
+    sock: std::net::TcpStream,
+    ghost: Ghost,
+) -> End {
+    let Ok(mut tcp) = tokio::net::TcpStream::from_std(sock) else {
+        return End::Closed;
+    };
+    let mut framing = Framing::new(ghost.head, ghost.answer_started);
+    let mut buf = Vec::with_capacity(4096);
+    loop {
+        match framing.advance(&buf) {
+            Progress::Done { reusable } => {
+                if reusable {
+                    if let Ok(sock) = tcp.into_std() {
+                        conns.park(addr, sock, ghost.park_idle);
+                    }
+                }
+                return End::Answered;
+            }
+            Progress::NeedMore { consumed } => {
+                buf.drain(..consumed);
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        match tokio::time::timeout_at(ghost.until, tcp.read(&mut chunk)).await {
+            Err(_) => return End::Expired,
+            Ok(Ok(0)) => {
+                return match framing.at_close() {
+                    true => End::Answered,
+                    false => End::Closed,
+                }
+            }
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Ok(Err(_)) => return End::Closed,
+        }
+    }
+}
+
+/// Where the reading of an HTTP/1 response stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Waiting for a (final) response header.
+    Head,
+    /// `n` body bytes left.
+    Length(u64),
+    /// Waiting for a chunk-size line.
+    ChunkSize,
+    /// `n` bytes of chunk data, and its CRLF, left.
+    ChunkData(u64),
+    /// Trailer lines, up to an empty one.
+    Trailers,
+    /// The body ends when the connection does.
+    UntilClose,
+}
+
+/// What [`Framing::advance`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// The answer is complete; the connection can carry another request if `reusable`.
+    Done {
+        /// Keep-alive, and nothing after the answer.
+        reusable: bool,
+    },
+    /// More bytes needed; the first `consumed` bytes of the buffer were used up.
+    NeedMore {
+        /// Bytes to drop from the front of the buffer.
+        consumed: usize,
+    },
+}
+
+/// An HTTP/1 response reader that only finds where the answer ends.
+#[derive(Debug)]
+pub struct Framing {
+    head: bool,
+    state: State,
+    keepalive: bool,
+}
+
+impl Framing {
+    /// A reader for the answer to a request (`head`: a `HEAD` request). `started`: the
+    /// beginning was already read elsewhere, so only the end of the connection ends it.
+    pub fn new(head: bool, started: bool) -> Self {
+        Framing {
+            head,
+            state: if started {
+                State::UntilClose
+            } else {
+                State::Head
+            },
+            keepalive: false,
+        }
+    }
+
+    /// Whether the connection closing now ends the answer (a close-delimited body).
+    pub fn at_close(&self) -> bool {
+        self.state == State::UntilClose
+    }
+
+    /// Read as far as `buf` allows. `buf` holds the bytes not consumed by earlier calls.
+    pub fn advance(&mut self, buf: &[u8]) -> Progress {
+        let mut pos = 0;
+        loop {
+            let rest = &buf[pos..];
+            match self.state {
+                State::Head => {
+                    let mut headers = [httparse::EMPTY_HEADER; 64];
+                    let mut resp = httparse::Response::new(&mut headers);
+                    match resp.parse(rest) {
+                        Ok(httparse::Status::Complete(n)) => {
+                            pos += n;
+                            let code = resp.code.unwrap_or(0);
+                            if (100..200).contains(&code) && code != 101 {
+                                continue; // interim answer: the final one follows
+                            }
+                            self.state = self.body_of(&resp, code);
+                        }
+                        Ok(httparse::Status::Partial) if rest.len() <= MAX_HEAD => {
+                            return Progress::NeedMore { consumed: pos }
+                        }
+                        // Unparseable or too large: only the backend closing ends it.
+                        _ => {
+                            self.state = State::UntilClose;
+                            self.keepalive = false;
+                        }
+                    }
+                }
+                State::Length(0) => {
+                    return Progress::Done {
+                        reusable: self.keepalive && pos == buf.len(),
+                    }
+                }
+                State::Length(n) => {
+                    let take = n.min(rest.len() as u64);
+                    pos += take as usize;
+                    self.state = State::Length(n - take);
+                    if take == 0 {
+                        return Progress::NeedMore { consumed: pos };
+                    }
+                }
+                State::ChunkSize => match httparse::parse_chunk_size(rest) {
+                    Ok(httparse::Status::Complete((n, 0))) => {
+                        pos += n;
+                        self.state = State::Trailers;
+                    }
+                    Ok(httparse::Status::Complete((n, size))) => {
+                        pos += n;
+                        self.state = State::ChunkData(size.saturating_add(2));
+                    }
+                    Ok(httparse::Status::Partial) if rest.len() <= MAX_HEAD => {
+                        return Progress::NeedMore { consumed: pos }
+                    }
+                    _ => {
+                        self.state = State::UntilClose;
+                        self.keepalive = false;
+                    }
+                },
+                State::ChunkData(n) => {
+                    let take = n.min(rest.len() as u64);
+                    pos += take as usize;
+                    self.state = if take == n {
+                        State::ChunkSize
+                    } else {
+                        State::ChunkData(n - take)
+                    };
+                    if take < n {
+                        return Progress::NeedMore { consumed: pos };
+                    }
+                }
+                State::Trailers => match rest.windows(2).position(|w| w == b"\r\n") {
+                    Some(0) => {
+                        pos += 2;
+                        return Progress::Done {
+                            reusable: self.keepalive && pos == buf.len(),
+                        };
+                    }
+                    Some(line) => pos += line + 2,
+                    None if rest.len() <= MAX_HEAD => return Progress::NeedMore { consumed: pos },
+                    None => {
+                        self.state = State::UntilClose;
+                        self.keepalive = false;
+                    }
+                },
+                State::UntilClose => {
+                    return Progress::NeedMore {
+                        consumed: buf.len(),
+                    }
+                }
+            }
+        }
+    }
+
+    /// The body framing of a final answer, and whether the connection stays open after it.
+    fn body_of(&mut self, resp: &httparse::Response<'_, '_>, code: u16) -> State {
+        let header = |name: &'static str| {
+            resp.headers
+                .iter()
+                .filter(move |h| h.name.eq_ignore_ascii_case(name))
+                .map(|h| String::from_utf8_lossy(h.value).to_ascii_lowercase())
+        };
+        let connection: Vec<String> = header("connection").collect();
+        let says = |token: &str| {
+            connection
+                .iter()
+                .any(|v| v.split(',').any(|t| t.trim() == token))
+        };
+        self.keepalive = match resp.version {
+            Some(1) => !says("close"),
+            _ => says("keep-alive"),
+        };
+        if self.head || code == 204 || code == 304 {
+            return State::Length(0);
+        }
+        if code == 101 {
+            self.keepalive = false;
+            return State::UntilClose;
+        }
+        let chunked = header("transfer-encoding")
+            .next_back()
+            .is_some_and(|v| v.rsplit(',').next().is_some_and(|t| t.trim() == "chunked"));
+        if chunked {
+            return State::ChunkSize;
+        }
+        let lengths: Vec<Option<u64>> = header("content-length")
+            .map(|v| v.trim().parse().ok())
+            .collect();
+        match lengths.as_slice() {
+            [Some(n), rest @ ..] if rest.iter().all(|m| *m == Some(*n)) => State::Length(*n),
+            [] => {
+                self.keepalive = false;
+                State::UntilClose
+            }
+            // Conflicting or invalid lengths: trust only the close.
+            _ => {
+                self.keepalive = false;
+                State::UntilClose
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feed `bytes` in pieces of `step`, as a socket might deliver them.
+    fn read(head: bool, bytes: &[u8], step: usize) -> Option<Progress> {
+        let mut f = Framing::new(head, false);
+        let mut buf = Vec::new();
+        for piece in bytes.chunks(step.max(1)) {
+            buf.extend_from_slice(piece);
+            match f.advance(&buf) {
+                done @ Progress::Done { .. } => return Some(done),
+                Progress::NeedMore { consumed } => {
+                    buf.drain(..consumed);
+                }
+            }
+        }
+        None
+    }
+
+    const DONE_REUSABLE: Option<Progress> = Some(Progress::Done { reusable: true });
+    const DONE_CLOSE: Option<Progress> = Some(Progress::Done { reusable: false });
+
+    #[test]
+    fn finds_the_end_of_each_framing_whatever_the_pieces() {
+        let cases: &[(&[u8], bool, Option<Progress>)] = &[
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+                false,
+                DONE_REUSABLE,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+                false,
+                DONE_CLOSE,
+            ),
+            (
+                b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                false,
+                DONE_CLOSE,
+            ),
+            (
+                b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\nConnection: Keep-Alive\r\n\r\nok",
+                false,
+                DONE_REUSABLE,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;x=1\r\nhello\r\n3\r\nabc\r\n0\r\nX-T: 1\r\n\r\n",
+                false,
+                DONE_REUSABLE,
+            ),
+            (
+                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n",
+                false,
+                DONE_REUSABLE,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n",
+                true,
+                DONE_REUSABLE,
+            ),
+            // Not complete yet.
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhel", false, None),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+                false,
+                None,
+            ),
+            // Close-delimited, garbage, conflicting lengths: only the close ends them.
+            (b"HTTP/1.1 200 OK\r\n\r\nsome body", false, None),
+            (b"garbage\r\n\r\n", false, None),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+                false,
+                None,
+            ),
+        ];
+        for (bytes, head, want) in cases {
+            for step in [1, 2, 7, bytes.len()] {
+                assert_eq!(
+                    read(*head, bytes, step),
+                    *want,
+                    "{:?} in pieces of {step}",
+                    String::from_utf8_lossy(bytes)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn bytes_after_the_answer_keep_the_connection_from_reuse() {
+        let mut f = Framing::new(false, false);
+        assert_eq!(
+            f.advance(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nxHTTP/1.1"),
+            Progress::Done { reusable: false }
+        );
+    }
+
+    #[test]
+    fn a_close_ends_only_a_close_delimited_answer() {
+        let mut f = Framing::new(false, false);
+        assert_eq!(
+            f.advance(b"HTTP/1.1 200 OK\r\n\r\npartial"),
+            Progress::NeedMore { consumed: 26 }
+        );
+        assert!(f.at_close());
+        let mut f = Framing::new(false, false);
+        let _ = f.advance(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nab");
+        assert!(!f.at_close(), "a cut Content-Length body is not an answer");
+        assert!(
+            Framing::new(false, true).at_close(),
+            "an answer already started"
+        );
+    }
+
+    #[test]
+    fn an_oversized_head_stops_being_parsed() {
+        let mut f = Framing::new(false, false);
+        let mut big = b"HTTP/1.1 200 OK\r\nX: ".to_vec();
+        big.resize(MAX_HEAD + 10, b'a');
+        let _ = f.advance(&big);
+        assert!(f.at_close());
+    }
+
+    async fn backend() -> (tokio::net::TcpListener, SocketAddr) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let a = l.local_addr().expect("addr");
+        (l, a)
+    }
+
+    fn ghost(until: Duration) -> Ghost {
+        Ghost {
+            head: false,
+            answer_started: false,
+            until: tokio::time::Instant::now() + until,
+            park_idle: Duration::from_secs(5),
+        }
+    }
+
+    /// A late answer ends the ghost and parks the connection; the next dial takes it instead
+    /// of connecting, and the backend sees one connection only.
+    #[tokio::test]
+    async fn a_late_answer_parks_the_connection_for_the_next_dial() {
+        use tokio::io::AsyncWriteExt;
+        let (l, addr) = backend().await;
+        let conns = Conns::new();
+        let sock = std::net::TcpStream::connect(addr).expect("connect");
+        sock.set_nonblocking(true).expect("nonblocking");
+        let (mut server, _) = l.accept().await.expect("accept");
+        let w = tokio::spawn(async move {
+            server
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .await
+                .expect("write");
+            server
+        });
+        let end = watch(&conns, addr, sock, ghost(Duration::from_secs(10))).await;
+        assert_eq!(end, End::Answered);
+        assert_eq!(conns.parked(), 1);
+        let _server = w.await.expect("server");
+        let dialer = Dialer::new(conns.clone(), Duration::from_secs(1));
+        let stream = dialer.connect(&PeerAddr::Inet(addr)).await.expect("dial");
+        assert_eq!(conns.parked(), 0, "taken out of the park");
+        assert_eq!(conns.dialed(), 1);
+        let claim = conns.claim(stream.as_raw_fd()).expect("registered");
+        assert!(claim.recycled());
+        drop(stream);
+        assert_eq!(conns.dialed(), 0, "forgotten when pingora drops it");
+        assert!(
+            claim.orphan().is_some(),
+            "a claimed connection's spare survives"
+        );
+        // Nothing else was accepted: the backend saw a single connection.
+        let more = tokio::time::timeout(Duration::from_millis(50), l.accept()).await;
+        assert!(more.is_err(), "no second connection");
+    }
+
+    #[tokio::test]
+    async fn a_close_or_the_hold_ends_a_ghost() {
+        let (l, addr) = backend().await;
+        let conns = Conns::new();
+        // The backend closes without answering.
+        let sock = std::net::TcpStream::connect(addr).expect("connect");
+        sock.set_nonblocking(true).expect("nonblocking");
+        let (server, _) = l.accept().await.expect("accept");
+        drop(server);
+        let end = watch(&conns, addr, sock, ghost(Duration::from_secs(10))).await;
+        assert_eq!(end, End::Closed);
+        // The backend never answers: the hold ends it.
+        let sock = std::net::TcpStream::connect(addr).expect("connect");
+        sock.set_nonblocking(true).expect("nonblocking");
+        let (_server, _) = l.accept().await.expect("accept");
+        let end = watch(&conns, addr, sock, ghost(Duration::from_millis(100))).await;
+        assert_eq!(end, End::Expired);
+        assert_eq!(conns.parked(), 0);
+    }
+
+    /// An unclaimed connection's spare closes with pingora's stream: the backend sees the
+    /// close at once.
+    #[tokio::test]
+    async fn an_unclaimed_connection_closes_with_pingoras_stream() {
+        let (l, addr) = backend().await;
+        let conns = Conns::new();
+        let dialer = Dialer::new(conns.clone(), Duration::from_secs(1));
+        let stream = dialer.connect(&PeerAddr::Inet(addr)).await.expect("dial");
+        let (mut server, _) = l.accept().await.expect("accept");
+        assert_eq!(conns.dialed(), 1);
+        drop(stream);
+        let mut b = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), server.read(&mut b))
+            .await
+            .expect("the close arrives")
+            .expect("read");
+        assert_eq!(n, 0, "closed");
+        // A claimed one closes when the claim ends.
+        let stream = dialer.connect(&PeerAddr::Inet(addr)).await.expect("dial");
+        let (mut server, _) = l.accept().await.expect("accept");
+        let claim = conns.claim(stream.as_raw_fd()).expect("registered");
+        assert!(!claim.recycled());
+        drop(stream);
+        drop(claim);
+        let n = tokio::time::timeout(Duration::from_secs(5), server.read(&mut b))
+            .await
+            .expect("the close arrives")
+            .expect("read");
+        assert_eq!(n, 0, "closed");
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_a_connect_error() {
+        let (l, addr) = backend().await;
+        drop(l);
+        let dialer = Dialer::new(Conns::new(), Duration::from_secs(1));
+        let e = dialer
+            .connect(&PeerAddr::Inet(addr))
+            .await
+            .expect_err("refused");
+        assert_eq!(e.etype(), &ErrorType::ConnectRefused);
+    }
+}
