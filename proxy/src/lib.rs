@@ -20,6 +20,7 @@ pub mod ghost;
 pub mod handoff;
 pub mod health;
 pub mod idle;
+pub mod logging;
 pub mod metrics;
 pub mod reclaim;
 pub mod reload;

@@ -28,7 +28,7 @@ fn main() -> ExitCode {
             };
         }
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    sluice::logging::init();
     match cli.command {
         Command::Check(args) => match args.config.load() {
             Ok(cfg) => {

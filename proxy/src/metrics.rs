@@ -95,6 +95,7 @@ pub struct Metrics {
     transitions: IntCounterVec,
     ghosts: IntCounterVec,
     ghost_duration: HistogramVec,
+    pool_races: prometheus::IntCounter,
 }
 
 /// Why a client connection was refused at accept, for
@@ -293,6 +294,12 @@ impl Metrics {
             &["backend"],
         ));
         must(registry.register(Box::new(ghost_duration.clone())));
+        let pool_races = must(prometheus::IntCounter::new(
+            "sluice_upstream_pool_races_total",
+            "Pooled upstream connections pingora lost to its pool race (pingora#998); each \
+             request affected dialed a new connection.",
+        ));
+        must(registry.register(Box::new(pool_races.clone())));
         let client_timeouts = counter(
             "sluice_client_timeouts_total",
             "Client connections cut off by a deadline, by phase (header, body, request).",
@@ -329,6 +336,7 @@ impl Metrics {
             transitions,
             ghosts,
             ghost_duration,
+            pool_races,
         }
     }
 
@@ -408,6 +416,9 @@ impl Metrics {
     /// Refresh the state gauges from admission and render the text exposition format.
     pub fn render(&self, admission: &Admission) -> String {
         let snap = admission.snapshot();
+        let races = crate::logging::pool_races();
+        self.pool_races
+            .inc_by(races.saturating_sub(self.pool_races.get()));
         self.queue_depth.set(snap.queued as i64);
         self.queue_max.set(snap.max_queue as i64);
         for b in admission.status() {
