@@ -1152,11 +1152,8 @@ impl ProxyHttp for Sluice {
             let req = session.req_header();
             let path = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
             log.log(&access_log::Entry {
-                time: access_log::now_rfc3339(),
-                client: session
-                    .client_addr()
-                    .map(|a| a.to_string())
-                    .unwrap_or_default(),
+                time: std::time::SystemTime::now(),
+                client: session.client_addr(),
                 method: req.method.as_str(),
                 path,
                 status,
@@ -1167,7 +1164,7 @@ impl ProxyHttp for Sluice {
                 outcome: outcome.as_str(),
                 limit: limit.map(|l| l.limit),
                 limit_why: limit.and_then(|l| l.why),
-                error: e.map(|e| e.to_string()),
+                error: e,
             });
         }
     }
