@@ -17,6 +17,7 @@
 //! plus passive observations of real requests). A drained backend stays drained whatever its
 //! health; a backend that turns healthy, or is made ready, restarts its slow-start ramp.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -137,6 +138,22 @@ pub struct Admission {
     backends: Mutex<Vec<BackendHealth>>,
     passive_threshold: u32,
     timer: Notify,
+    /// When the admission timer next wakes by itself, as nanoseconds after `epoch`; written
+    /// under the pool lock. A waiter queued with an earlier turn wakes it; others need not
+    /// (one cross-thread wake-up per queued request was a tenth of the CPU under load).
+    timer_until: std::sync::atomic::AtomicU64,
+    /// The time base of `timer_until`.
+    epoch: std::time::Instant,
+    /// Times a queued waiter woke the timer.
+    timer_wakes: std::sync::atomic::AtomicU64,
+}
+
+/// What a call to the pool's `acquire` gave, and whether the timer must be woken for it.
+enum Admit {
+    Admitted(BackendId),
+    Rejected,
+    /// Queued; `true`: the waiter's turn may come by time alone before the timer would wake.
+    Queued(sluice_plugins::pool::Ticket, bool),
 }
 
 /// A backend's state as shown by status output.
@@ -241,6 +258,9 @@ impl Admission {
             ),
             passive_threshold,
             timer: Notify::new(),
+            timer_until: std::sync::atomic::AtomicU64::new(0),
+            epoch: std::time::Instant::now(),
+            timer_wakes: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -279,19 +299,33 @@ impl Admission {
         let (tx, rx) = oneshot::channel();
         let acquired = {
             let mut pool = self.pool();
-            if requeue {
+            let acquired = if requeue {
                 pool.requeue(now.into_std(), deadline.into_std(), tx)
             } else {
                 pool.acquire(now.into_std(), deadline.into_std(), tx)
+            };
+            match acquired {
+                Acquire::Queued(ticket) => {
+                    let wake = pool.next_wakeup(now.into_std()).is_some_and(|at| {
+                        self.nanos(at) < self.timer_until.load(Ordering::Acquire)
+                    });
+                    Admit::Queued(ticket, wake)
+                }
+                Acquire::Admitted(b) => Admit::Admitted(b),
+                Acquire::Rejected(_) => Admit::Rejected,
             }
         };
-        let ticket = match acquired {
-            Acquire::Admitted(backend) => return Ok(self.permit(backend, false)),
-            Acquire::Rejected(_) => return Err(Shed::QueueFull),
-            Acquire::Queued(ticket) => ticket,
+        let (ticket, wake_timer) = match acquired {
+            Admit::Admitted(backend) => return Ok(self.permit(backend, false)),
+            Admit::Rejected => return Err(Shed::QueueFull),
+            Admit::Queued(ticket, wake_timer) => (ticket, wake_timer),
         };
-        // The waiter may be admitted by time alone (a token, a ramp step): wake the timer.
-        self.timer.notify_one();
+        // The waiter may be admitted by time alone (a token, a ramp step) before the timer
+        // would wake by itself: wake it.
+        if wake_timer {
+            self.timer_wakes.fetch_add(1, Ordering::Relaxed);
+            self.timer.notify_one();
+        }
         let mut waiting = Waiting {
             admission: self.clone(),
             ticket,
@@ -333,6 +367,11 @@ impl Admission {
             hold: None,
             released: false,
         }
+    }
+
+    /// `at` as nanoseconds after `self.epoch` (0 before it).
+    fn nanos(&self, at: std::time::Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
     }
 
     /// Release one slot of `backend` and hand freed capacity to waiters. Returns the
@@ -620,16 +659,20 @@ impl Admission {
         const MAX_SLEEP: Duration = Duration::from_millis(250);
         loop {
             let now = Instant::now();
-            let next = {
+            let until = {
                 let mut pool = self.pool();
                 let grants = pool.poll(now.into_std());
                 hand_over(&mut pool, grants);
-                pool.next_wakeup(now.into_std())
+                let until = pool
+                    .next_wakeup(now.into_std())
+                    .map(Instant::from_std)
+                    .unwrap_or(now + MAX_SLEEP)
+                    .min(now + MAX_SLEEP);
+                // Under the pool lock: a waiter queued from now on compares against it.
+                self.timer_until
+                    .store(self.nanos(until.into_std()), Ordering::Release);
+                until
             };
-            let until = next
-                .map(Instant::from_std)
-                .unwrap_or(now + MAX_SLEEP)
-                .min(now + MAX_SLEEP);
             tokio::select! {
                 _ = self.timer.notified() => {}
                 _ = tokio::time::sleep_until(until) => {}
@@ -840,6 +883,70 @@ mod tests {
         tokio::task::yield_now().await;
         a.set_limit(BackendId(0), 2);
         assert_eq!(waiter.await.expect("join"), Ok(BackendId(0)));
+    }
+
+    /// A waiter behind busy slots, whose turn only a release can bring, does not wake the
+    /// admission timer; one whose turn comes with a rate token does, once per earlier turn.
+    #[tokio::test(start_paused = true)]
+    async fn only_a_waiter_admitted_by_time_wakes_the_timer() {
+        let a = Admission::new(&[1], 100, Duration::from_secs(10));
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let timer = tokio::spawn(a.clone().run_timer(shutdown));
+        tokio::task::yield_now().await;
+        let p = a.acquire().await.expect("admitted");
+        let waiters: Vec<_> = (0..20)
+            .map(|_| {
+                let a = a.clone();
+                tokio::spawn(async move { a.acquire().await.map(|p| p.backend()) })
+            })
+            .collect();
+        for _ in 0..5 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(a.snapshot().queued, 20);
+        assert_eq!(
+            a.timer_wakes.load(Ordering::Relaxed),
+            0,
+            "no wake-up per waiter"
+        );
+        drop(p);
+        for w in waiters {
+            assert_eq!(w.await.expect("join"), Ok(BackendId(0)));
+        }
+
+        // Rate-limited, slots free: the next waiter's turn comes with the next token.
+        let rated = Admission::with_policies(
+            &[BackendPolicy {
+                rate: Some(RateLimit {
+                    per_second: 10.0,
+                    burst: 1,
+                }),
+                ..BackendPolicy::limit(5)
+            }],
+            vec!["b0".into()],
+            100,
+            Duration::from_secs(10),
+            0,
+            1,
+            1,
+        );
+        let (_stop2, shutdown2) = tokio::sync::watch::channel(false);
+        let timer2 = tokio::spawn(rated.clone().run_timer(shutdown2));
+        tokio::task::yield_now().await;
+        let first = rated.acquire().await.expect("the burst token");
+        let r2 = rated.clone();
+        let second = tokio::spawn(async move { r2.acquire().await.map(|p| p.backend()) });
+        tokio::task::yield_now().await;
+        assert_eq!(rated.timer_wakes.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            second.await.expect("join"),
+            Ok(BackendId(0)),
+            "admitted by the timer"
+        );
+        drop(first);
+        let _ = stop.send(true);
+        let _ = timer.await;
+        timer2.abort();
     }
 
     fn admission_for(health: &str) -> Arc<Admission> {

@@ -187,11 +187,11 @@ duration = "0s"
         with open(conf, "w") as f:
             f.write(f"""
 global
-    maxconn 20000
+    maxconn 4000
     nbthread {THREADS}
 defaults
     mode http
-    maxconn 20000
+    maxconn 4000
     option http-keep-alive
     http-reuse always
     timeout connect 2s
