@@ -356,17 +356,6 @@ async fn buffer_header(stream: Stream, deadline: Instant) -> Option<Stream> {
     }
 }
 
-/// Whether the next request on a connection has already been read (the client pipelined it):
-/// then it is served at once instead of waiting for the socket to become readable.
-///
-/// pingora 0.9 keeps those bytes inside `HttpPersistentSettings` and offers no getter, so this
-/// reads its `Debug` form. Both ways of being wrong are safe: a missed prefix waits for the
-/// keep-alive timeout and then closes (the client retries, RFC 9112 §9.3.2); a false one waits
-/// inside pingora's header read instead of sluice's. The pipelining test catches a change.
-fn has_pipelined_request(persistent: Option<&HttpPersistentSettings>) -> bool {
-    persistent.is_some_and(|p| format!("{p:?}").contains("pipelined_prefix: Some"))
-}
-
 /// How one request ended.
 enum Ended {
     /// The connection stays open for the next request.
@@ -389,7 +378,7 @@ async fn one(
     shutdown: ShutdownWatch,
 ) -> Ended {
     let settings = shared.settings();
-    let pipelined = has_pipelined_request(persistent.as_ref());
+    let pipelined = crate::compat::has_pipelined_request(persistent.as_ref());
     let progress = Arc::new(Progress::default());
     // The request line as sent, before pingora's parser escapes it; under the header deadline.
     let stream = if pipelined {
@@ -495,7 +484,7 @@ async fn serve(
         };
         let mut stream = Reclaimable::unwrap(stream);
         let idle = shared.settings().client_keepalive_timeout;
-        let started = if has_pipelined_request(persistent.as_ref()) {
+        let started = if crate::compat::has_pipelined_request(persistent.as_ref()) {
             Instant::now()
         } else {
             match wait_readable(&mut stream, idle).await {

@@ -14,6 +14,7 @@ pub mod admission;
 pub mod body;
 pub mod calibrate;
 pub mod cli;
+pub mod compat;
 pub mod config;
 pub mod demo;
 pub mod ghost;
