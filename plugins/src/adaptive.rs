@@ -18,15 +18,26 @@
 //!   multiplied by it (Envoy's and Gradient2's rule). A clean round whose demand reached the
 //!   limit adds one (additive recovery), up to the ceiling. Without the adaptive mode the
 //!   limit stays where the ramp left it (normally the ceiling) until the backend fails again.
+//! - **Slower, not queued** (adaptive): a cut that does not relieve the latency shows that the
+//!   backend got slower rather than that requests queue inside it. When a round at a limit at
+//!   least a quarter below the round that started the cuts still has 90 % of that round's mean
+//!   latency, the backend's latency no longer depends on how many requests it is given (a
+//!   longer service time, not a queue for its threads): lowering the limit further would only
+//!   cut throughput. The baseline is then re-measured from this round (its 10th percentile)
+//!   and the limit recovers additively against it. Without this, a backend whose service
+//!   time doubles while its threads stay free would be cut round after round to the floor,
+//!   its latency never falling under the old baseline's tolerance.
 //! - **Collapse**: a backend that stops completing requests while every slot is taken
 //!   ([`LatencyLimit::tick`]), or whose answers are lost (timeouts, resets after the request
 //!   was sent) [`LatencyLimitConfig::lost_in_a_row`] times in a row, drops to the floor and is
 //!   ramped again once it answers.
 //!
 //! The **baseline** is the backend's latency without queueing: the lowest 10th percentile of a
-//! round seen at a limit of at most [`LatencyLimitConfig::baseline_below`], refreshed from the
-//! rounds of the last [`LatencyLimitConfig::baseline_window`] (so a backend that becomes
-//! permanently slower is followed, slowly), and seeded by the first round. A low percentile,
+//! round (any round lowers it: a round's fastest answers are never faster than the backend
+//! unqueued), raised at the end of each [`LatencyLimitConfig::baseline_window`] to the lowest
+//! seen in it at a limit of at most [`LatencyLimitConfig::baseline_below`] (so a backend that
+//! becomes permanently slower is followed, slowly), seeded by the first round, and re-measured
+//! at once when a cut shows the backend slower rather than queued (above). A low percentile,
 //! not the mean, because even the first round may already queue at a cold backend: its
 //! fastest answers are the ones served without waiting (Envoy's and Vegas' minRTT, made robust
 //! to a single outlier).
@@ -155,6 +166,10 @@ pub struct LatencyLimit {
     ramp_start: Instant,
     /// A round of this ramp showed inflation: the clock no longer lifts the limit.
     inflated: bool,
+    /// The round (its limit and mean latency) that started the gradient's current run of
+    /// cuts, moved down each time a cut of at least a quarter relieved the latency; cleared
+    /// by a round within the tolerance.
+    cut_from: Option<(u32, Duration)>,
 }
 
 impl LatencyLimit {
@@ -174,6 +189,7 @@ impl LatencyLimit {
             last_completion: now,
             ramp_start: now,
             inflated: false,
+            cut_from: None,
         };
         l.restart(now);
         l
@@ -219,6 +235,7 @@ impl LatencyLimit {
         self.last_completion = now;
         self.ramp_start = now;
         self.inflated = false;
+        self.cut_from = None;
     }
 
     /// The limit in force at `now`.
@@ -342,6 +359,7 @@ impl LatencyLimit {
 
     fn collapse(&mut self, now: Instant) {
         self.phase = Phase::Collapsed;
+        self.cut_from = None;
         self.limit = f64::from(self.cfg.floor);
         self.last_clean = self.cfg.floor;
         self.round = Round::default();
@@ -407,12 +425,36 @@ impl LatencyLimit {
             }
             Phase::Steady => {
                 let gradient = (allowed / mean.as_secs_f64().max(1e-9)).clamp(0.5, 1.0);
+                // A cut of at least a quarter since the round that started the cuts.
+                let cut_deep = |from: u32| u64::from(at) * 4 <= u64::from(from) * 3;
                 if errors > self.cfg.max_error_rate {
                     self.limit = (self.limit * 0.5).max(floor);
                 } else if gradient < 1.0 {
+                    match self.cut_from {
+                        Some((from, from_mean))
+                            if cut_deep(from)
+                                && mean.as_secs_f64() >= 0.9 * from_mean.as_secs_f64() =>
+                        {
+                            // The cuts did not relieve the latency: the backend is slower, not
+                            // queued. Judge it against what it does now.
+                            self.baseline = Some(fastest);
+                            self.window_min = None;
+                            self.window_start = now;
+                            self.cut_from = None;
+                            if round.peak_inflight >= at {
+                                self.limit = (self.limit + 1.0).min(ceiling);
+                            }
+                            return;
+                        }
+                        Some((from, _)) if !cut_deep(from) => {}
+                        _ => self.cut_from = Some((at, mean)),
+                    }
                     self.limit = (self.limit * gradient).max(floor);
                 } else if round.peak_inflight >= at {
                     self.limit = (self.limit + 1.0).min(ceiling);
+                }
+                if !inflated {
+                    self.cut_from = None;
                 }
             }
             Phase::Collapsed => {}
@@ -428,10 +470,11 @@ impl LatencyLimit {
             }
             self.window_start = now;
         }
-        let low = at <= self.cfg.baseline_below || self.baseline.is_none();
-        if low {
+        // Any round's fastest answers may lower the baseline; only low-concurrency rounds
+        // (queueing-free) may raise it at the next window.
+        self.baseline = Some(self.baseline.map_or(fastest, |b| b.min(fastest)));
+        if at <= self.cfg.baseline_below {
             self.window_min = Some(self.window_min.map_or(fastest, |m| m.min(fastest)));
-            self.baseline = Some(self.baseline.map_or(fastest, |b| b.min(fastest)));
         }
     }
 }
@@ -450,6 +493,13 @@ mod tests {
     fn latency(workers: u32, service: Duration, inflight: u32) -> Duration {
         let queued = inflight.div_ceil(workers).max(1);
         service * queued
+    }
+
+    /// A backend with `workers` threads of `service` each, kept full (every answer replaced at
+    /// once): the mean latency when `inflight` are inside, `service × inflight / workers` past
+    /// its workers (Little's law: it completes `workers / service` per second).
+    fn fluid(workers: u32, service: Duration, inflight: u32) -> Duration {
+        service.mul_f64((f64::from(inflight) / f64::from(workers)).max(1.0))
     }
 
     /// Drive a limit with a backend that always has demand: each round completes `limit`
@@ -518,19 +568,79 @@ mod tests {
             },
             t,
         );
-        drive(&mut l, &mut t, 6, |n| latency(32, ms(20), n));
+        drive(&mut l, &mut t, 6, |n| fluid(32, ms(20), n));
         assert_eq!(l.limit(t), 32);
-        // The backend halves its capacity: 16 workers.
-        let slow = drive(&mut l, &mut t, 20, |n| latency(16, ms(20), n));
+        // The backend halves its capacity: 16 workers, so requests queue for them.
+        let slow = drive(&mut l, &mut t, 20, |n| fluid(16, ms(20), n));
         let last = *slow.last().expect("rounds");
         assert!(last < 32, "the limit must fall below the ceiling: {slow:?}");
+        // Within the tolerance: 1.3 × 16 workers.
         assert!(
-            (12..=17).contains(&last),
+            (16..=21).contains(&last),
             "it settles near the backend's new capacity: {slow:?}"
         );
+        assert!(
+            slow.iter().all(|&s| s >= 16),
+            "never far below it: {slow:?}"
+        );
+        assert_eq!(
+            l.baseline(),
+            Some(ms(20)),
+            "a queue is not a slower backend"
+        );
         // Recovery: back to the ceiling, additively.
-        let back = drive(&mut l, &mut t, 40, |n| latency(32, ms(20), n));
+        let back = drive(&mut l, &mut t, 40, |n| fluid(32, ms(20), n));
         assert_eq!(*back.last().expect("rounds"), 32, "{back:?}");
+    }
+
+    /// A backend whose service time doubles while its threads stay free (cap = workers):
+    /// latency doubles whatever the limit. A cut that does not relieve it shows the backend is
+    /// slower, not queued: the baseline is re-measured and the limit comes back to the
+    /// ceiling instead of being cut round after round to the floor (where throughput would
+    /// fall to a fraction for no gain in latency). After the recovery the baseline follows
+    /// the backend back down at once.
+    #[test]
+    fn adaptive_mode_tells_a_slower_backend_from_a_queued_one() {
+        let mut t = Instant::now();
+        let mut l = LatencyLimit::new(
+            LatencyLimitConfig {
+                adaptive: true,
+                ..cfg(32)
+            },
+            t,
+        );
+        drive(&mut l, &mut t, 6, |n| fluid(32, ms(20), n));
+        assert_eq!(l.limit(t), 32);
+        let slow = drive(&mut l, &mut t, 30, |n| fluid(32, ms(40), n));
+        let low = *slow.iter().min().expect("rounds");
+        assert!(low < 32, "the first rounds cut the limit: {slow:?}");
+        assert!(low >= 16, "by at most a half per round, once: {slow:?}");
+        assert_eq!(*slow.last().expect("rounds"), 32, "{slow:?}");
+        assert_eq!(l.baseline(), Some(ms(40)));
+        let back = drive(&mut l, &mut t, 3, |n| fluid(32, ms(20), n));
+        assert!(back.iter().all(|&s| s == 32), "{back:?}");
+        assert_eq!(l.baseline(), Some(ms(20)));
+    }
+
+    /// Slower and queued at once (service time doubled, half the workers): the cuts go on
+    /// while they relieve the latency, and stop where only the slower service is left, near
+    /// the workers, not at the floor.
+    #[test]
+    fn adaptive_mode_cuts_a_slower_and_queued_backend_to_its_workers() {
+        let mut t = Instant::now();
+        let mut l = LatencyLimit::new(
+            LatencyLimitConfig {
+                adaptive: true,
+                ..cfg(32)
+            },
+            t,
+        );
+        drive(&mut l, &mut t, 6, |n| fluid(32, ms(20), n));
+        let slow = drive(&mut l, &mut t, 40, |n| fluid(16, ms(40), n));
+        let last = *slow.last().expect("rounds");
+        assert!((16..=21).contains(&last), "{slow:?}");
+        assert!(slow.iter().all(|&s| s >= 4), "{slow:?}");
+        assert_eq!(l.baseline(), Some(ms(40)));
     }
 
     #[test]
