@@ -30,7 +30,10 @@
 //! - **Collapse**: a backend that stops completing requests while every slot is taken
 //!   ([`LatencyLimit::tick`]), or whose answers are lost (timeouts, resets after the request
 //!   was sent) [`LatencyLimitConfig::lost_in_a_row`] times in a row, drops to the floor and is
-//!   ramped again once it answers.
+//!   ramped again once it answers. Answers to requests sent before the collapse (they started
+//!   earlier than the collapse, by their latency) end the collapse but teach the new ramp
+//!   nothing: their latency is the stall's (a lock-up's seconds), not the backend's, and had
+//!   they seeded the baseline the ramp would take the whole cap back into the lock-up.
 //!
 //! The **baseline** is the backend's latency without queueing: the lowest 10th percentile of a
 //! round (any round lowers it: a round's fastest answers are never faster than the backend
@@ -170,6 +173,8 @@ pub struct LatencyLimit {
     /// cuts, moved down each time a cut of at least a quarter relieved the latency; cleared
     /// by a round within the tolerance.
     cut_from: Option<(u32, Duration)>,
+    /// When the limit last collapsed: answers to requests sent before it are not learned from.
+    collapsed_at: Option<Instant>,
 }
 
 impl LatencyLimit {
@@ -190,6 +195,7 @@ impl LatencyLimit {
             ramp_start: now,
             inflated: false,
             cut_from: None,
+            collapsed_at: None,
         };
         l.restart(now);
         l
@@ -301,7 +307,7 @@ impl LatencyLimit {
 
     /// A request sent to the backend ended as `sample`, at `now`.
     pub fn record(&mut self, sample: Sample, now: Instant) {
-        let latency = match sample {
+        let (latency, failed) = match sample {
             Sample::Lost => {
                 self.lost += 1;
                 if self.lost >= self.cfg.lost_in_a_row {
@@ -309,11 +315,8 @@ impl LatencyLimit {
                 }
                 return;
             }
-            Sample::Ok(l) => l,
-            Sample::Failed(l) => {
-                self.round.failed += 1;
-                l
-            }
+            Sample::Ok(l) => (l, false),
+            Sample::Failed(l) => (l, true),
         };
         self.lost = 0;
         self.last_completion = now;
@@ -324,6 +327,16 @@ impl LatencyLimit {
             self.last_clean = self.cfg.floor;
             self.inflated = true;
             self.round = Round::default();
+        }
+        // Sent before the last collapse (it started `latency` ago): its latency is the stall's.
+        let stale = self
+            .collapsed_at
+            .is_some_and(|c| now.checked_sub(latency).is_none_or(|sent| sent < c));
+        if stale {
+            return;
+        }
+        if failed {
+            self.round.failed += 1;
         }
         self.round.latencies.push(latency);
         let size = (self.limit.floor() as u32).max(self.cfg.min_round);
@@ -360,6 +373,7 @@ impl LatencyLimit {
     fn collapse(&mut self, now: Instant) {
         self.phase = Phase::Collapsed;
         self.cut_from = None;
+        self.collapsed_at = Some(now);
         self.limit = f64::from(self.cfg.floor);
         self.last_clean = self.cfg.floor;
         self.round = Round::default();
@@ -667,6 +681,47 @@ mod tests {
         let seen = drive(&mut l, &mut t, 8, |n| latency(64, ms(20), n));
         assert_eq!(l.phase(), Phase::Steady);
         assert_eq!(*seen.last().expect("rounds"), 32, "{seen:?}");
+    }
+
+    /// A backend that locks up before it ever answered (no baseline yet), with the whole cap
+    /// inside: the stall collapses the limit; the answers of the requests that were stuck,
+    /// seconds late, end the collapse but are not learned from (they would seed a baseline of
+    /// seconds, under which the ramp would give the whole cap back at once); the ramp learns
+    /// from the requests sent after the collapse.
+    #[test]
+    fn answers_sent_before_a_collapse_do_not_teach_the_new_ramp() {
+        let t0 = Instant::now();
+        let mut l = LatencyLimit::new(
+            LatencyLimitConfig {
+                adaptive: true,
+                initial: 50,
+                ..cfg(50)
+            },
+            t0,
+        );
+        assert_eq!((l.limit(t0), l.phase()), (50, Phase::Steady));
+        let mut t = t0 + Duration::from_millis(2100);
+        l.tick(50, t);
+        assert_eq!((l.limit(t), l.phase()), (1, Phase::Collapsed));
+        // The lock-up ends a second later: the 50 stuck requests answer at once.
+        t += Duration::from_secs(1);
+        for _ in 0..50 {
+            l.record(Sample::Ok(t - t0), t);
+        }
+        assert_eq!(l.phase(), Phase::Ramp, "it answers again");
+        assert_eq!(
+            l.limit(t),
+            1,
+            "but nothing was learned from the stuck answers"
+        );
+        assert_eq!(l.baseline(), None);
+        // Requests sent from now on teach the ramp: 20 ms each.
+        for _ in 0..8 {
+            t += ms(20);
+            l.record(Sample::Ok(ms(20)), t);
+        }
+        assert_eq!(l.baseline(), Some(ms(20)));
+        assert_eq!(l.limit(t), 2, "a clean round doubles the limit");
     }
 
     #[test]
