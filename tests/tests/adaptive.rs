@@ -267,3 +267,106 @@ async fn a_backend_that_slows_down_gets_a_lower_limit_and_then_its_cap_back() {
     assert_eq!(report.ok, report.sent, "{report}");
     assert_eq!(report.mismatched, 0, "{report}");
 }
+
+/// A cap set above the point where the backend locks up: 50, in front of a backend with 24
+/// workers × 20 ms (1,200/s) that locks up (for 2 s) when more than 40 requests are inside,
+/// under more load than it can serve (100 closed-loop keep-alive terminals), the adaptive
+/// limit on and no start-up ramp, so the first burst takes the whole cap and meets the cliff
+/// at once.
+///
+/// Asserted, from the emulator's counters and the metrics: exactly one lock-up over the
+/// whole run (the first burst's; none after it); once the backend answers again the
+/// effective limit settles in steady phase at or below 40 within 10 s, and over the next
+/// 10 s it never goes above 40, the backend never has more than 40 requests inside, and every
+/// transaction of the run is answered 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cap_above_the_lockup_point_is_corrected_after_one_lockup() {
+    raise_fd_limit();
+    let emu = Emulator::start(EmulatorConfig {
+        workers: 24,
+        service_time: Duration::from_millis(20),
+        lockup_above: Some(40),
+        lockup_duration: Duration::from_secs(2),
+        ..EmulatorConfig::default()
+    })
+    .await
+    .expect("emulator");
+    let cfg = config_with(
+        emu.addr(),
+        50,
+        4000,
+        Duration::from_secs(30),
+        "[admission]\nadaptive = true\n[slow_start]\nduration = \"0s\"\n[health]\ncheck = \"none\"\n",
+    );
+    let proxy = Arc::new(start(&cfg));
+    assert_eq!(
+        effective_limit(&proxy),
+        50,
+        "no ramp: the limit starts at the cap"
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let points = Arc::new(Mutex::new(Vec::new()));
+    let sampling = sampler(proxy.clone(), emu.handle(), stop.clone(), points.clone());
+    let loader = tokio::spawn(terminals::run(load(
+        proxy.addr(),
+        100,
+        Duration::from_secs(28),
+    )));
+
+    let locked = emu
+        .wait_for(Duration::from_secs(5), |s| s.lockups >= 1)
+        .await
+        .expect("the first burst locks the backend up");
+    eprintln!("locked up: {locked}");
+    emu.wait_for(Duration::from_secs(10), |s| !s.locked)
+        .await
+        .expect("the lock-up ends");
+    let unlocked = Instant::now();
+    eventually(
+        "the limit settles at or below 40",
+        Duration::from_secs(10),
+        || effective_limit(&proxy) <= 40 && phase(&proxy) == "steady",
+    )
+    .await;
+    let settled = Instant::now();
+    let lockups_before = emu.stats().lockups;
+    emu.reset_stats();
+    // The observation window: 10 s of load after the limit settled.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let after = emu.stats();
+    let watched_until = Instant::now();
+
+    let report = loader.await.expect("load");
+    stop.store(true, Ordering::Relaxed);
+    sampling.await.expect("sampler");
+    let points = points.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let window: Vec<&Point> = points
+        .iter()
+        .filter(|p| p.at >= settled && p.at < watched_until)
+        .collect();
+    let max_limit = window.iter().map(|p| p.limit).max().unwrap_or(0);
+    let min_limit = window.iter().map(|p| p.limit).min().unwrap_or(0);
+    let mean_limit =
+        window.iter().map(|p| f64::from(p.limit)).sum::<f64>() / window.len().max(1) as f64;
+    eprintln!(
+        "settled {:.2} s after the lock-up ended; over the next 10 s ({} samples) the limit \
+         was {min_limit}..{max_limit} (mean {mean_limit:.1}); backend after settling: {after}\n{report}",
+        settled.duration_since(unlocked).as_secs_f64(),
+        window.len(),
+    );
+    assert_eq!(lockups_before, 1, "one lock-up before the limit settled");
+    assert_eq!(
+        after.lockups, 0,
+        "no lock-up after the limit settled: {after}"
+    );
+    assert!(
+        window.len() > 500,
+        "too few samples in the window: {}",
+        window.len()
+    );
+    assert!(max_limit <= 40, "the limit went back above 40: {max_limit}");
+    assert!(after.max_inside <= 40, "{after}");
+    assert!(after.requests > 1000, "the backend kept serving: {after}");
+    assert_eq!(report.ok, report.sent, "{report}");
+    assert_eq!(report.mismatched, 0, "{report}");
+}
