@@ -175,6 +175,8 @@ pub struct LatencyLimit {
     cut_from: Option<(u32, Duration)>,
     /// When the limit last collapsed: answers to requests sent before it are not learned from.
     collapsed_at: Option<Instant>,
+    /// Since when [`tick`](Self::tick) has seen every slot taken (`None`: a slot was free).
+    full_since: Option<Instant>,
 }
 
 impl LatencyLimit {
@@ -196,6 +198,7 @@ impl LatencyLimit {
             inflated: false,
             cut_from: None,
             collapsed_at: None,
+            full_since: None,
         };
         l.restart(now);
         l
@@ -346,20 +349,26 @@ impl LatencyLimit {
     }
 
     /// Look for a stall at `now`, with `inflight` requests at the backend: no completion for
-    /// the stall time while every slot is taken collapses the limit.
+    /// the stall time while every slot is taken collapses the limit. The time counts from the
+    /// last completion or from the first tick that saw every slot taken, whichever is later:
+    /// a backend that sat idle (nothing to complete) and has just been given its whole limit
+    /// has not stalled.
     pub fn tick(&mut self, inflight: u32, now: Instant) {
         if self.phase == Phase::Collapsed || inflight < self.limit(now) {
+            self.full_since = None;
             return;
         }
+        let full_since = *self.full_since.get_or_insert(now);
         let stall = self
             .baseline
             .map_or(self.cfg.stall, |b| self.cfg.stall.max(b * 20));
-        if now.saturating_duration_since(self.last_completion) >= stall {
+        if now.saturating_duration_since(self.last_completion.max(full_since)) >= stall {
             self.collapse(now);
         }
     }
 
-    /// When [`tick`](Self::tick) could next find a stall, if the backend stays busy.
+    /// When [`tick`](Self::tick) could next find a stall, if the backend stays busy (from the
+    /// last completion, or from when every slot was seen taken).
     pub fn stall_due(&self) -> Option<Instant> {
         if self.phase == Phase::Collapsed {
             return None;
@@ -367,7 +376,10 @@ impl LatencyLimit {
         let stall = self
             .baseline
             .map_or(self.cfg.stall, |b| self.cfg.stall.max(b * 20));
-        Some(self.last_completion + stall)
+        let since = self
+            .full_since
+            .map_or(self.last_completion, |f| f.max(self.last_completion));
+        Some(since + stall)
     }
 
     fn collapse(&mut self, now: Instant) {
@@ -379,6 +391,7 @@ impl LatencyLimit {
         self.round = Round::default();
         self.lost = 0;
         self.last_completion = now;
+        self.full_since = None;
     }
 
     fn end_round(&mut self, now: Instant) {
@@ -389,10 +402,18 @@ impl LatencyLimit {
         let fastest = round.latencies[round.latencies.len() / 10];
         let errors = f64::from(round.failed) / round.latencies.len() as f64;
         let at = self.limit.floor() as u32;
+        let before = self.baseline;
         self.update_baseline(fastest, at, now);
         let Some(baseline) = self.baseline else {
             return;
         };
+        if before.is_some_and(|b| baseline.as_secs_f64() * self.cfg.tolerance < b.as_secs_f64()) {
+            // Its fastest answers fell below the old baseline's tolerance: the backend got
+            // faster during this round (a slowdown ended), whose mean mixes the two. It says
+            // nothing about queueing now; the next round is judged against the new baseline.
+            self.cut_from = None;
+            return;
+        }
         let allowed = baseline.as_secs_f64() * self.cfg.tolerance;
         let inflated = mean.as_secs_f64() > allowed;
         let clean = !inflated && errors <= self.cfg.max_error_rate;
@@ -631,9 +652,20 @@ mod tests {
         assert!(low >= 16, "by at most a half per round, once: {slow:?}");
         assert_eq!(*slow.last().expect("rounds"), 32, "{slow:?}");
         assert_eq!(l.baseline(), Some(ms(40)));
+        // The recovery comes in the middle of a round: half its answers still slow.
+        for i in 0..32 {
+            t += ms(1);
+            let lat = if i < 16 { ms(40) } else { ms(20) };
+            l.record(Sample::Ok(lat), t);
+        }
+        assert_eq!(l.baseline(), Some(ms(20)));
+        assert_eq!(
+            l.limit(t),
+            32,
+            "a round that mixes the two speeds cuts nothing"
+        );
         let back = drive(&mut l, &mut t, 3, |n| fluid(32, ms(20), n));
         assert!(back.iter().all(|&s| s == 32), "{back:?}");
-        assert_eq!(l.baseline(), Some(ms(20)));
     }
 
     /// Slower and queued at once (service time doubled, half the workers): the cuts go on
@@ -700,6 +732,8 @@ mod tests {
             t0,
         );
         assert_eq!((l.limit(t0), l.phase()), (50, Phase::Steady));
+        // Every slot taken at once (the admission timer sees it), then nothing completes.
+        l.tick(50, t0);
         let mut t = t0 + Duration::from_millis(2100);
         l.tick(50, t);
         assert_eq!((l.limit(t), l.phase()), (1, Phase::Collapsed));
@@ -744,8 +778,28 @@ mod tests {
             Some(t - Duration::from_secs(3) + Duration::from_secs(2))
         );
         l.tick(32, t);
+        assert_eq!(l.limit(t), 32, "every slot taken only from now on");
+        assert_eq!(l.stall_due(), Some(t + Duration::from_secs(2)));
+        t += Duration::from_secs(2);
+        l.tick(32, t);
         assert_eq!(l.phase(), Phase::Collapsed);
         assert_eq!(l.limit(t), 1);
+    }
+
+    /// A backend that sat idle (no traffic, nothing to complete) and is then given its whole
+    /// limit at once has not stalled: the stall time counts from when every slot was taken.
+    #[test]
+    fn a_full_backend_after_an_idle_spell_is_not_a_stall() {
+        let mut t = Instant::now();
+        let mut l = LatencyLimit::new(cfg(32), t);
+        drive(&mut l, &mut t, 6, |n| latency(64, ms(20), n));
+        t += Duration::from_secs(30);
+        l.tick(0, t);
+        l.tick(32, t + ms(1));
+        t += ms(20);
+        l.tick(32, t);
+        l.record(Sample::Ok(ms(20)), t);
+        assert_eq!((l.limit(t), l.phase()), (32, Phase::Steady));
     }
 
     #[test]

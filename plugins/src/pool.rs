@@ -1021,6 +1021,9 @@ mod tests {
         }
         let waiting = pool.acquire(now, now + Duration::from_secs(60), 1);
         assert!(matches!(waiting, Acquire::Queued(_)));
+        // The admission timer looks (every slot taken from now on), and not again before the
+        // answer.
+        assert!(pool.poll(now).is_empty());
         let later = now + Duration::from_millis(2500);
         let grants = pool.record(BackendId(0), Sample::Ok(Duration::from_millis(2500)), later);
         assert!(grants.is_empty());
