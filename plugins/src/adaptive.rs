@@ -407,10 +407,14 @@ impl LatencyLimit {
         let Some(baseline) = self.baseline else {
             return;
         };
-        if before.is_some_and(|b| baseline.as_secs_f64() * self.cfg.tolerance < b.as_secs_f64()) {
+        let faster =
+            before.is_some_and(|b| baseline.as_secs_f64() * self.cfg.tolerance < b.as_secs_f64());
+        if self.phase == Phase::Steady && faster {
             // Its fastest answers fell below the old baseline's tolerance: the backend got
             // faster during this round (a slowdown ended), whose mean mixes the two. It says
             // nothing about queueing now; the next round is judged against the new baseline.
+            // (In steady service only: during a ramp the baseline is still being found, and
+            // its rounds are judged as they come.)
             self.cut_from = None;
             return;
         }
