@@ -34,13 +34,18 @@
 //!   earlier than the collapse, by their latency) end the collapse but teach the new ramp
 //!   nothing: their latency is the stall's (a lock-up's seconds), not the backend's, and had
 //!   they seeded the baseline the ramp would take the whole cap back into the lock-up.
+//! - **Faster** (steady service): a round whose fastest answers fall below the baseline's
+//!   tolerance shows the backend got faster (a slowdown ended). The baseline follows at once;
+//!   the round, whose mean mixes the two speeds, cuts nothing, and answers to requests sent
+//!   before it ended (the old speed's stragglers) are not learned from.
 //!
 //! The **baseline** is the backend's latency without queueing: the lowest 10th percentile of a
-//! round (any round lowers it: a round's fastest answers are never faster than the backend
+//! round seen at a limit of at most [`LatencyLimitConfig::baseline_below`] (in steady service
+//! any round may lower it: a round's fastest answers are never faster than the backend
 //! unqueued), raised at the end of each [`LatencyLimitConfig::baseline_window`] to the lowest
-//! seen in it at a limit of at most [`LatencyLimitConfig::baseline_below`] (so a backend that
-//! becomes permanently slower is followed, slowly), seeded by the first round, and re-measured
-//! at once when a cut shows the backend slower rather than queued (above). A low percentile,
+//! seen in it at such a limit (so a backend that becomes permanently slower is followed,
+//! slowly), seeded by the first round, and re-measured at once when a cut shows the backend
+//! slower rather than queued (above). A low percentile,
 //! not the mean, because even the first round may already queue at a cold backend: its
 //! fastest answers are the ones served without waiting (Envoy's and Vegas' minRTT, made robust
 //! to a single outlier).
@@ -173,8 +178,9 @@ pub struct LatencyLimit {
     /// cuts, moved down each time a cut of at least a quarter relieved the latency; cleared
     /// by a round within the tolerance.
     cut_from: Option<(u32, Duration)>,
-    /// When the limit last collapsed: answers to requests sent before it are not learned from.
-    collapsed_at: Option<Instant>,
+    /// Answers to requests sent before this are not learned from: they were served by the
+    /// backend as it was before the last collapse, or before it got faster.
+    learn_after: Option<Instant>,
     /// Since when [`tick`](Self::tick) has seen every slot taken (`None`: a slot was free).
     full_since: Option<Instant>,
 }
@@ -197,7 +203,7 @@ impl LatencyLimit {
             ramp_start: now,
             inflated: false,
             cut_from: None,
-            collapsed_at: None,
+            learn_after: None,
             full_since: None,
         };
         l.restart(now);
@@ -331,9 +337,10 @@ impl LatencyLimit {
             self.inflated = true;
             self.round = Round::default();
         }
-        // Sent before the last collapse (it started `latency` ago): its latency is the stall's.
+        // Sent before the last collapse (it started `latency` ago): its latency is the stall's;
+        // or before the backend got faster: its latency is the old speed's.
         let stale = self
-            .collapsed_at
+            .learn_after
             .is_some_and(|c| now.checked_sub(latency).is_none_or(|sent| sent < c));
         if stale {
             return;
@@ -385,7 +392,7 @@ impl LatencyLimit {
     fn collapse(&mut self, now: Instant) {
         self.phase = Phase::Collapsed;
         self.cut_from = None;
-        self.collapsed_at = Some(now);
+        self.learn_after = Some(now);
         self.limit = f64::from(self.cfg.floor);
         self.last_clean = self.cfg.floor;
         self.round = Round::default();
@@ -413,9 +420,11 @@ impl LatencyLimit {
             // Its fastest answers fell below the old baseline's tolerance: the backend got
             // faster during this round (a slowdown ended), whose mean mixes the two. It says
             // nothing about queueing now; the next round is judged against the new baseline.
-            // (In steady service only: during a ramp the baseline is still being found, and
-            // its rounds are judged as they come.)
+            // Answers to requests sent until now may still be the old speed's: they are not
+            // learned from either. (In steady service only: during a ramp the baseline is
+            // still being found, and its rounds are judged as they come.)
             self.cut_from = None;
+            self.learn_after = Some(now);
             return;
         }
         let allowed = baseline.as_secs_f64() * self.cfg.tolerance;
@@ -509,11 +518,17 @@ impl LatencyLimit {
             }
             self.window_start = now;
         }
-        // Any round's fastest answers may lower the baseline; only low-concurrency rounds
-        // (queueing-free) may raise it at the next window.
-        self.baseline = Some(self.baseline.map_or(fastest, |b| b.min(fastest)));
-        if at <= self.cfg.baseline_below {
+        let low = at <= self.cfg.baseline_below || self.baseline.is_none();
+        if low {
             self.window_min = Some(self.window_min.map_or(fastest, |m| m.min(fastest)));
+        }
+        // Low-concurrency rounds measure it; in steady service any round may lower it too, so
+        // that it follows a backend that got faster again (after a slowdown raised it) while
+        // the limit stays high. Not during a ramp: a lower baseline from a busier round makes
+        // the ramp's doubling test stricter than the low rounds measured (on a busy machine
+        // that held a warm ramp test at +1 per round: 2-2.6 s to the cap instead of 1-1.4 s).
+        if low || self.phase == Phase::Steady {
+            self.baseline = Some(self.baseline.map_or(fastest, |b| b.min(fastest)));
         }
     }
 }
@@ -668,6 +683,12 @@ mod tests {
             32,
             "a round that mixes the two speeds cuts nothing"
         );
+        // Stragglers of the old speed (sent before that round ended) teach nothing.
+        for _ in 0..32 {
+            t += ms(1);
+            l.record(Sample::Ok(ms(40)), t);
+        }
+        assert_eq!(l.limit(t), 32, "the old speed's stragglers cut nothing");
         let back = drive(&mut l, &mut t, 3, |n| fluid(32, ms(20), n));
         assert!(back.iter().all(|&s| s == 32), "{back:?}");
     }
