@@ -18,15 +18,34 @@
 //!   multiplied by it (Envoy's and Gradient2's rule). A clean round whose demand reached the
 //!   limit adds one (additive recovery), up to the ceiling. Without the adaptive mode the
 //!   limit stays where the ramp left it (normally the ceiling) until the backend fails again.
+//! - **Slower, not queued** (adaptive): a cut that does not relieve the latency shows that the
+//!   backend got slower rather than that requests queue inside it. When a round at a limit at
+//!   least a quarter below the round that started the cuts still has 90 % of that round's mean
+//!   latency, the backend's latency no longer depends on how many requests it is given (a
+//!   longer service time, not a queue for its threads): lowering the limit further would only
+//!   cut throughput. The baseline is then re-measured from this round (its 10th percentile)
+//!   and the limit recovers additively against it. Without this, a backend whose service
+//!   time doubles while its threads stay free would be cut round after round to the floor,
+//!   its latency never falling under the old baseline's tolerance.
 //! - **Collapse**: a backend that stops completing requests while every slot is taken
 //!   ([`LatencyLimit::tick`]), or whose answers are lost (timeouts, resets after the request
 //!   was sent) [`LatencyLimitConfig::lost_in_a_row`] times in a row, drops to the floor and is
-//!   ramped again once it answers.
+//!   ramped again once it answers. Answers to requests sent before the collapse (they started
+//!   earlier than the collapse, by their latency) end the collapse but teach the new ramp
+//!   nothing: their latency is the stall's (a lock-up's seconds), not the backend's, and had
+//!   they seeded the baseline the ramp would take the whole cap back into the lock-up.
+//! - **Faster** (steady service): a round whose fastest answers fall below the baseline's
+//!   tolerance shows the backend got faster (a slowdown ended). The baseline follows at once;
+//!   the round, whose mean mixes the two speeds, cuts nothing, and answers to requests sent
+//!   before it ended (the old speed's stragglers) are not learned from.
 //!
 //! The **baseline** is the backend's latency without queueing: the lowest 10th percentile of a
-//! round seen at a limit of at most [`LatencyLimitConfig::baseline_below`], refreshed from the
-//! rounds of the last [`LatencyLimitConfig::baseline_window`] (so a backend that becomes
-//! permanently slower is followed, slowly), and seeded by the first round. A low percentile,
+//! round seen at a limit of at most [`LatencyLimitConfig::baseline_below`] (in steady service
+//! any round may lower it: a round's fastest answers are never faster than the backend
+//! unqueued), raised at the end of each [`LatencyLimitConfig::baseline_window`] to the lowest
+//! seen in it at such a limit (so a backend that becomes permanently slower is followed,
+//! slowly), seeded by the first round, and re-measured at once when a cut shows the backend
+//! slower rather than queued (above). A low percentile,
 //! not the mean, because even the first round may already queue at a cold backend: its
 //! fastest answers are the ones served without waiting (Envoy's and Vegas' minRTT, made robust
 //! to a single outlier).
@@ -155,6 +174,15 @@ pub struct LatencyLimit {
     ramp_start: Instant,
     /// A round of this ramp showed inflation: the clock no longer lifts the limit.
     inflated: bool,
+    /// The round (its limit and mean latency) that started the gradient's current run of
+    /// cuts, moved down each time a cut of at least a quarter relieved the latency; cleared
+    /// by a round within the tolerance.
+    cut_from: Option<(u32, Duration)>,
+    /// Answers to requests sent before this are not learned from: they were served by the
+    /// backend as it was before the last collapse, or before it got faster.
+    learn_after: Option<Instant>,
+    /// Since when [`tick`](Self::tick) has seen every slot taken (`None`: a slot was free).
+    full_since: Option<Instant>,
 }
 
 impl LatencyLimit {
@@ -174,6 +202,9 @@ impl LatencyLimit {
             last_completion: now,
             ramp_start: now,
             inflated: false,
+            cut_from: None,
+            learn_after: None,
+            full_since: None,
         };
         l.restart(now);
         l
@@ -219,6 +250,7 @@ impl LatencyLimit {
         self.last_completion = now;
         self.ramp_start = now;
         self.inflated = false;
+        self.cut_from = None;
     }
 
     /// The limit in force at `now`.
@@ -284,7 +316,7 @@ impl LatencyLimit {
 
     /// A request sent to the backend ended as `sample`, at `now`.
     pub fn record(&mut self, sample: Sample, now: Instant) {
-        let latency = match sample {
+        let (latency, failed) = match sample {
             Sample::Lost => {
                 self.lost += 1;
                 if self.lost >= self.cfg.lost_in_a_row {
@@ -292,11 +324,8 @@ impl LatencyLimit {
                 }
                 return;
             }
-            Sample::Ok(l) => l,
-            Sample::Failed(l) => {
-                self.round.failed += 1;
-                l
-            }
+            Sample::Ok(l) => (l, false),
+            Sample::Failed(l) => (l, true),
         };
         self.lost = 0;
         self.last_completion = now;
@@ -308,6 +337,17 @@ impl LatencyLimit {
             self.inflated = true;
             self.round = Round::default();
         }
+        // Sent before the last collapse (it started `latency` ago): its latency is the stall's;
+        // or before the backend got faster: its latency is the old speed's.
+        let stale = self
+            .learn_after
+            .is_some_and(|c| now.checked_sub(latency).is_none_or(|sent| sent < c));
+        if stale {
+            return;
+        }
+        if failed {
+            self.round.failed += 1;
+        }
         self.round.latencies.push(latency);
         let size = (self.limit.floor() as u32).max(self.cfg.min_round);
         if self.round.latencies.len() as u32 >= size {
@@ -316,20 +356,26 @@ impl LatencyLimit {
     }
 
     /// Look for a stall at `now`, with `inflight` requests at the backend: no completion for
-    /// the stall time while every slot is taken collapses the limit.
+    /// the stall time while every slot is taken collapses the limit. The time counts from the
+    /// last completion or from the first tick that saw every slot taken, whichever is later:
+    /// a backend that sat idle (nothing to complete) and has just been given its whole limit
+    /// has not stalled.
     pub fn tick(&mut self, inflight: u32, now: Instant) {
         if self.phase == Phase::Collapsed || inflight < self.limit(now) {
+            self.full_since = None;
             return;
         }
+        let full_since = *self.full_since.get_or_insert(now);
         let stall = self
             .baseline
             .map_or(self.cfg.stall, |b| self.cfg.stall.max(b * 20));
-        if now.saturating_duration_since(self.last_completion) >= stall {
+        if now.saturating_duration_since(self.last_completion.max(full_since)) >= stall {
             self.collapse(now);
         }
     }
 
-    /// When [`tick`](Self::tick) could next find a stall, if the backend stays busy.
+    /// When [`tick`](Self::tick) could next find a stall, if the backend stays busy (from the
+    /// last completion, or from when every slot was seen taken).
     pub fn stall_due(&self) -> Option<Instant> {
         if self.phase == Phase::Collapsed {
             return None;
@@ -337,16 +383,22 @@ impl LatencyLimit {
         let stall = self
             .baseline
             .map_or(self.cfg.stall, |b| self.cfg.stall.max(b * 20));
-        Some(self.last_completion + stall)
+        let since = self
+            .full_since
+            .map_or(self.last_completion, |f| f.max(self.last_completion));
+        Some(since + stall)
     }
 
     fn collapse(&mut self, now: Instant) {
         self.phase = Phase::Collapsed;
+        self.cut_from = None;
+        self.learn_after = Some(now);
         self.limit = f64::from(self.cfg.floor);
         self.last_clean = self.cfg.floor;
         self.round = Round::default();
         self.lost = 0;
         self.last_completion = now;
+        self.full_since = None;
     }
 
     fn end_round(&mut self, now: Instant) {
@@ -357,10 +409,24 @@ impl LatencyLimit {
         let fastest = round.latencies[round.latencies.len() / 10];
         let errors = f64::from(round.failed) / round.latencies.len() as f64;
         let at = self.limit.floor() as u32;
+        let before = self.baseline;
         self.update_baseline(fastest, at, now);
         let Some(baseline) = self.baseline else {
             return;
         };
+        let faster =
+            before.is_some_and(|b| baseline.as_secs_f64() * self.cfg.tolerance < b.as_secs_f64());
+        if self.phase == Phase::Steady && faster {
+            // Its fastest answers fell below the old baseline's tolerance: the backend got
+            // faster during this round (a slowdown ended), whose mean mixes the two. It says
+            // nothing about queueing now; the next round is judged against the new baseline.
+            // Answers to requests sent until now may still be the old speed's: they are not
+            // learned from either. (In steady service only: during a ramp the baseline is
+            // still being found, and its rounds are judged as they come.)
+            self.cut_from = None;
+            self.learn_after = Some(now);
+            return;
+        }
         let allowed = baseline.as_secs_f64() * self.cfg.tolerance;
         let inflated = mean.as_secs_f64() > allowed;
         let clean = !inflated && errors <= self.cfg.max_error_rate;
@@ -407,12 +473,36 @@ impl LatencyLimit {
             }
             Phase::Steady => {
                 let gradient = (allowed / mean.as_secs_f64().max(1e-9)).clamp(0.5, 1.0);
+                // A cut of at least a quarter since the round that started the cuts.
+                let cut_deep = |from: u32| u64::from(at) * 4 <= u64::from(from) * 3;
                 if errors > self.cfg.max_error_rate {
                     self.limit = (self.limit * 0.5).max(floor);
                 } else if gradient < 1.0 {
+                    match self.cut_from {
+                        Some((from, from_mean))
+                            if cut_deep(from)
+                                && mean.as_secs_f64() >= 0.9 * from_mean.as_secs_f64() =>
+                        {
+                            // The cuts did not relieve the latency: the backend is slower, not
+                            // queued. Judge it against what it does now.
+                            self.baseline = Some(fastest);
+                            self.window_min = None;
+                            self.window_start = now;
+                            self.cut_from = None;
+                            if round.peak_inflight >= at {
+                                self.limit = (self.limit + 1.0).min(ceiling);
+                            }
+                            return;
+                        }
+                        Some((from, _)) if !cut_deep(from) => {}
+                        _ => self.cut_from = Some((at, mean)),
+                    }
                     self.limit = (self.limit * gradient).max(floor);
                 } else if round.peak_inflight >= at {
                     self.limit = (self.limit + 1.0).min(ceiling);
+                }
+                if !inflated {
+                    self.cut_from = None;
                 }
             }
             Phase::Collapsed => {}
@@ -431,6 +521,13 @@ impl LatencyLimit {
         let low = at <= self.cfg.baseline_below || self.baseline.is_none();
         if low {
             self.window_min = Some(self.window_min.map_or(fastest, |m| m.min(fastest)));
+        }
+        // Low-concurrency rounds measure it; in steady service any round may lower it too, so
+        // that it follows a backend that got faster again (after a slowdown raised it) while
+        // the limit stays high. Not during a ramp: a lower baseline from a busier round makes
+        // the ramp's doubling test stricter than the low rounds measured (on a busy machine
+        // that held a warm ramp test at +1 per round: 2-2.6 s to the cap instead of 1-1.4 s).
+        if low || self.phase == Phase::Steady {
             self.baseline = Some(self.baseline.map_or(fastest, |b| b.min(fastest)));
         }
     }
@@ -450,6 +547,13 @@ mod tests {
     fn latency(workers: u32, service: Duration, inflight: u32) -> Duration {
         let queued = inflight.div_ceil(workers).max(1);
         service * queued
+    }
+
+    /// A backend with `workers` threads of `service` each, kept full (every answer replaced at
+    /// once): the mean latency when `inflight` are inside, `service × inflight / workers` past
+    /// its workers (Little's law: it completes `workers / service` per second).
+    fn fluid(workers: u32, service: Duration, inflight: u32) -> Duration {
+        service.mul_f64((f64::from(inflight) / f64::from(workers)).max(1.0))
     }
 
     /// Drive a limit with a backend that always has demand: each round completes `limit`
@@ -518,19 +622,96 @@ mod tests {
             },
             t,
         );
-        drive(&mut l, &mut t, 6, |n| latency(32, ms(20), n));
+        drive(&mut l, &mut t, 6, |n| fluid(32, ms(20), n));
         assert_eq!(l.limit(t), 32);
-        // The backend halves its capacity: 16 workers.
-        let slow = drive(&mut l, &mut t, 20, |n| latency(16, ms(20), n));
+        // The backend halves its capacity: 16 workers, so requests queue for them.
+        let slow = drive(&mut l, &mut t, 20, |n| fluid(16, ms(20), n));
         let last = *slow.last().expect("rounds");
         assert!(last < 32, "the limit must fall below the ceiling: {slow:?}");
+        // Within the tolerance: 1.3 × 16 workers.
         assert!(
-            (12..=17).contains(&last),
+            (16..=21).contains(&last),
             "it settles near the backend's new capacity: {slow:?}"
         );
+        assert!(
+            slow.iter().all(|&s| s >= 16),
+            "never far below it: {slow:?}"
+        );
+        assert_eq!(
+            l.baseline(),
+            Some(ms(20)),
+            "a queue is not a slower backend"
+        );
         // Recovery: back to the ceiling, additively.
-        let back = drive(&mut l, &mut t, 40, |n| latency(32, ms(20), n));
+        let back = drive(&mut l, &mut t, 40, |n| fluid(32, ms(20), n));
         assert_eq!(*back.last().expect("rounds"), 32, "{back:?}");
+    }
+
+    /// A backend whose service time doubles while its threads stay free (cap = workers):
+    /// latency doubles whatever the limit. A cut that does not relieve it shows the backend is
+    /// slower, not queued: the baseline is re-measured and the limit comes back to the
+    /// ceiling instead of being cut round after round to the floor (where throughput would
+    /// fall to a fraction for no gain in latency). After the recovery the baseline follows
+    /// the backend back down at once.
+    #[test]
+    fn adaptive_mode_tells_a_slower_backend_from_a_queued_one() {
+        let mut t = Instant::now();
+        let mut l = LatencyLimit::new(
+            LatencyLimitConfig {
+                adaptive: true,
+                ..cfg(32)
+            },
+            t,
+        );
+        drive(&mut l, &mut t, 6, |n| fluid(32, ms(20), n));
+        assert_eq!(l.limit(t), 32);
+        let slow = drive(&mut l, &mut t, 30, |n| fluid(32, ms(40), n));
+        let low = *slow.iter().min().expect("rounds");
+        assert!(low < 32, "the first rounds cut the limit: {slow:?}");
+        assert!(low >= 16, "by at most a half per round, once: {slow:?}");
+        assert_eq!(*slow.last().expect("rounds"), 32, "{slow:?}");
+        assert_eq!(l.baseline(), Some(ms(40)));
+        // The recovery comes in the middle of a round: half its answers still slow.
+        for i in 0..32 {
+            t += ms(1);
+            let lat = if i < 16 { ms(40) } else { ms(20) };
+            l.record(Sample::Ok(lat), t);
+        }
+        assert_eq!(l.baseline(), Some(ms(20)));
+        assert_eq!(
+            l.limit(t),
+            32,
+            "a round that mixes the two speeds cuts nothing"
+        );
+        // Stragglers of the old speed (sent before that round ended) teach nothing.
+        for _ in 0..32 {
+            t += ms(1);
+            l.record(Sample::Ok(ms(40)), t);
+        }
+        assert_eq!(l.limit(t), 32, "the old speed's stragglers cut nothing");
+        let back = drive(&mut l, &mut t, 3, |n| fluid(32, ms(20), n));
+        assert!(back.iter().all(|&s| s == 32), "{back:?}");
+    }
+
+    /// Slower and queued at once (service time doubled, half the workers): the cuts go on
+    /// while they relieve the latency, and stop where only the slower service is left, near
+    /// the workers, not at the floor.
+    #[test]
+    fn adaptive_mode_cuts_a_slower_and_queued_backend_to_its_workers() {
+        let mut t = Instant::now();
+        let mut l = LatencyLimit::new(
+            LatencyLimitConfig {
+                adaptive: true,
+                ..cfg(32)
+            },
+            t,
+        );
+        drive(&mut l, &mut t, 6, |n| fluid(32, ms(20), n));
+        let slow = drive(&mut l, &mut t, 40, |n| fluid(16, ms(40), n));
+        let last = *slow.last().expect("rounds");
+        assert!((16..=21).contains(&last), "{slow:?}");
+        assert!(slow.iter().all(|&s| s >= 4), "{slow:?}");
+        assert_eq!(l.baseline(), Some(ms(40)));
     }
 
     #[test]
@@ -559,6 +740,49 @@ mod tests {
         assert_eq!(*seen.last().expect("rounds"), 32, "{seen:?}");
     }
 
+    /// A backend that locks up before it ever answered (no baseline yet), with the whole cap
+    /// inside: the stall collapses the limit; the answers of the requests that were stuck,
+    /// seconds late, end the collapse but are not learned from (they would seed a baseline of
+    /// seconds, under which the ramp would give the whole cap back at once); the ramp learns
+    /// from the requests sent after the collapse.
+    #[test]
+    fn answers_sent_before_a_collapse_do_not_teach_the_new_ramp() {
+        let t0 = Instant::now();
+        let mut l = LatencyLimit::new(
+            LatencyLimitConfig {
+                adaptive: true,
+                initial: 50,
+                ..cfg(50)
+            },
+            t0,
+        );
+        assert_eq!((l.limit(t0), l.phase()), (50, Phase::Steady));
+        // Every slot taken at once (the admission timer sees it), then nothing completes.
+        l.tick(50, t0);
+        let mut t = t0 + Duration::from_millis(2100);
+        l.tick(50, t);
+        assert_eq!((l.limit(t), l.phase()), (1, Phase::Collapsed));
+        // The lock-up ends a second later: the 50 stuck requests answer at once.
+        t += Duration::from_secs(1);
+        for _ in 0..50 {
+            l.record(Sample::Ok(t - t0), t);
+        }
+        assert_eq!(l.phase(), Phase::Ramp, "it answers again");
+        assert_eq!(
+            l.limit(t),
+            1,
+            "but nothing was learned from the stuck answers"
+        );
+        assert_eq!(l.baseline(), None);
+        // Requests sent from now on teach the ramp: 20 ms each.
+        for _ in 0..8 {
+            t += ms(20);
+            l.record(Sample::Ok(ms(20)), t);
+        }
+        assert_eq!(l.baseline(), Some(ms(20)));
+        assert_eq!(l.limit(t), 2, "a clean round doubles the limit");
+    }
+
     #[test]
     fn a_stall_with_every_slot_taken_collapses_the_limit() {
         let mut t = Instant::now();
@@ -579,8 +803,28 @@ mod tests {
             Some(t - Duration::from_secs(3) + Duration::from_secs(2))
         );
         l.tick(32, t);
+        assert_eq!(l.limit(t), 32, "every slot taken only from now on");
+        assert_eq!(l.stall_due(), Some(t + Duration::from_secs(2)));
+        t += Duration::from_secs(2);
+        l.tick(32, t);
         assert_eq!(l.phase(), Phase::Collapsed);
         assert_eq!(l.limit(t), 1);
+    }
+
+    /// A backend that sat idle (no traffic, nothing to complete) and is then given its whole
+    /// limit at once has not stalled: the stall time counts from when every slot was taken.
+    #[test]
+    fn a_full_backend_after_an_idle_spell_is_not_a_stall() {
+        let mut t = Instant::now();
+        let mut l = LatencyLimit::new(cfg(32), t);
+        drive(&mut l, &mut t, 6, |n| latency(64, ms(20), n));
+        t += Duration::from_secs(30);
+        l.tick(0, t);
+        l.tick(32, t + ms(1));
+        t += ms(20);
+        l.tick(32, t);
+        l.record(Sample::Ok(ms(20)), t);
+        assert_eq!((l.limit(t), l.phase()), (32, Phase::Steady));
     }
 
     #[test]

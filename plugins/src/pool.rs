@@ -427,6 +427,10 @@ impl<W> AdmissionPool<W> {
             }
         }
         if let Some(l) = slot.learner.as_mut() {
+            // The first answer after a stall reveals it, should the answer come before the
+            // timer's next look: the stall collapses the limit before this answer (and the
+            // slots it frees) can be given back to the backend at the old limit.
+            l.tick(slot.inflight, now);
             l.record(sample, now);
             slot.learned = l.limit(now);
         }
@@ -1004,6 +1008,41 @@ mod tests {
         );
         let _ = pool.release(BackendId(0), now);
         assert_eq!(pool.inflight(BackendId(0)), 0);
+    }
+
+    #[test]
+    fn an_answer_after_a_stall_collapses_the_limit_before_it_frees_a_slot() {
+        // Every slot taken, no answer for longer than the stall time, and no timer tick in
+        // between: the first answer to come (at the end of a lock-up) must not hand its slot
+        // to a waiter at the old limit.
+        let now = t0();
+        let mut policy = BackendPolicy::limit(4);
+        policy.learn = Some(LatencyLimitConfig {
+            adaptive: true,
+            initial: 4,
+            ..LatencyLimitConfig::new(4)
+        });
+        let mut pool: AdmissionPool<u32> = AdmissionPool::with_policies(&[policy], 10, now);
+        for _ in 0..4 {
+            assert!(matches!(
+                pool.acquire(now, now + Duration::from_secs(60), 0),
+                Acquire::Admitted(_)
+            ));
+        }
+        let waiting = pool.acquire(now, now + Duration::from_secs(60), 1);
+        assert!(matches!(waiting, Acquire::Queued(_)));
+        // The admission timer looks (every slot taken from now on), and not again before the
+        // answer.
+        assert!(pool.poll(now).is_empty());
+        let later = now + Duration::from_millis(2500);
+        let grants = pool.record(BackendId(0), Sample::Ok(Duration::from_millis(2500)), later);
+        assert!(grants.is_empty());
+        assert_eq!(pool.snapshot(later).backends[0].effective_limit, 1);
+        let grants = pool.release(BackendId(0), later);
+        assert!(
+            grants.is_empty(),
+            "3 still in flight, above the collapsed limit"
+        );
     }
 
     #[test]

@@ -299,6 +299,18 @@ def main():
     rs = restart.section(res, p) if p.get("restart", {}).get("runs") else None
     tables_md = surge_md + ("\n\n" + rs["tables"] if rs else "")
     print(tables_md)
+    # The slowdown scenario writes its own file (a run of it alone leaves this one as it is):
+    # link it, and its plots, when it is there.
+    out_dir = os.path.dirname(os.path.abspath(out_path))
+    if os.path.exists(os.path.join(out_dir, "RESULTS-slowdown.md")):
+        plots = [f for f in ("slowdown-service-time.svg", "slowdown-workers.svg")
+                 if os.path.exists(os.path.join(out_dir, f))]
+        tables_md += "\n\n" + "\n\n".join(
+            ["## Results: slowdown",
+             "The slowdown scenario (capacity halved for 20 s under 80 % load; sluice with its "
+             "defaults, sluice with `admission.adaptive = true`, HAProxy) has its own results "
+             "file, from its own run: [`RESULTS-slowdown.md`](RESULTS-slowdown.md)."]
+            + [f"![{f}]({f})" for f in plots])
 
     # ---- the document
     configs = []

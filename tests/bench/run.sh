@@ -1,12 +1,22 @@
 #!/usr/bin/env bash
-# sluice benchmark, two scenarios. "surge": the emulated legacy server hit directly, through
+# sluice benchmark, three scenarios. "surge": the emulated legacy server hit directly, through
 # sluice, through HAProxy and through nginx, plus memory per idle client connection for each
 # proxy. "restart": steady keep-alive load at 90 % of capacity while the backend crashes for 3 s
-# and comes back cold, through sluice and HAProxy.
+# and comes back cold, through sluice and HAProxy. "slowdown": steady keep-alive load at 80 % of
+# capacity while the backend's capacity halves for 20 s and recovers, through sluice (defaults),
+# sluice with admission.adaptive = true, and HAProxy; writes its own results file and plots.
 # See tests/bench/README.md. Usage: bash tests/bench/run.sh
 #
 # Environment overrides (defaults in brackets):
-#   BENCH_SCENARIOS ["surge,restart"]  which scenarios (comma or space separated)
+#   BENCH_SCENARIOS ["surge,restart"]  which scenarios (comma or space separated): surge,
+#                            restart, slowdown
+#   BENCH_SLOWDOWN_TARGETS ["sluice sluice-adaptive haproxy"]
+#   BENCH_SLOWDOWN_OF ["service-time workers"]  how the slowdown halves capacity: the service
+#                            time doubles, and/or half the workers go (one run of each)
+#   BENCH_SLOWDOWN_RATE [0.8 x measured ceiling]  offered tx/s in the slowdown scenario
+#   BENCH_SLOWDOWN_OUT [tests/bench/RESULTS-slowdown.md]  its results; the plots
+#                            (slowdown-<how>.svg) are written next to it. A run of the slowdown
+#                            alone leaves BENCH_OUT as it is
 #   BENCH_SECONDS [20]       length of the surge's offered load per target, seconds
 #   BENCH_RUNS [2]           repetitions of the surge (run 2 goes through the targets in reverse)
 #   BENCH_TARGETS ["direct sluice sluice-noramp haproxy nginx"]; sluice-noramp is sluice with
@@ -41,6 +51,10 @@ BENCH_RESTART_TARGETS=${BENCH_RESTART_TARGETS:-"sluice haproxy"}
 BENCH_RESTART_RUNS=${BENCH_RESTART_RUNS:-$BENCH_RUNS}
 BENCH_RESTART_RATE=${BENCH_RESTART_RATE:-}
 BENCH_RESTART_BURST_RUNS=${BENCH_RESTART_BURST_RUNS:-1}
+BENCH_SLOWDOWN_TARGETS=${BENCH_SLOWDOWN_TARGETS:-"sluice sluice-adaptive haproxy"}
+BENCH_SLOWDOWN_OF=${BENCH_SLOWDOWN_OF:-"service-time workers"}
+BENCH_SLOWDOWN_RATE=${BENCH_SLOWDOWN_RATE:-}
+BENCH_SLOWDOWN_OUT=${BENCH_SLOWDOWN_OUT:-$BENCH_DIR/RESULTS-slowdown.md}
 
 # The surge scenario (fixed; change here, not per run, so results stay comparable).
 TERMINALS=2000          # all start at once
@@ -77,6 +91,25 @@ RS_SLOW_START=10s        # both proxies ramp the backend's cap back up over 10 s
 RS_SLOW_START_INITIAL=3  # sluice: from 3 (= the emulator's 10 % of 32); HAProxy ramps from 1
 RS_WARM_TIMEOUT=40       # s: wait for the emulator's initial cold start and the proxy's ramp
 
+# The slowdown scenario (fixed, like the others): 600 keep-alive terminals offer 80 % of what the
+# emulator really serves (measured ceiling) for 45 s, their start times spread over one firing
+# interval (steady arrivals). The emulator is warm (no cold start); at t = 10 s on its clock
+# (started with the load) its capacity halves for 20 s (--slowdown 10s:20s:2, the service time
+# doubled or half the workers gone), then recovers. Same workers, service time and lock-up as the
+# surge. Every target: a fresh emulator and proxy, the same static cap of 32, and warm (sluice's
+# start-up ramp over) before the load starts. Every 100 ms the proxy's view (sluice: /status on
+# the admin listener, effective limit included; HAProxy: show stat) and the emulator's stats
+# (requests inside, workers) are sampled.
+SD_TERMINALS=600
+SD_SECONDS=45
+SD_LOAD_FRACTION=0.8    # of the measured ceiling (BENCH_SLOWDOWN_RATE overrides)
+SD_CLIENT_TIMEOUT=15s
+SD_SLOW_AT=10s
+SD_SLOW_FOR=20s
+SD_FACTOR=2
+SD_SAMPLE_MS=100
+SD_WARM_TIMEOUT=20       # s: wait for sluice's start-up ramp to reach the cap
+
 for v in BENCH_SECONDS BENCH_RUNS BENCH_IDLE_CONNS BENCH_RESTART_RUNS BENCH_RESTART_BURST_RUNS; do
     [[ ${!v} =~ ^[0-9]+$ ]] || { echo "run.sh: $v must be a whole number, got '${!v}'" >&2; exit 2; }
 done
@@ -87,16 +120,26 @@ done
 for t in $BENCH_RESTART_TARGETS; do
     case $t in direct | sluice | haproxy | haproxy-noredispatch) ;; *) echo "run.sh: unknown restart target '$t' (direct, sluice, haproxy, haproxy-noredispatch)" >&2; exit 2 ;; esac
 done
-RUN_SURGE=0 RUN_RESTART=0
-for s in $BENCH_SCENARIOS; do
-    case $s in surge) RUN_SURGE=1 ;; restart) RUN_RESTART=1 ;; *) echo "run.sh: unknown scenario '$s' (surge, restart)" >&2; exit 2 ;; esac
+for t in $BENCH_SLOWDOWN_TARGETS; do
+    case $t in sluice | sluice-adaptive | haproxy) ;; *) echo "run.sh: unknown slowdown target '$t' (sluice, sluice-adaptive, haproxy)" >&2; exit 2 ;; esac
 done
-((RUN_SURGE || RUN_RESTART)) || { echo "run.sh: BENCH_SCENARIOS is empty" >&2; exit 2; }
+for o in $BENCH_SLOWDOWN_OF; do
+    case $o in service-time | workers) ;; *) echo "run.sh: unknown BENCH_SLOWDOWN_OF '$o' (service-time, workers)" >&2; exit 2 ;; esac
+done
+RUN_SURGE=0 RUN_RESTART=0 RUN_SLOWDOWN=0
+for s in $BENCH_SCENARIOS; do
+    case $s in surge) RUN_SURGE=1 ;; restart) RUN_RESTART=1 ;; slowdown) RUN_SLOWDOWN=1 ;; *) echo "run.sh: unknown scenario '$s' (surge, restart, slowdown)" >&2; exit 2 ;; esac
+done
+((RUN_SURGE || RUN_RESTART || RUN_SLOWDOWN)) || { echo "run.sh: BENCH_SCENARIOS is empty" >&2; exit 2; }
 if [[ -n $BENCH_RESTART_RATE ]] && ! [[ $BENCH_RESTART_RATE =~ ^[0-9]+$ && $BENCH_RESTART_RATE -ge 1 ]]; then
     echo "run.sh: BENCH_RESTART_RATE must be a whole number >= 1, got '$BENCH_RESTART_RATE'" >&2; exit 2
 fi
+if [[ -n $BENCH_SLOWDOWN_RATE ]] && ! [[ $BENCH_SLOWDOWN_RATE =~ ^[0-9]+$ && $BENCH_SLOWDOWN_RATE -ge 1 ]]; then
+    echo "run.sh: BENCH_SLOWDOWN_RATE must be a whole number >= 1, got '$BENCH_SLOWDOWN_RATE'" >&2; exit 2
+fi
 ((RUN_SURGE)) || BENCH_TARGETS=""
 ((RUN_RESTART)) || BENCH_RESTART_TARGETS=""
+((RUN_SLOWDOWN)) || BENCH_SLOWDOWN_TARGETS=""
 ((CEILING_SECONDS > BENCH_SECONDS)) && CEILING_SECONDS=$BENCH_SECONDS
 
 log() { printf '[bench %s] %s\n' "$(date +%T)" "$*" >&2; }
@@ -635,6 +678,157 @@ print(f"    sent {t['sent']} ok {t['ok']} failed {failed} ({100.0 * failed / max
 EOF
 }
 
+# ---------------------------------------------------------------- slowdown scenario
+
+# start_slowdown_proxy KIND NAME BACKEND_ADDR: sluice (defaults; sluice-adaptive adds
+# admission.adaptive = true) or HAProxy with the same static cap, on free ports, with an admin
+# listener / stats socket to sample. Sets PROXY_PID, PROXY_ADDR, PROXY_STOP_SIG, PROBE_WHERE.
+start_slowdown_proxy() {
+    local kind=$1 name=$2 backend=$3 port aport dir
+    port=$(free_port)
+    dir=$WORK/$name
+    mkdir -p "$dir"
+    case $kind in
+    sluice | sluice-adaptive)
+        aport=$(free_port)
+        while [[ $aport == "$port" ]]; do aport=$(free_port); done
+        cat >"$dir/sluice.toml" <<EOF
+[proxy]
+listen = "127.0.0.1:$port"
+
+[admission]
+max_inflight = $MAX_INFLIGHT
+max_queue = $MAX_QUEUE
+queue_timeout = "$QUEUE_TIMEOUT"
+$([[ $kind == sluice-adaptive ]] && echo "adaptive = true" || true)
+
+[admin]
+listen = "127.0.0.1:$aport"
+
+[log]
+access = "off"
+
+[[backend]]
+name = "legacy"
+address = "$backend"
+
+[server]
+threads = $PROXY_THREADS
+pid_file = "$dir/sluice.pid"
+upgrade_sock = "$dir/sluice_upgrade.sock"
+EOF
+        local args=(--config "$dir/sluice.toml")
+        "$BIN/sluice" check "${args[@]}" >"$dir/check.txt" 2>&1 ||
+            { cat "$dir/check.txt" >&2; die "sluice check failed"; }
+        echo "sluice run --config sluice.toml" >"$dir/command.txt"
+        start_bg "$name" "$BIN/sluice" run "${args[@]}"
+        PROXY_STOP_SIG=INT
+        PROBE_WHERE=127.0.0.1:$aport
+        ;;
+    haproxy)
+        cat >"$dir/haproxy.cfg" <<EOF
+global
+    maxconn $HAPROXY_MAXCONN
+    nbthread $PROXY_THREADS
+    stats socket $dir/haproxy.sock mode 600 level operator
+
+defaults
+    mode http
+    maxconn $HAPROXY_MAXCONN
+    option http-keep-alive
+    http-reuse always
+    timeout connect 2s
+    timeout client 60s
+    timeout server 60s
+    timeout queue $QUEUE_TIMEOUT
+    timeout http-request 60s
+    timeout http-keep-alive 60s
+
+frontend terminals
+    bind 127.0.0.1:$port
+    default_backend legacy
+
+backend legacy
+    server legacy $backend maxconn $MAX_INFLIGHT maxqueue $MAX_QUEUE
+EOF
+        haproxy -c -q -f "$dir/haproxy.cfg" >"$WORK/$name.check" 2>&1 ||
+            { cat "$WORK/$name.check" >&2; die "haproxy config check failed"; }
+        start_bg "$name" haproxy -db -f "$dir/haproxy.cfg"
+        PROXY_STOP_SIG=TERM
+        PROBE_WHERE=$dir/haproxy.sock
+        ;;
+    esac
+    PROXY_PID=$BG_PID
+    PROXY_ADDR=127.0.0.1:$port
+    wait_port "$port" "$PROXY_PID" "$name"
+}
+
+# wait_sluice_at_cap ADMIN: wait (bounded) until sluice's effective limit is the cap (its
+# start-up ramp is over), so the scenario measures the slowdown, not the start.
+wait_sluice_at_cap() {
+    timeout $((SD_WARM_TIMEOUT + 5)) python3 - "$1" "$MAX_INFLIGHT" "$SD_WARM_TIMEOUT" "$BENCH_DIR" <<'EOF' ||
+import sys, time
+where, cap, limit, bench_dir = sys.argv[1:5]
+sys.path.insert(0, bench_dir)
+import proxy_probe
+deadline = time.monotonic() + float(limit)
+last = None
+while time.monotonic() < deadline:
+    try:
+        last = proxy_probe.poll("sluice", where)
+        if last["state"] == "up" and last["limit"] == int(cap):
+            sys.exit(0)
+    except Exception as ex:
+        last = f"{type(ex).__name__}: {ex}"
+    time.sleep(0.1)
+print(f"sluice not at its cap after {limit}s: {last}", file=sys.stderr)
+sys.exit(1)
+EOF
+        die "slowdown scenario: sluice did not reach its cap"
+}
+
+# run_slowdown HOW TARGET: HOW is service-time or workers.
+run_slowdown() {
+    local how=$1 target=$2 tag=slowdown-$1-$2 probe_pid kind
+    kind=${target%-adaptive}
+    log "slowdown ($how x$SD_FACTOR at $SD_SLOW_AT for $SD_SLOW_FOR): $target (${SD_TERMINALS} keep-alive terminals, ${SD_RATE} tx/s, ${SD_SECONDS}s)"
+    start_emu "emu-$tag" --slowdown "$SD_SLOW_AT:$SD_SLOW_FOR:$SD_FACTOR" --slowdown-of "$how" \
+        --clock sigusr1 --timeline "$RES/$tag.timeline.jsonl" --timeline-interval "${SD_SAMPLE_MS}ms"
+    start_slowdown_proxy "$target" "$tag" "$EMU_ADDR"
+    if [[ $kind == sluice ]]; then wait_sluice_at_cap "$PROBE_WHERE"; fi
+    start_bg "probe-$tag" python3 "$BENCH_DIR/proxy_probe.py" "$kind" "$PROBE_WHERE" "$RES/$tag.probe.jsonl" \
+        --interval "$(python3 -c "print($SD_SAMPLE_MS / 1000)")"
+    probe_pid=$BG_PID
+    http "$EMU_ADDR" POST /__emu/reset >/dev/null
+    # Starts the emulator's clock (slowdown at +10 s, timeline) together with the load.
+    kill -USR1 "$EMU_PID"
+    LOAD_LIMIT=$((SD_SECONDS + 90)) run_terminals "load-$tag" "$PROXY_ADDR" "$RES/$tag.terminals.json" \
+        --terminals "$SD_TERMINALS" --conn-mode keep-alive --http 1.1 --rate "$SD_RATE" \
+        --duration "${SD_SECONDS}s" --timeout "$SD_CLIENT_TIMEOUT" --ramp "${SD_RAMP_MS}ms"
+    http "$EMU_ADDR" GET /__emu/stats >"$RES/$tag.emu.json"
+    python3 "$BENCH_DIR/proxy_probe.py" "$kind" "$PROBE_WHERE" - --once >"$RES/$tag.proxy.json" ||
+        log "warning: could not read $target's counters"
+    stop_pid "$probe_pid" TERM 5
+    stop_pid "$PROXY_PID" "$PROXY_STOP_SIG"
+    stop_pid "$EMU_PID" INT # writes the timeline's last line
+    cp "$WORK/emu-$tag.err" "$RES/$tag.emu.err" || true
+    for f in sluice.toml haproxy.cfg command.txt check.txt; do
+        if [[ -f $WORK/$tag/$f ]]; then cp "$WORK/$tag/$f" "$RES/$tag.$f"; fi
+    done
+    python3 - "$RES" "$tag" <<'EOF' >&2
+import json, os, sys
+res, tag = sys.argv[1:3]
+t = json.load(open(os.path.join(res, tag + ".terminals.json")))
+e = json.load(open(os.path.join(res, tag + ".emu.json")))
+failed = t["sent"] - t["ok"]
+lat = t["latency_ok"]
+print(f"    sent {t['sent']} ok {t['ok']} failed {failed} ({100.0 * failed / max(t['sent'], 1):.2f} %) "
+      f"status {t['by_status']} errors c/io/t {t['errors_connect']}/{t['errors_io']}/{t['errors_timeout']} "
+      f"| p50 {lat['p50_ms']:.1f} p99 {lat['p99_ms']:.1f} ms "
+      f"| backend max_inside {e['max_inside']} lockups {e['lockups']}")
+EOF
+}
+
 # ---------------------------------------------------------------- main
 
 START_TS=$(date +%s)
@@ -647,7 +841,7 @@ HAPROXY_MAXCONN=$(( $(ulimit -n) / 2 - 50 ))
 
 missing=()
 for p in haproxy nginx; do
-    case " $BENCH_TARGETS $BENCH_RESTART_TARGETS " in *" $p"*) command -v "$p" >/dev/null || missing+=("$p") ;; esac
+    case " $BENCH_TARGETS $BENCH_RESTART_TARGETS $BENCH_SLOWDOWN_TARGETS " in *" $p"*) command -v "$p" >/dev/null || missing+=("$p") ;; esac
 done
 if ((${#missing[@]})); then
     log "installing ${missing[*]} (Debian packages haproxy, nginx-light)"
@@ -751,6 +945,36 @@ print(round(sum(v) / len(v)) if v else 0)' "$RES")
         for t in "${order[@]}"; do run_restart "${keys[k]}" "$t"; done
     done
 fi
+RESTART_END_TS=$(date +%s)
+SD_RATE=0 SD_CEILING=0 SD_RATE_SOURCE= SD_RAMP_MS=0
+if ((RUN_SLOWDOWN)); then
+    # 80 % of what the emulator really serves here (this script run's calibration), as for the
+    # restart scenario.
+    ((RUN_SURGE || RUN_RESTART)) || run_ceiling 1
+    SD_CEILING=$(python3 -c 'import glob, json, sys
+v = [json.load(open(f))["goodput"] for f in sorted(glob.glob(sys.argv[1] + "/r*-ceiling.terminals.json"))]
+print(round(sum(v) / len(v)) if v else 0)' "$RES")
+    if [[ -n $BENCH_SLOWDOWN_RATE ]]; then
+        SD_RATE=$BENCH_SLOWDOWN_RATE SD_RATE_SOURCE=BENCH_SLOWDOWN_RATE
+    else
+        ((SD_CEILING > 0)) || die "no calibration result to derive the slowdown scenario's rate from"
+        SD_RATE=$(python3 -c "print(round($SD_LOAD_FRACTION * $SD_CEILING))") SD_RATE_SOURCE=ceiling
+    fi
+    # Terminal start times spread over one firing interval: steady arrivals.
+    SD_RAMP_MS=$(python3 -c "print(round(1000 * $SD_TERMINALS / $SD_RATE))")
+    log "slowdown scenario: offering $SD_RATE tx/s (measured ceiling $SD_CEILING ok/s, source: $SD_RATE_SOURCE)"
+    sdtargets=($BENCH_SLOWDOWN_TARGETS)
+    k=0
+    for how in $BENCH_SLOWDOWN_OF; do
+        order=("${sdtargets[@]}")
+        if ((k % 2 == 1)); then # alternate the order, so no target always runs first or last
+            order=()
+            for ((i = ${#sdtargets[@]} - 1; i >= 0; i--)); do order+=("${sdtargets[i]}"); done
+        fi
+        for t in "${order[@]}"; do run_slowdown "$how" "$t"; done
+        k=$((k + 1))
+    done
+fi
 END_TS=$(date +%s)
 LOAD_AT_END=$(cut -d' ' -f1-3 /proc/loadavg)
 
@@ -779,7 +1003,25 @@ p = {
     "targets": "$BENCH_TARGETS",
     "scenarios": "$BENCH_SCENARIOS",
     "surge_seconds_wall": $((SURGE_END_TS - START_TS)),
-    "restart_seconds_wall": $((END_TS - SURGE_END_TS)),
+    "restart_seconds_wall": $((RESTART_END_TS - SURGE_END_TS)),
+    "slowdown_seconds_wall": $((END_TS - RESTART_END_TS)),
+    "slowdown": {
+        "targets": "$BENCH_SLOWDOWN_TARGETS",
+        "of": "$( ((RUN_SLOWDOWN)) && echo "$BENCH_SLOWDOWN_OF" || true)",
+        "terminals": $SD_TERMINALS,
+        "seconds": $SD_SECONDS,
+        "rate": $SD_RATE,
+        "rate_source": "$SD_RATE_SOURCE",
+        "ramp_ms": $SD_RAMP_MS,
+        "load_fraction": $SD_LOAD_FRACTION,
+        "ceiling": $SD_CEILING,
+        "client_timeout": "$SD_CLIENT_TIMEOUT",
+        "slow_at": "$SD_SLOW_AT",
+        "slow_for": "$SD_SLOW_FOR",
+        "factor": $SD_FACTOR,
+        "sample_ms": $SD_SAMPLE_MS,
+        "max_inflight": $MAX_INFLIGHT,
+    },
     "restart": {
         "runs": $((RUN_RESTART ? BENCH_RESTART_RUNS : 0)),
         "burst_runs": $((RUN_RESTART ? BENCH_RESTART_BURST_RUNS : 0)),
@@ -842,5 +1084,14 @@ done
 for d in "$WORK"/restart-r1-haproxy "$WORK"/restart-b1-haproxy; do
     if [[ -f $d/haproxy.cfg ]]; then cp "$d/haproxy.cfg" "$RES/restart-haproxy.cfg" && break; fi
 done
-python3 "$BENCH_DIR/report.py" "$RES" "$BENCH_OUT"
-log "done in $((END_TS - START_TS)) s; results in $BENCH_OUT"
+outs=()
+if ((RUN_SLOWDOWN)); then
+    python3 "$BENCH_DIR/report_slowdown.py" "$RES" "$BENCH_SLOWDOWN_OUT"
+    outs+=("$BENCH_SLOWDOWN_OUT")
+fi
+# A run of the slowdown alone leaves the surge and restart results as they are.
+if ((RUN_SURGE || RUN_RESTART)); then
+    python3 "$BENCH_DIR/report.py" "$RES" "$BENCH_OUT"
+    outs+=("$BENCH_OUT")
+fi
+log "done in $((END_TS - START_TS)) s; results in ${outs[*]}"

@@ -20,6 +20,15 @@
 //!   limit and the server is not already locked up.
 //! * After a start or [`EmulatorHandle::restart`], capacity can ramp up from a
 //!   fraction of the workers ([`ColdStart`]), like an app pool warming up.
+//! * The service time and the number of workers can change while it runs
+//!   ([`EmulatorHandle::set_service_time`], [`EmulatorHandle::set_workers`]): a
+//!   backend that slows down and recovers. A change applies to requests that
+//!   start service from then on; fewer workers never cut a request being
+//!   served, they only hold back the next ones until the busy count is below
+//!   the new size.
+//! * On request ([`EmulatorHandle::record_timings`]) it keeps, per answered
+//!   request, when it entered, how long it waited for a worker and how long it
+//!   was inside ([`Timing`]): latency as the backend itself sees it.
 //! * Idle keep-alive connections are closed after
 //!   [`EmulatorConfig::keepalive_timeout`].
 //!
@@ -43,6 +52,7 @@
 //! dereference to an [`EmulatorHandle`], a cheap clonable handle with the
 //! query and control API.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
@@ -56,7 +66,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::{Handle, Runtime};
-use tokio::sync::{oneshot, watch, Notify, Semaphore};
+use tokio::sync::{oneshot, watch, Notify};
 use tokio::task::{AbortHandle, JoinHandle, JoinSet};
 use tokio::time::Instant;
 
@@ -127,6 +137,7 @@ pub struct ColdStart {
     pub duration: Duration,
     /// The lock-up threshold ramps too: while warming, the server locks up above
     /// `lockup_above × workers_now / workers` (a cold app pool is fragile as well as slow).
+    /// `workers_now` also follows [`EmulatorHandle::set_workers`].
     pub lockup_scales: bool,
 }
 
@@ -283,6 +294,20 @@ impl Seen {
     }
 }
 
+/// How long one answered request spent inside the emulator (see
+/// [`EmulatorHandle::record_timings`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    /// When its head had been read (it entered the server).
+    pub entered: std::time::Instant,
+    /// From entering until a worker took it (its body read, then the wait for a free
+    /// worker): the queueing inside the backend.
+    pub waited: Duration,
+    /// From entering until its answer was ready to write: what a proxy in front measures as
+    /// the backend's latency, less the network.
+    pub inside: Duration,
+}
+
 /// The framing of one answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Framed {
@@ -360,6 +385,137 @@ struct Shared {
     unlock_task: Mutex<Option<AbortHandle>>,
     /// Woken on every counter change, for [`EmulatorHandle::wait_for`].
     changed: Notify,
+    /// The workers the server has now, and the pool of the running listening period.
+    workers: Mutex<WorkerSlot>,
+    /// Per-request timings, while recorded ([`EmulatorHandle::record_timings`]).
+    timings: Mutex<Option<Vec<Timing>>>,
+}
+
+/// The server's worker count ([`EmulatorHandle::set_workers`]) and the running pool.
+#[derive(Debug)]
+struct WorkerSlot {
+    target: usize,
+    pool: Option<Arc<Workers>>,
+}
+
+/// The worker pool of one listening period: at most `capacity` requests are served at once,
+/// the others wait first come first served. Its size can change while requests are served: a
+/// larger pool takes waiters at once; a smaller one lets the requests being served finish
+/// and takes the next waiter only once fewer than the new size are busy.
+#[derive(Debug)]
+struct Workers {
+    state: Mutex<WorkersState>,
+}
+
+#[derive(Debug)]
+struct WorkersState {
+    /// Workers the server has ([`EmulatorHandle::set_workers`]).
+    target: usize,
+    /// Workers a cold start has made available so far (`usize::MAX` once warm).
+    ramped: usize,
+    busy: usize,
+    waiters: VecDeque<oneshot::Sender<()>>,
+}
+
+impl WorkersState {
+    fn capacity(&self) -> usize {
+        self.target.min(self.ramped)
+    }
+
+    /// Hands free workers to waiters, in arrival order (a waiter that has gone is skipped).
+    fn grant(&mut self) {
+        while self.busy < self.capacity() {
+            let Some(waiter) = self.waiters.pop_front() else {
+                break;
+            };
+            if waiter.send(()).is_ok() {
+                self.busy += 1;
+            }
+        }
+    }
+}
+
+impl Workers {
+    fn new(target: usize, ramped: usize) -> Arc<Workers> {
+        Arc::new(Workers {
+            state: Mutex::new(WorkersState {
+                target,
+                ramped,
+                busy: 0,
+                waiters: VecDeque::new(),
+            }),
+        })
+    }
+
+    /// Changes the size (the server's workers, or the cold start's share); returns the
+    /// workers available now.
+    fn resize(&self, target: Option<usize>, ramped: Option<usize>) -> usize {
+        let mut s = lock(&self.state);
+        if let Some(t) = target {
+            s.target = t;
+        }
+        if let Some(r) = ramped {
+            s.ramped = r;
+        }
+        s.grant();
+        s.capacity()
+    }
+
+    /// Waits for a worker, first come first served. `None` only if the pool went away.
+    async fn acquire(self: &Arc<Self>) -> Option<Worker> {
+        let rx = {
+            let mut s = lock(&self.state);
+            if s.waiters.is_empty() && s.busy < s.capacity() {
+                s.busy += 1;
+                return Some(Worker(Arc::clone(self)));
+            }
+            let (tx, rx) = oneshot::channel();
+            s.waiters.push_back(tx);
+            rx
+        };
+        let mut waiting = Waiting {
+            rx,
+            workers: self,
+            granted: false,
+        };
+        (&mut waiting.rx).await.ok()?;
+        waiting.granted = true;
+        Some(Worker(Arc::clone(self)))
+    }
+
+    fn release(&self) {
+        let mut s = lock(&self.state);
+        s.busy = s.busy.saturating_sub(1);
+        s.grant();
+    }
+}
+
+/// A request waiting for a worker; if it goes away after a worker was handed to it, the
+/// worker is given back.
+struct Waiting<'a> {
+    rx: oneshot::Receiver<()>,
+    workers: &'a Workers,
+    granted: bool,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if !self.granted {
+            self.rx.close();
+            if self.rx.try_recv().is_ok() {
+                self.workers.release();
+            }
+        }
+    }
+}
+
+/// A busy worker, freed on drop.
+struct Worker(Arc<Workers>);
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.0.release();
+    }
 }
 
 /// Locks a mutex, ignoring poisoning (the data stays usable for stats).
@@ -391,6 +547,27 @@ impl Shared {
 
     fn record_txn(&self, id: &str) {
         lock(&self.transactions).push(id.to_string());
+    }
+
+    fn record_timing(&self, t: Timing) {
+        if let Some(v) = lock(&self.timings).as_mut() {
+            v.push(t);
+        }
+    }
+
+    /// Resizes the running pool (if any); returns the workers available now and counts them.
+    fn resize_workers(&self, target: Option<usize>, ramped: Option<usize>) {
+        let mut slot = lock(&self.workers);
+        if let Some(t) = target {
+            slot.target = t;
+        }
+        let now = match &slot.pool {
+            Some(pool) => pool.resize(target, ramped),
+            None => slot.target,
+        };
+        drop(slot);
+        self.counters.workers_now.store(now, Ordering::Relaxed);
+        self.touch();
     }
 
     /// Starts a lock-up episode unless one is running.
@@ -481,6 +658,9 @@ impl Shared {
             .store(c.open_now.load(Ordering::Relaxed), Ordering::Relaxed);
         lock(&self.transactions).clear();
         lock(&self.seen).clear();
+        if let Some(v) = lock(&self.timings).as_mut() {
+            v.clear();
+        }
         self.answers.store(0, Ordering::Relaxed);
         self.touch();
     }
@@ -613,6 +793,31 @@ impl EmulatorHandle {
         self.inner.shared.service_time()
     }
 
+    /// Changes the number of workers (at least 1) at once, kept across restarts. More
+    /// workers take waiting requests at once; fewer never cut a request being served: the
+    /// next waiting request gets a worker once fewer than `n` are busy. During a cold start,
+    /// the ramp's share applies on top (capacity is the smaller of the two).
+    pub fn set_workers(&self, n: usize) {
+        self.inner.shared.resize_workers(Some(n.max(1)), None);
+    }
+
+    /// The number of workers set ([`EmulatorHandle::set_workers`], else the configuration's).
+    pub fn workers(&self) -> usize {
+        lock(&self.inner.shared.workers).target
+    }
+
+    /// Starts (`true`, with an empty record) or stops (`false`, dropping it) recording a
+    /// [`Timing`] for every answered request. Off by default: the record grows with every
+    /// request (24 bytes each).
+    pub fn record_timings(&self, on: bool) {
+        *lock(&self.inner.shared.timings) = on.then(Vec::new);
+    }
+
+    /// The timings recorded since recording started or the last reset, in answer order.
+    pub fn timings(&self) -> Vec<Timing> {
+        lock(&self.inner.shared.timings).clone().unwrap_or_default()
+    }
+
     /// Test control: requests that finish their service time stall (keeping
     /// their worker) until [`EmulatorHandle::release`]. Makes concurrency
     /// assertions deterministic: hold, send N requests, wait for
@@ -707,7 +912,7 @@ impl EmulatorHandle {
 
         let shared = &inner.shared;
         let workers = shared.cfg.workers;
-        let initial = match shared.cfg.cold_start {
+        let cold = match shared.cfg.cold_start {
             Some(cs) => {
                 let f = if cs.initial_fraction.is_nan() {
                     0.0
@@ -715,18 +920,21 @@ impl EmulatorHandle {
                     cs.initial_fraction.clamp(0.0, 1.0)
                 };
                 // Truncation intended: rounded down, then clamped.
-                ((workers as f64 * f).floor() as usize).min(workers)
+                Some(((workers as f64 * f).floor() as usize).min(workers))
             }
-            None => workers,
+            None => None,
         };
-        let sem = Arc::new(Semaphore::new(initial));
-        shared
-            .counters
-            .workers_now
-            .store(initial, Ordering::Relaxed);
-        let ramp = match shared.cfg.cold_start {
-            Some(cs) if initial < workers => Some(inner.rt.spawn(ramp_up(
-                Arc::clone(&sem),
+        let initial = cold.filter(|&c| c < workers);
+        let pool = {
+            let mut slot = lock(&shared.workers);
+            let pool = Workers::new(slot.target, initial.unwrap_or(usize::MAX));
+            slot.pool = Some(Arc::clone(&pool));
+            let now = slot.target.min(initial.unwrap_or(usize::MAX));
+            shared.counters.workers_now.store(now, Ordering::Relaxed);
+            pool
+        };
+        let ramp = match (shared.cfg.cold_start, initial) {
+            (Some(cs), Some(initial)) => Some(inner.rt.spawn(ramp_up(
                 Arc::clone(shared),
                 initial,
                 cs.duration,
@@ -736,7 +944,7 @@ impl EmulatorHandle {
         let (stop_tx, stop_rx) = oneshot::channel();
         let accept = inner
             .rt
-            .spawn(accept_loop(listener, Arc::clone(shared), sem, stop_rx));
+            .spawn(accept_loop(listener, Arc::clone(shared), pool, stop_rx));
         *running = Some(Generation {
             stop_tx,
             accept,
@@ -775,6 +983,7 @@ impl EmulatorHandle {
         let (gate, _) = watch::channel(Gate::default());
         let service_time_ns =
             AtomicU64::new(u64::try_from(cfg.service_time.as_nanos()).unwrap_or(u64::MAX));
+        let cfg_workers = cfg.workers;
         let shared = Arc::new(Shared {
             cfg,
             service_time_ns,
@@ -786,6 +995,11 @@ impl EmulatorHandle {
             gate,
             unlock_task: Mutex::new(None),
             changed: Notify::new(),
+            workers: Mutex::new(WorkerSlot {
+                target: cfg_workers,
+                pool: None,
+            }),
+            timings: Mutex::new(None),
         });
         let handle = EmulatorHandle {
             inner: Arc::new(Inner {
@@ -947,8 +1161,9 @@ impl Drop for EmulatorThread {
     }
 }
 
-/// Adds workers linearly until all are available.
-async fn ramp_up(sem: Arc<Semaphore>, shared: Arc<Shared>, initial: usize, duration: Duration) {
+/// Adds workers linearly until all are available (all the configured workers, then no
+/// bound but [`EmulatorHandle::set_workers`]).
+async fn ramp_up(shared: Arc<Shared>, initial: usize, duration: Duration) {
     let start = Instant::now();
     let extra = shared.cfg.workers - initial;
     let mut added = 0usize;
@@ -957,22 +1172,18 @@ async fn ramp_up(sem: Arc<Semaphore>, shared: Arc<Shared>, initial: usize, durat
         // u32 -> usize is lossless; target <= extra.
         let target = extra * k as usize / RAMP_STEPS as usize;
         if target > added {
-            sem.add_permits(target - added);
             added = target;
-            shared
-                .counters
-                .workers_now
-                .store(initial + added, Ordering::Relaxed);
-            shared.touch();
+            shared.resize_workers(None, Some(initial + added));
         }
     }
+    shared.resize_workers(None, Some(usize::MAX));
 }
 
 /// Accepts connections until told to stop, then closes all of them.
 async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
-    sem: Arc<Semaphore>,
+    pool: Arc<Workers>,
     mut stop_rx: oneshot::Receiver<()>,
 ) {
     let mut conns = JoinSet::new();
@@ -987,7 +1198,7 @@ async fn accept_loop(
                     let open = OpenConn::new(&shared);
                     let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
                     let conn = (stream, id);
-                    conns.spawn(serve_conn(Arc::clone(&shared), Arc::clone(&sem), conn, open));
+                    conns.spawn(serve_conn(Arc::clone(&shared), Arc::clone(&pool), conn, open));
                 }
                 // E.g. EMFILE: back off briefly rather than spin.
                 Err(_) => tokio::time::sleep(ACCEPT_BACKOFF).await,
@@ -1035,7 +1246,7 @@ enum Next {
 /// Serves the requests of one connection.
 async fn serve_conn(
     shared: Arc<Shared>,
-    sem: Arc<Semaphore>,
+    pool: Arc<Workers>,
     (stream, conn_id): (TcpStream, u64),
     _open: OpenConn,
 ) {
@@ -1053,7 +1264,7 @@ async fn serve_conn(
             }
             Err(_) => return,
         };
-        match handle_request(&shared, &sem, &mut wire, head, conn_id).await {
+        match handle_request(&shared, &pool, &mut wire, head, conn_id).await {
             Next::KeepAlive => {}
             Next::Close => return,
         }
@@ -1263,7 +1474,7 @@ async fn control_request(
 /// Handles one request whose head has been read.
 async fn handle_request(
     shared: &Arc<Shared>,
-    sem: &Semaphore,
+    pool: &Arc<Workers>,
     wire: &mut Wire,
     head: ReqHead,
     conn_id: u64,
@@ -1328,6 +1539,7 @@ async fn handle_request(
     // Inside from here until the response is handed to the socket (guard dropped).
     let c = &shared.counters;
     let (inside, inside_now) = GaugeGuard::new(shared, &c.inside_now, &c.max_inside);
+    let entered = std::time::Instant::now();
     if let Some(id) = &txn {
         shared.record_txn(id);
     }
@@ -1355,10 +1567,11 @@ async fn handle_request(
         return Next::Close;
     }
 
-    // Wait for a worker (FIFO: tokio's semaphore is fair), then serve.
-    let Ok(_permit) = sem.acquire().await else {
+    // Wait for a worker (first come first served), then serve.
+    let Some(_worker) = pool.acquire().await else {
         return Next::Close;
     };
+    let waited = entered.elapsed();
     let (serving, _) = GaugeGuard::new(shared, &c.serving_now, &c.max_serving);
     shared.touch();
     tokio::time::sleep(service_time).await;
@@ -1441,6 +1654,11 @@ async fn handle_request(
             // "inside" before the write: once a proxy can see the response, the
             // server is done with it, whatever this task's scheduling delay.
             c.requests.fetch_add(1, Ordering::Relaxed);
+            shared.record_timing(Timing {
+                entered,
+                waited,
+                inside: entered.elapsed(),
+            });
             drop(serving);
             drop(inside);
             if write(wire, &reply.encode_framed(answer_framing, length))
@@ -1955,6 +2173,105 @@ mod tests {
         emu.wait_for(SOON, |s| s.workers_now == 10)
             .await
             .expect("fully ramped");
+    }
+
+    /// More workers take waiting requests at once; fewer never cut the requests being
+    /// served, and hold back the next ones until fewer than the new count are busy.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn workers_can_be_added_and_removed_while_serving() {
+        let emu = Emulator::start(EmulatorConfig {
+            workers: 4,
+            ..cfg()
+        })
+        .await
+        .expect("start");
+        emu.record_timings(true);
+        emu.hold();
+        let handles = spawn_requests(emu.addr(), 8, "w");
+        emu.wait_for(SOON, |s| s.inside_now == 8 && s.serving_now == 4)
+            .await
+            .expect("4 served, 4 waiting");
+        emu.set_workers(6);
+        let s = emu
+            .wait_for(SOON, |s| s.serving_now == 6)
+            .await
+            .expect("two more served at once");
+        assert_eq!((s.workers_now, emu.workers()), (6, 6));
+        emu.set_workers(2);
+        let s = emu.stats();
+        assert_eq!(s.workers_now, 2);
+        assert_eq!(
+            (s.inside_now, s.serving_now),
+            (8, 6),
+            "shrinking cuts no request being served"
+        );
+        emu.release();
+        join_ok(handles).await;
+        // The last two got a worker only once fewer than 2 were busy: never 8 at once.
+        assert_eq!(emu.stats().max_serving, 6);
+        let mut timings = emu.timings();
+        assert_eq!(timings.len(), 8);
+        timings.sort_by_key(|t| t.waited);
+        assert!(timings[6].waited > timings[5].waited);
+
+        // Now 2 workers: of 5 requests, 2 are served at once.
+        emu.reset_stats();
+        emu.hold();
+        let handles = spawn_requests(emu.addr(), 5, "v");
+        emu.wait_for(SOON, |s| s.inside_now == 5 && s.serving_now == 2)
+            .await
+            .expect("2 served, 3 waiting");
+        emu.release();
+        join_ok(handles).await;
+        assert_eq!(emu.stats().max_serving, 2);
+        // Kept across a restart.
+        emu.restart().await.expect("restart");
+        assert_eq!(emu.stats().workers_now, 2);
+    }
+
+    /// A new service time applies to the next requests: each request's time inside follows
+    /// it, and comes back with it.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_service_time_can_change_while_serving() {
+        let emu = Emulator::start(EmulatorConfig {
+            service_time: Duration::from_millis(10),
+            ..cfg()
+        })
+        .await
+        .expect("start");
+        emu.record_timings(true);
+        let slow = Duration::from_millis(300);
+        let inside_of = |txn: &str| {
+            let req = Request::get("/pay").txn(txn);
+            let addr = emu.addr();
+            async move {
+                let r = request(addr, &req).await.expect("response");
+                assert_eq!(r.status, 200);
+            }
+        };
+        inside_of("before").await;
+        emu.set_service_time(slow);
+        assert_eq!(emu.service_time(), slow);
+        inside_of("slow").await;
+        emu.set_service_time(Duration::from_millis(10));
+        inside_of("after").await;
+        let t = emu.timings();
+        assert_eq!(t.len(), 3);
+        assert!(t[0].inside >= Duration::from_millis(10), "{t:?}");
+        assert!(t[1].inside >= slow, "{t:?}");
+        assert!(
+            t[2].inside >= Duration::from_millis(10) && t[2].inside < slow,
+            "{t:?}"
+        );
+        assert!(
+            t.iter().all(|t| t.waited < Duration::from_millis(10)),
+            "{t:?}"
+        );
+        emu.reset_stats();
+        assert!(emu.timings().is_empty());
+        emu.record_timings(false);
+        inside_of("unrecorded").await;
+        assert!(emu.timings().is_empty());
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -16,6 +16,13 @@
 //! `POST /__emu/reset`, across the restart. Note that a configured cold start
 //! also applies at the first start.
 //!
+//! **Slowdown** (`--slowdown AT:FOR:FACTOR`, e.g. `10s:20s:2`): at `AT` on the same clock
+//! the server gets `FACTOR` times slower for `FOR`, then recovers: by default its service
+//! time is multiplied by `FACTOR` (`--slowdown-of service-time`), or its workers are divided
+//! by it (`--slowdown-of workers`, rounded, at least 1; requests being served are never cut).
+//! Either way its capacity is divided by `FACTOR`. Applies to requests that start service
+//! from then on; the timeline records `slow` and `recovered` events.
+//!
 //! `--timeline FILE` records the stats every `--timeline-interval` from the
 //! clock's start, plus the outage events, as JSON lines. `--transactions-out
 //! FILE` writes, at exit, every transaction id that got inside since the last
@@ -48,6 +55,46 @@ use tokio::time::Instant;
 const RESTART_ATTEMPTS: u32 = 50;
 /// Pause between those attempts.
 const RESTART_BACKOFF: Duration = Duration::from_millis(100);
+
+/// What a `--slowdown` makes slower.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum SlowdownOf {
+    /// Multiply the service time by the factor.
+    ServiceTime,
+    /// Divide the workers by the factor.
+    Workers,
+}
+
+/// A `--slowdown AT:FOR:FACTOR`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Slowdown {
+    at: Duration,
+    lasts: Duration,
+    factor: f64,
+}
+
+/// Parses `AT:FOR:FACTOR`, e.g. `10s:20s:2`.
+fn parse_slowdown(s: &str) -> Result<Slowdown, String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let [at, lasts, factor] = parts.as_slice() else {
+        return Err(format!("{s:?}: expected AT:FOR:FACTOR, e.g. 10s:20s:2"));
+    };
+    let dur = |v: &str, what: &str| {
+        humantime::parse_duration(v.trim()).map_err(|e| format!("{what} {v:?}: {e}"))
+    };
+    let factor: f64 = factor
+        .trim()
+        .parse()
+        .map_err(|e| format!("FACTOR {factor:?}: {e}"))?;
+    if !(factor.is_finite() && (0.01..=1000.0).contains(&factor)) {
+        return Err(format!("FACTOR {factor}: between 0.01 and 1000"));
+    }
+    Ok(Slowdown {
+        at: dur(at, "AT")?,
+        lasts: dur(lasts, "FOR")?,
+        factor,
+    })
+}
 
 /// What starts the clock of `--outage-at` and `--timeline`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -103,8 +150,20 @@ struct Args {
     /// Stay down this long, then listen again on the same address (cold, if configured).
     #[arg(long, requires = "outage_at", value_parser = humantime::parse_duration)]
     outage_for: Option<Duration>,
-    /// What starts the clock of --outage-at and --timeline: the emulator's start, or the
-    /// first SIGUSR1.
+    /// Slow down at AT on the clock for FOR by FACTOR (capacity / FACTOR), then recover:
+    /// e.g. `10s:20s:2`.
+    #[arg(long, value_parser = parse_slowdown)]
+    slowdown: Option<Slowdown>,
+    /// What --slowdown makes slower: the service time (multiplied) or the workers (divided).
+    #[arg(
+        long,
+        value_enum,
+        default_value = "service-time",
+        requires = "slowdown"
+    )]
+    slowdown_of: SlowdownOf,
+    /// What starts the clock of --outage-at, --slowdown and --timeline: the emulator's start,
+    /// or the first SIGUSR1.
     #[arg(long, value_enum, default_value = "start")]
     clock: Clock,
     /// Write the stats every --timeline-interval, and the outage events, to this file as
@@ -177,14 +236,73 @@ fn event(timeline: &Timeline, t0: Instant, name: &str, mut detail: Value, text: 
     timeline.record(&detail);
 }
 
-/// Waits for the clock to start, then samples the timeline and runs the outage.
-async fn schedule(
+/// Runs a `--slowdown` from `t0`: slower at `at`, back `lasts` later.
+async fn slowdown(
     emu: EmulatorHandle,
-    usr1: Option<Signal>,
+    s: Slowdown,
+    of: SlowdownOf,
+    timeline: Timeline,
+    t0: Instant,
+) {
+    tokio::time::sleep_until(t0 + s.at).await;
+    let (service, workers) = (emu.service_time(), emu.workers());
+    match of {
+        SlowdownOf::ServiceTime => {
+            let slow = service.mul_f64(s.factor);
+            emu.set_service_time(slow);
+            event(
+                &timeline,
+                t0,
+                "slow",
+                json!({ "service_time_ms": slow.as_secs_f64() * 1000.0, "workers": workers }),
+                &format!(
+                    "slowdown: service time {service:?} -> {slow:?} for {:?}",
+                    s.lasts
+                ),
+            );
+        }
+        SlowdownOf::Workers => {
+            // Rounded; at least one worker.
+            let fewer = ((workers as f64 / s.factor).round() as usize).max(1);
+            emu.set_workers(fewer);
+            event(
+                &timeline,
+                t0,
+                "slow",
+                json!({ "service_time_ms": service.as_secs_f64() * 1000.0, "workers": fewer }),
+                &format!("slowdown: workers {workers} -> {fewer} for {:?}", s.lasts),
+            );
+        }
+    }
+    tokio::time::sleep_until(t0 + s.at + s.lasts).await;
+    emu.set_service_time(service);
+    emu.set_workers(workers);
+    event(
+        &timeline,
+        t0,
+        "recovered",
+        json!({ "service_time_ms": service.as_secs_f64() * 1000.0, "workers": workers }),
+        &format!("slowdown over: service time {service:?}, workers {workers}"),
+    );
+}
+
+/// What the clock drives.
+struct Schedule {
     outage: Option<(Duration, Duration)>,
+    slowdown: Option<(Slowdown, SlowdownOf)>,
     timeline: Timeline,
     interval: Duration,
-) {
+}
+
+/// Waits for the clock to start, then samples the timeline and runs the outage and the
+/// slowdown.
+async fn schedule(emu: EmulatorHandle, usr1: Option<Signal>, plan: Schedule) {
+    let Schedule {
+        outage,
+        slowdown: slow,
+        timeline,
+        interval,
+    } = plan;
     // Registered before the address was announced (see main), so no early signal is lost.
     if let Some(mut usr1) = usr1 {
         usr1.recv().await;
@@ -212,6 +330,9 @@ async fn schedule(
                 timeline.record(&sample(&emu, t0));
             }
         });
+    }
+    if let Some((s, of)) = slow {
+        tokio::spawn(slowdown(emu.clone(), s, of, timeline.clone(), t0));
     }
     let Some((at, down_for)) = outage else {
         return;
@@ -313,7 +434,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let timeline = Timeline::open(args.timeline.as_deref())?;
     let emu = Emulator::start_on(cfg, args.listen).await?;
     let outage = args.outage_at.zip(args.outage_for);
-    let needs_schedule = outage.is_some() || args.timeline.is_some();
+    let needs_schedule = outage.is_some() || args.slowdown.is_some() || args.timeline.is_some();
     // With --clock sigusr1, register the handler before announcing the address: a script
     // that signals right after reading it must not kill the process (SIGUSR1's default).
     let usr1 = if args.clock == Clock::Sigusr1 {
@@ -325,9 +446,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         tokio::spawn(schedule(
             emu.handle(),
             usr1,
-            outage,
-            timeline.clone(),
-            args.timeline_interval,
+            Schedule {
+                outage,
+                slowdown: args.slowdown.map(|s| (s, args.slowdown_of)),
+                timeline: timeline.clone(),
+                interval: args.timeline_interval,
+            },
         ))
     });
     {
