@@ -88,6 +88,9 @@ fn learn(b: &Backend) -> Option<LatencyLimitConfig> {
         // Without a ramp the limit starts at the cap.
         initial: ramp.map_or(b.max_inflight, |s| s.initial),
         tolerance: ramp.map_or(crate::config::defaults::LATENCY_TOLERANCE, |s| s.tolerance),
+        min_rise: ramp.map_or(crate::config::defaults::MIN_LATENCY_RISE, |s| {
+            s.min_latency_rise
+        }),
         max_error_rate: ramp
             .and_then(|s| s.max_error_rate)
             .unwrap_or(crate::config::defaults::LATENCY_MAX_ERROR_RATE),

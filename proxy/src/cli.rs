@@ -302,12 +302,14 @@ pub fn describe(cfg: &Config) -> String {
             let _ = writeln!(
                 s,
                 "slow start {:<6} from {} to {}, doubling per round of answers within {} × the \
-                 backend's baseline latency, and no slower than a linear ramp over {} (at start, \
-                 on recovery, on ready); collapses to {} when the backend stops answering",
+                 backend's baseline latency (a rise under {} never counts), and no slower than a \
+                 linear ramp over {} (at start, on recovery, on ready); collapses to {} when the \
+                 backend stops answering",
                 b.name,
                 ss.initial,
                 b.max_inflight,
                 ss.tolerance,
+                d(ss.min_latency_rise),
                 d(ss.duration),
                 b.learning.min_inflight,
             );

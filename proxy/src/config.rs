@@ -117,6 +117,8 @@ pub mod defaults {
     /// A round of completions is clean while its median latency is at most this × the
     /// backend's baseline (latency at low concurrency).
     pub const LATENCY_TOLERANCE: f64 = 1.3;
+    /// Latency mode: the smallest rise over the baseline that counts as inflation.
+    pub const MIN_LATENCY_RISE: Duration = Duration::from_millis(2);
     /// Share of failed requests in a round above which the latency ramp stops growing.
     pub const LATENCY_MAX_ERROR_RATE: f64 = 0.1;
     /// Adapt the limit below `max_inflight` in steady service (opt-in).
@@ -210,6 +212,10 @@ pub mod file {
         /// `tolerance = 1.3`: latency mode's bound on a clean round's mean latency, × the
         /// baseline.
         pub tolerance: Option<f64>,
+        /// `min_latency_rise = "2ms"`: a rise over the baseline smaller than this is never
+        /// inflation, whatever the ratio.
+        #[serde(default, with = "opt_duration")]
+        pub min_latency_rise: Option<Duration>,
     }
 
     /// `[health]`
@@ -584,8 +590,10 @@ pub struct SlowStart {
     pub max_latency: Option<Duration>,
     /// Grow by latency rounds (true) or linearly with the clock (false).
     pub latency: bool,
-    /// Latency mode: a clean round's median is at most this × the baseline.
+    /// Latency mode: a clean round's mean is at most this × the baseline.
     pub tolerance: f64,
+    /// Latency mode: a rise smaller than this over the baseline is never inflation.
+    pub min_latency_rise: Duration,
 }
 
 /// The learned limit of a backend, beside its ramp.
@@ -1316,6 +1324,16 @@ fn slow_start_for(
              latency is at most 1.3 × the baseline)",
         ));
     }
+    let min_latency_rise = f.min_latency_rise.unwrap_or(defaults::MIN_LATENCY_RISE);
+    if min_latency_rise > Duration::from_secs(10) {
+        return Err(ConfigError::new(
+            "slow_start.min_latency_rise",
+            format!("{min_latency_rise:?}"),
+            "must be at most 10s, such as \"2ms\" (a smaller rise of the latency over the \
+             backend's baseline is scheduling noise, not a queue); \"0s\" judges by \
+             slow_start.tolerance alone",
+        ));
+    }
     Ok(Some(SlowStart {
         initial: initial.min(max_inflight),
         duration,
@@ -1323,6 +1341,7 @@ fn slow_start_for(
         max_latency: f.max_latency,
         latency,
         tolerance,
+        min_latency_rise,
     }))
 }
 
@@ -1791,6 +1810,7 @@ mod tests {
         let ss = b.slow_start.expect("a ramp by default");
         assert!(ss.latency, "the latency ramp is the default");
         assert_eq!(ss.tolerance, 1.3);
+        assert_eq!(ss.min_latency_rise, Duration::from_millis(2));
         assert_eq!(
             b.learning,
             Learning {
@@ -1810,6 +1830,11 @@ mod tests {
             ("slow_start", "mode = \"fast\"", "slow_start.mode"),
             ("slow_start", "tolerance = 0.5", "slow_start.tolerance"),
             ("slow_start", "tolerance = nan", "slow_start.tolerance"),
+            (
+                "slow_start",
+                "min_latency_rise = \"1h\"",
+                "slow_start.min_latency_rise",
+            ),
         ] {
             let e = parse(&format!("{MINIMAL}[{section}]\n{line}\n")).expect_err(line);
             assert!(e.to_string().contains(key), "{line}: {e}");
