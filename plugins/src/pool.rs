@@ -452,8 +452,9 @@ impl<W> AdmissionPool<W> {
     }
 
     /// When [`poll`](Self::poll) may next admit a waiter because of time alone: the next token,
-    /// or the next step of a ramp, on a backend that is up. `None` when nobody waits or only a
-    /// release or a state change can help.
+    /// or the next step of a ramp, on a backend that is up; `now` when time already freed a slot
+    /// that no dispatch has used yet. `None` when nobody waits or only a release or a state
+    /// change can help.
     pub fn next_wakeup(&self, now: Instant) -> Option<Instant> {
         if self.queue.is_empty() {
             return None;
@@ -463,7 +464,14 @@ impl<W> AdmissionPool<W> {
             .filter(|s| s.state == BackendState::Up)
             .filter_map(|s| {
                 if s.free() > 0 {
-                    s.bucket.as_ref().map(|b| b.next_available(s.rate_scale()))
+                    // Free capacity with waiters queued: time raised the limit since the last
+                    // dispatch (a ramp step, the clock bound of a learned limit), or a token
+                    // is due. Without a rate limit, now.
+                    Some(
+                        s.bucket
+                            .as_ref()
+                            .map_or(now, |b| b.next_available(s.rate_scale())),
+                    )
                 } else if let Some(l) = &s.learner {
                     l.next_step(now)
                 } else {
@@ -897,6 +905,29 @@ mod tests {
         assert_eq!(pool.poll(later).len(), 7);
         assert_eq!(pool.snapshot(later).backends[0].effective_limit, 10);
         assert_eq!(pool.next_wakeup(later), None, "ramp over, backend full");
+    }
+
+    /// A waiter that arrives when time has raised the limit but nothing has dispatched since
+    /// (the queue was not empty, so it queues behind the others): the capacity time freed is
+    /// reported as due now, so whoever drives the pool polls at once.
+    #[test]
+    fn capacity_freed_by_time_is_due_at_once() {
+        let now = t0();
+        let d = now + Duration::from_secs(100);
+        let mut pool = AdmissionPool::with_policies(&[policy(10, None, Some((2, 8)))], 100, now);
+        for i in 0..3 {
+            let _ = pool.acquire(now, d, i);
+        }
+        assert_eq!(pool.next_wakeup(now), Some(now + Duration::from_secs(1)));
+        let later = now + Duration::from_secs(3);
+        assert!(matches!(pool.acquire(later, d, 3), Acquire::Queued(_)));
+        assert_eq!(
+            pool.next_wakeup(later),
+            Some(later),
+            "slots free, waiters queued"
+        );
+        assert_eq!(pool.poll(later).len(), 2);
+        assert_eq!(pool.next_wakeup(later), None, "nobody waits");
     }
 
     #[test]

@@ -660,17 +660,21 @@ impl Admission {
     pub async fn run_timer(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         /// Re-check at least this often, so no wake-up can be missed for long.
         const MAX_SLEEP: Duration = Duration::from_millis(250);
+        /// Sleep at least this long between looks.
+        const MIN_SLEEP: Duration = Duration::from_millis(1);
         loop {
             let now = Instant::now();
             let until = {
                 let mut pool = self.pool();
                 let grants = pool.poll(now.into_std());
                 hand_over(&mut pool, grants);
+                // At least a millisecond: a turn due now was just polled for, and a pool
+                // that keeps one due (it should not) must not spin this thread.
                 let until = pool
                     .next_wakeup(now.into_std())
                     .map(Instant::from_std)
                     .unwrap_or(now + MAX_SLEEP)
-                    .min(now + MAX_SLEEP);
+                    .clamp(now + MIN_SLEEP, now + MAX_SLEEP);
                 // Under the pool lock: a waiter queued from now on compares against it.
                 self.timer_until
                     .store(self.nanos(until.into_std()), Ordering::Release);
