@@ -40,9 +40,9 @@
 //!   before it ended (the old speed's stragglers) are not learned from.
 //!
 //! The **baseline** is the backend's latency without queueing: the lowest 10th percentile of a
-//! round seen at a limit of at most [`LatencyLimitConfig::baseline_below`] (in steady service
-//! any round may lower it: a round's fastest answers are never faster than the backend
-//! unqueued), raised at the end of each [`LatencyLimitConfig::baseline_window`] to the lowest
+//! round seen at a limit of at most [`LatencyLimitConfig::baseline_below`] (adaptive, in
+//! steady service, any round may lower it: a round's fastest answers are never faster than
+//! the backend unqueued), raised at the end of each [`LatencyLimitConfig::baseline_window`] to the lowest
 //! seen in it at such a limit (so a backend that becomes permanently slower is followed,
 //! slowly), seeded by the first round, and re-measured at once when a cut shows the backend
 //! slower rather than queued (above). A low percentile,
@@ -541,12 +541,12 @@ impl LatencyLimit {
         if low {
             self.window_min = Some(self.window_min.map_or(fastest, |m| m.min(fastest)));
         }
-        // Low-concurrency rounds measure it; in steady service any round may lower it too, so
-        // that it follows a backend that got faster again (after a slowdown raised it) while
-        // the limit stays high. Not during a ramp: a lower baseline from a busier round makes
-        // the ramp's doubling test stricter than the low rounds measured (on a busy machine
-        // that held a warm ramp test at +1 per round: 2-2.6 s to the cap instead of 1-1.4 s).
-        if low || self.phase == Phase::Steady {
+        // Low-concurrency rounds measure it; with the adaptive gradient, in steady service any
+        // round may lower it too, so that it follows a backend that got faster again (after a
+        // slowdown raised it) while the limit stays high. Not otherwise: a lower baseline from
+        // a busier round makes the ramp's doubling test, and the one-step probing below the
+        // ceiling, stricter than the low rounds measured.
+        if low || (self.cfg.adaptive && self.phase == Phase::Steady) {
             self.baseline = Some(self.baseline.map_or(fastest, |b| b.min(fastest)));
         }
     }

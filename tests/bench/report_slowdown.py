@@ -49,7 +49,7 @@ def fmt_ms(x):
 class Run:
     """One target's run under one kind of slowdown."""
 
-    def __init__(self, res, how, target, cap):
+    def __init__(self, res, how, target, cap, seconds):
         tag = f"slowdown-{how}-{target}"
         self.target = target
         self.term = load(os.path.join(res, tag + ".terminals.json"))
@@ -63,8 +63,11 @@ class Run:
         self.recovered = next(
             (x["t_ms"] / 1000 for x in timeline if x.get("event") == "recovered"), None)
         # Emulator samples: (t s, requests inside, workers, requests answered so far).
+        # Up to a second after the load's end (the emulator samples on until it is stopped).
+        horizon = seconds + 1
         self.emu_samples = [(x["t_ms"] / 1000, x["inside_now"], x["workers_now"], x["requests"])
-                            for x in timeline if "inside_now" in x and "t_ms" in x]
+                            for x in timeline
+                            if "inside_now" in x and "t_ms" in x and x["t_ms"] / 1000 <= horizon]
         # Proxy samples on the emulator's clock: (t s, limit or None, in flight, queued).
         self.proxy_samples = []
         if epoch is not None:
@@ -72,11 +75,12 @@ class Run:
                 if "error" in x or "epoch_ms" not in x:
                     continue
                 t = (x["epoch_ms"] - epoch) / 1000
-                if t < 0:
+                if t < 0 or t > horizon:
                     continue
                 limit = x.get("limit") if isinstance(x.get("limit"), int) else None
                 self.proxy_samples.append((t, limit, x.get("inflight"), x.get("queued")))
         self.end = max([s[0] for s in self.emu_samples] + [0])
+        self.seconds = seconds
 
     def ok(self):
         return self.term is not None
@@ -101,10 +105,23 @@ class Run:
         v = [x[3] for x in self.proxy_samples if t0 <= x[0] < t1 and x[3] is not None]
         return max(v) if v else None
 
-    def back_at_cap(self):
-        """Seconds from the recovery to the first sample at the cap (sluice only)."""
+    def drained(self):
+        """Seconds from the recovery to the first sample with nothing queued in the proxy."""
         if self.recovered is None:
             return None
+        for t, _, _, queued in self.proxy_samples:
+            if t >= self.recovered and queued == 0:
+                return t - self.recovered
+        return None
+
+    def back_at_cap(self):
+        """Seconds from the recovery to the first sample at the cap (sluice only); 0 when the
+        last sample before the recovery was at the cap already."""
+        if self.recovered is None:
+            return None
+        before = [x[1] for x in self.proxy_samples if x[0] < self.recovered and x[1] is not None]
+        if before and before[-1] == self.cap:
+            return 0.0
         for t, limit, _, _ in self.proxy_samples:
             if t >= self.recovered and limit == self.cap:
                 return t - self.recovered
@@ -210,7 +227,7 @@ def main():
 
     sections, plots = [], []
     for how in hows:
-        runs = [r for r in (Run(res, how, t, cap) for t in targets) if r.ok()]
+        runs = [r for r in (Run(res, how, t, cap, sd["seconds"]) for t in targets) if r.ok()]
         if not runs:
             continue
         name = f"slowdown-{how}.svg"
@@ -242,11 +259,12 @@ def main():
             mi = r.mean_inside(s0, s1)
             rows2.append([
                 LABEL.get(r.target, r.target),
-                rate(1, s0), rate(s0 + 1, s1), rate(s1 + 1, r.end - 1),
+                rate(1, s0), rate(s0 + 1, s1), rate(s1 + 1, min(r.end, r.seconds) - 1),
                 f"{mi:.1f}" if mi is not None else "–",
                 (f"{min(lim)} / {sum(lim) / len(lim):.1f}" if lim else f"{cap} (static)"),
                 (f"{back:.1f}" if back is not None else ("–" if r.target.startswith("sluice") else "n/a")),
                 fmt_int(r.queued_max(s0, s1)),
+                (f"{r.drained():.1f}" if r.drained() is not None else "–"),
             ])
         sections.append("\n\n".join([
             f"### Capacity halved: {HOW[how]}",
@@ -255,7 +273,8 @@ def main():
                    "backend max inside", "backend lock-ups"], rows),
             table(["target", "backend ok/s before", "during", "after",
                    "backend mean inside during", "proxy limit during (min / mean)",
-                   "limit back at cap (s after recovery)", "proxy queue max during"], rows2),
+                   "limit back at cap (s after recovery)", "proxy queue max during",
+                   "queue empty (s after recovery)"], rows2),
             f"![{name}]({name})",
         ]))
     tables = "\n\n".join(sections)
@@ -323,7 +342,7 @@ overwrites this file and the plots. The surge and restart results are in
   **p50 / p99 / max ms**: latency of the `200` answers as the terminals see it: the proxy's
   queue included, which grows while the offer exceeds the halved capacity.
 - **backend ok/s before / during / after**: completions per second at the emulator in
-  [1 s, slowdown), (slowdown + 1 s, recovery) and (recovery + 1 s, end − 1 s), from its
+  [1 s, slowdown), (slowdown + 1 s, recovery) and (recovery + 1 s, {sd['seconds']} s − 1 s), from its
   {sd['sample_ms']} ms samples. The offer is {sd['rate']:,}/s throughout; "during", halved
   capacity is the bound.
 - **backend mean inside during**: mean of the emulator's requests-inside samples during the
@@ -332,7 +351,14 @@ overwrites this file and the plots. The surge and restart results are in
   `sluice_effective_limit` gauge also shows) sampled during the slowdown; HAProxy's is its static
   `maxconn`. **limit back at cap**: seconds from the recovery to the first sample at the cap
   again (0 when it was already there). **proxy queue max during**: the most requests waiting in
-  the proxy in any sample of the slowdown.
+  the proxy in any sample of the slowdown; **queue empty**: seconds from the recovery to the
+  first sample with nothing waiting in the proxy (the backlog worked off).
+- **p50** sits near the boundary between the transactions that arrived while the proxy's queue
+  held a backlog (the slowdown and the drain after it, about half the run) and those that did
+  not: it jumps between ~25 ms and several hundred ms with a second more or less of backlog, so
+  compare p99, the backend columns and the plots rather than p50. One run per target on a
+  shared, busy machine: machine-wide stalls show in the plots as the backend's concurrency
+  dropping for a sample or two, for every target.
 - **Plots** (one per kind of slowdown, one panel per target): the blue line is the backend's
   requests inside, the grey dashed step its workers, the red step sluice's effective limit (for
   HAProxy: its static cap, dotted); the shaded band is the slowdown.
