@@ -71,6 +71,10 @@ fn receive(shared: Arc<Shared>, path: &Path) -> std::io::Result<()> {
         for i in 0..limits {
             shared.admission.set_reserved(BackendId(i), 0);
         }
+        // The old process no longer renews the cluster lease: this one takes over.
+        if let Some(c) = &shared.cluster {
+            c.resume();
+        }
     };
     let _ = std::fs::remove_file(path);
     let listener = match UnixListener::bind(path).and_then(|l| l.set_nonblocking(true).map(|()| l))
@@ -266,6 +270,11 @@ impl ShutdownSignalWatch for Signals {
         };
         tokio::select! {
             _ = quit.recv() => {
+                // From now on the cluster share only goes down, so the claims handed over
+                // stay upper bounds.
+                if let Some(c) = &self.shared.cluster {
+                    c.freeze();
+                }
                 hand_over(self.shared.clone(), socket_path(&self.upgrade_sock));
                 ShutdownSignal::GracefulUpgrade
             }
