@@ -94,8 +94,8 @@ if known > expected then
 end
 
 local others, fixed = 0, 0
-local fsum, xsum, n = safe, math.max(0, demand - safe), 1
-local peers = {}
+local fsum, xsum = safe, math.max(0, demand - safe)
+local shares = { { id = id, x = math.max(0, demand - safe) } }
 for _, who in ipairs(ids) do
   local r = rec[who]
   if r then
@@ -108,7 +108,7 @@ for _, who in ipairs(ids) do
         h = math.max(r.s or 0, f)
         fsum = fsum + f
         xsum = xsum + math.max(0, (r.d or 0) - f)
-        n = n + 1
+        table.insert(shares, { id = who, x = math.max(0, (r.d or 0) - f) })
       else
         h = f
         fixed = fixed + f
@@ -122,14 +122,31 @@ others = others + missing * safe
 fixed = fixed + missing * safe
 
 -- The target: each live instance's safe share, plus the rest of the cap split by demand
--- above the safe share; what nobody demands is split evenly.
+-- above the safe share; what nobody demands is split evenly. Whole slots left by rounding
+-- go to the largest remainders (ties: by id), so the targets add up to the cap exactly.
 local extra = math.max(0, cap - fixed - fsum)
-local x = math.max(0, demand - safe)
-local target
-if xsum <= extra then
-  target = safe + x + math.floor((extra - xsum) / n)
-else
-  target = safe + math.floor(extra * x / xsum)
+local given = 0
+for _, e in ipairs(shares) do
+  local exact
+  if xsum <= extra then
+    exact = e.x + (extra - xsum) / #shares
+  else
+    exact = extra * e.x / xsum
+  end
+  e.base = math.floor(exact)
+  e.rem = exact - e.base
+  given = given + e.base
+end
+table.sort(shares, function(a, b)
+  if a.rem ~= b.rem then return a.rem > b.rem end
+  return a.id < b.id
+end)
+local target = safe
+for k, e in ipairs(shares) do
+  if e.id == id then
+    target = safe + e.base
+    if k <= extra - given then target = target + 1 end
+  end
 end
 if learning then target = math.min(target, safe) end
 
