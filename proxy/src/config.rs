@@ -1846,6 +1846,112 @@ mod tests {
     const MINIMAL: &str =
         "[admission]\nmax_inflight = 16\n[[backend]]\naddress = \"127.0.0.1:9\"\n";
 
+    fn invalid(text: &str) -> ConfigError {
+        match parse(text) {
+            Err(LoadError::Invalid { error, .. }) => error,
+            other => panic!("expected a validation error, got {other:?}"),
+        }
+    }
+
+    const CLUSTER: &str = "[cluster]\nredis = \"redis://127.0.0.1:6379\"\nid = \"a\"\ninstances = 3\nsafe_share = 4\n";
+
+    #[test]
+    fn the_cluster_section_has_defaults_and_names_each_bad_value() {
+        let cfg = parse(&format!("{MINIMAL}{CLUSTER}")).expect("valid");
+        let c = cfg.cluster.expect("cluster");
+        assert_eq!(c.lease_ttl, defaults::CLUSTER_LEASE_TTL);
+        assert_eq!(c.margin, Duration::from_millis(300));
+        assert_eq!(c.key, "sluice");
+        assert_eq!(c.step_for(16), 2);
+        assert_eq!(c.worst_case(), 12);
+        // The longest request deadline: request_timeout + timeout_hold.
+        assert_eq!(c.grace, defaults::REQUEST_TIMEOUT + defaults::TIMEOUT_HOLD);
+        assert!(parse(MINIMAL).expect("valid").cluster.is_none());
+
+        let e = invalid(&format!(
+            "{MINIMAL}{}",
+            CLUSTER.replace("safe_share = 4", "safe_share = 6")
+        ));
+        assert_eq!(
+            (e.key.as_str(), e.value.as_str()),
+            ("cluster.safe_share", "6")
+        );
+        assert!(
+            e.fix.contains("3 instances × 6 = 18") && e.fix.contains("at most 5"),
+            "{e}"
+        );
+        let e = invalid(&format!(
+            "{MINIMAL}{}",
+            CLUSTER.replace("safe_share = 4\n", "")
+        ));
+        assert_eq!(e.key, "cluster.safe_share");
+        let e = invalid(&format!(
+            "{MINIMAL}{}",
+            CLUSTER.replace("instances = 3\n", "")
+        ));
+        assert_eq!(e.key, "cluster.instances");
+        let e = invalid(&format!(
+            "{MINIMAL}{}",
+            CLUSTER.replace("id = \"a\"", "id = \"a b\"")
+        ));
+        assert_eq!(
+            (e.key.as_str(), e.value.as_str()),
+            ("cluster.id", "\"a b\"")
+        );
+        let e = invalid(&format!(
+            "{MINIMAL}{}",
+            CLUSTER.replace("redis://127.0.0.1:6379", "http://x")
+        ));
+        assert_eq!(e.key, "cluster.redis");
+        assert!(e.fix.contains("redis://"), "{e}");
+        let e = invalid(&format!("{MINIMAL}{CLUSTER}lease_ttl = \"100ms\"\n"));
+        assert_eq!(e.key, "cluster.lease_ttl");
+        let e = invalid(&format!("{MINIMAL}{CLUSTER}step = 0\n"));
+        assert_eq!(e.key, "cluster.step");
+        assert!(matches!(
+            parse(&format!("{MINIMAL}{CLUSTER}ttl = \"1s\"\n")),
+            Err(LoadError::Parse { .. })
+        ));
+    }
+
+    #[test]
+    fn a_non_loopback_admin_needs_a_token_file_and_the_token_is_checked() {
+        let e = invalid(&format!("{MINIMAL}[admin]\nlisten = \"0.0.0.0:9090\"\n"));
+        assert_eq!(
+            (e.key.as_str(), e.value.as_str()),
+            ("admin.listen", "\"0.0.0.0:9090\"")
+        );
+        assert!(e.fix.contains("admin.token_file"), "{e}");
+        let dir = std::env::temp_dir().join(format!("sluice-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let short = dir.join("short");
+        std::fs::write(&short, "abc\n").expect("write");
+        let e = invalid(&format!(
+            "{MINIMAL}[admin]\nlisten = \"0.0.0.0:9090\"\ntoken_file = \"{}\"\n",
+            short.display()
+        ));
+        assert_eq!(e.key, "admin.token_file");
+        let e = invalid(&format!(
+            "{MINIMAL}[admin]\ntoken_file = \"{}\"\n",
+            dir.join("missing").display()
+        ));
+        assert!(e.fix.contains("cannot read it"), "{e}");
+        let good = dir.join("good");
+        std::fs::write(&good, "0123456789abcdef0123\n").expect("write");
+        let cfg = parse(&format!(
+            "{MINIMAL}[admin]\nlisten = \"0.0.0.0:9090\"\ntoken_file = \"{}\"\n",
+            good.display()
+        ))
+        .expect("valid");
+        let t = cfg.admin_token.expect("token");
+        assert!(t.matches(b"0123456789abcdef0123"));
+        assert!(!t.matches(b"0123456789abcdef012"));
+        assert!(!t.matches(b"0123456789abcdef01234"));
+        assert!(!t.matches(b""));
+        assert_eq!(format!("{t:?}"), "Secret(***)");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn minimal_file_gets_documented_defaults() {
         let c = parse(MINIMAL).expect("valid");
