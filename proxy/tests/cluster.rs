@@ -726,3 +726,164 @@ fn a_non_loopback_admin_needs_a_token_and_refuses_requests_without_it() {
     assert_eq!(code, 200);
     assert_eq!(state(), "draining", "the token works");
 }
+
+/// A tiny deterministic generator (xorshift64*), so a failure replays.
+struct Rng(u64);
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % n.max(1)
+    }
+}
+
+/// The lease script on a real Redis, driven by four simulated instances (each with the real
+/// instance-side rules of `sluice_plugins::lease`) through random renewals, admissions,
+/// completions, stale leases, crashes with a fast restart, and Redis losing its state: the
+/// requests in flight at the backend, every instance and every crashed predecessor together,
+/// never exceed the cap. A request lasts at most the grace (the longest request deadline).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lease_script_never_lets_the_requests_in_flight_exceed_the_cap() {
+    use sluice_plugins::lease::{Granted, Lease, LeaseConfig};
+    const N: u32 = 32;
+    const SAFE: u32 = 3;
+    let ttl = Duration::from_millis(300);
+    let grace = Duration::from_millis(150);
+    let cfg = LeaseConfig {
+        safe_share: SAFE,
+        ttl,
+        margin: ttl / 10,
+        step: 4,
+        startup_wait: ttl + grace,
+    };
+    let redis = Redis::start();
+    let url = sluice::resp::RedisUrl::parse(&redis.url()).expect("url");
+    let mut conn = sluice::resp::Connection::connect(&url, Duration::from_secs(2))
+        .await
+        .expect("connect");
+    // SLUICE_SEED=<n> replays another run.
+    let seed = std::env::var("SLUICE_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed_1234_abcd_0001u64);
+    let mut rng = Rng(seed | 1);
+    let t0 = tokio::time::Instant::now();
+    struct Sim {
+        lease: Lease,
+        inflight: Vec<tokio::time::Instant>,
+        demand: u32,
+    }
+    let new_sim = |now: tokio::time::Instant| Sim {
+        lease: Lease::new(cfg, now.into_std(), true),
+        inflight: Vec::new(),
+        demand: 0,
+    };
+    let mut sims: Vec<Sim> = (0..4).map(|_| new_sim(t0)).collect();
+    // Requests of crashed processes, still at the backend until their deadline.
+    let mut ghosts: Vec<tokio::time::Instant> = Vec::new();
+    let (mut renewals, mut losses, mut crashes, mut peak) = (0, 0, 0, 0usize);
+    for step in 0..3000u32 {
+        let now = tokio::time::Instant::now();
+        for s in &mut sims {
+            s.inflight.retain(|t| now.duration_since(*t) < grace);
+        }
+        ghosts.retain(|t| now.duration_since(*t) < grace);
+        let i = rng.below(4) as usize;
+        match rng.below(100) {
+            0..=39 => {
+                let s = &mut sims[i];
+                let sent_at = tokio::time::Instant::now();
+                let r = s
+                    .lease
+                    .report(sent_at.into_std(), s.inflight.len() as u32, s.demand);
+                let args: Vec<String> = vec![
+                    format!("i{i}"),
+                    u8::from(r.fresh).to_string(),
+                    r.demand.to_string(),
+                    r.used.to_string(),
+                    SAFE.to_string(),
+                    ttl.as_millis().to_string(),
+                    grace.as_millis().to_string(),
+                    N.to_string(),
+                    "4".into(),
+                    "4".into(),
+                ];
+                let mut cmd: Vec<&[u8]> = vec![
+                    b"EVAL",
+                    sluice::cluster::SCRIPT.as_bytes(),
+                    b"1",
+                    b"sluice:sim",
+                ];
+                cmd.extend(args.iter().map(|a| a.as_bytes()));
+                let v = conn
+                    .call(&cmd, Duration::from_secs(2))
+                    .await
+                    .expect("script");
+                let sluice::resp::Value::Array(Some(items)) = v else {
+                    panic!("reply {v:?}")
+                };
+                let n = |k: usize| items[k].as_int().expect("int") as u32;
+                s.lease.on_grant(
+                    sent_at.into_std(),
+                    Granted {
+                        share: n(0),
+                        target: n(1),
+                    },
+                );
+                renewals += 1;
+            }
+            40..=79 => {
+                // Admit up to the cap in force, or complete some.
+                let s = &mut sims[i];
+                let cap = s.lease.cap(now.into_std()) as usize;
+                if rng.below(2) == 0 {
+                    let want = rng.below(12) as usize;
+                    for _ in 0..want {
+                        if s.inflight.len() < cap {
+                            s.inflight.push(now);
+                        }
+                    }
+                } else {
+                    let done = rng.below(s.inflight.len() as u64 + 1) as usize;
+                    s.inflight.drain(..done.min(s.inflight.len()));
+                }
+                s.demand = rng.below(60) as u32;
+            }
+            80..=96 => {
+                // Time passes: leases go stale, requests reach their deadline.
+                tokio::time::sleep(Duration::from_millis(rng.below(40))).await;
+            }
+            97 => {
+                // kill -9 and a fast restart: the requests stay at the backend.
+                ghosts.append(&mut sims[i].inflight);
+                sims[i] = new_sim(now);
+                crashes += 1;
+            }
+            98 => {
+                // Redis restarts empty.
+                conn.call(&[b"DEL", b"sluice:sim"], Duration::from_secs(2))
+                    .await
+                    .expect("del");
+                losses += 1;
+            }
+            _ => {}
+        }
+        let total = sims.iter().map(|s| s.inflight.len()).sum::<usize>() + ghosts.len();
+        peak = peak.max(total);
+        assert!(
+            total <= N as usize,
+            "step {step}: {total} requests in flight > cap {N} ({:?}, ghosts {})",
+            sims.iter().map(|s| s.inflight.len()).collect::<Vec<_>>(),
+            ghosts.len()
+        );
+    }
+    eprintln!(
+        "lease script (seed {seed}): {renewals} renewals, {crashes} crashes, {losses} state losses; \
+         at most {peak} of {N} in flight"
+    );
+    assert!(
+        renewals > 500 && crashes > 5 && losses > 0 && peak >= 24,
+        "the run exercised too little"
+    );
+}
