@@ -16,10 +16,11 @@
 //!   the most this instance may have in flight) and applies the grant. A call has
 //!   `lease_ttl / 3` to answer; a late reply proves nothing and the connection is dropped.
 //!
-//! Upgrades: the old process (SIGQUIT) keeps renewing but its share only goes down from then
-//! on ([`Cluster::freeze`]), and the new process, started with `--upgrade`, uses its safe share
-//! minus the old process's claim and starts renewing only when the hand-over is over
-//! ([`Cluster::resume`]); both use the same instance id, so Redis sees one instance.
+//! Upgrades: both processes use the same instance id, so Redis sees one instance, renewed by one
+//! process at a time. The old process (SIGQUIT) keeps its share while its lease is valid and
+//! keeps renewing until it exits, past pingora's shutdown notice ([`Cluster::freeze`]); the new
+//! process, started with `--upgrade`, runs on its safe share less the old process's claims and
+//! starts renewing when the hand-over is over ([`Cluster::resume`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -124,6 +125,9 @@ struct BackendLease {
     shrinks: u64,
     last_error: Option<String>,
     peers: Vec<Peer>,
+    /// New process of an upgrade, before it renews: the old process's share, which the old
+    /// process keeps renewing (its claims come out of it).
+    inherited: Option<u32>,
 }
 
 impl BackendLease {
@@ -142,6 +146,7 @@ impl BackendLease {
             shrinks: 0,
             last_error: None,
             peers: Vec::new(),
+            inherited: None,
         }
     }
 }
@@ -201,18 +206,39 @@ impl Cluster {
         self.leases.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Old process of an upgrade (SIGQUIT): from now on the share only goes down, so the
-    /// claims it hands to the new process stay upper bounds. It keeps renewing until it exits.
+    /// Old process of an upgrade (SIGQUIT): from now on the share stays where it is while the
+    /// lease is valid and only goes down without one, so the claims it hands to the new
+    /// process stay upper bounds. It keeps renewing until the process exits.
     pub fn freeze(&self) {
         self.frozen.store(true, Ordering::SeqCst);
     }
 
     /// New process of an upgrade: the old process is done; renew the lease from now on.
     pub fn resume(&self) {
+        for l in self.leases().iter_mut() {
+            l.inherited = None;
+        }
         if !self.renewing.swap(true, Ordering::SeqCst) {
             log::warn!("cluster: the upgrade hand-over is over; renewing the lease");
         }
         self.wake.notify_one();
+    }
+
+    /// Old process of an upgrade: the share in force now, for the new process.
+    pub fn share(&self, backend: BackendId) -> Option<u32> {
+        self.leases().get(backend.0).and_then(|l| l.applied)
+    }
+
+    /// New process of an upgrade, before it renews: use the old process's share (which the old
+    /// process keeps renewing; its claims are reserved out of it), as it reports it.
+    pub fn inherit(&self, backend: BackendId, share: u32) {
+        if self.renewing.load(Ordering::SeqCst) {
+            return;
+        }
+        if let Some(l) = self.leases().get_mut(backend.0) {
+            l.inherited = Some(share);
+        }
+        self.apply();
     }
 
     /// Sample demand and apply what each lease allows now.
@@ -234,8 +260,17 @@ impl Cluster {
         }
         for (i, (b, l)) in snap.backends.iter().zip(leases.iter_mut()).enumerate() {
             l.peak = l.peak.max(b.inflight.saturating_add(queued));
-            let allowed = l.lease.cap(now.into_std()).min(b.limit);
+            let allowed = l
+                .inherited
+                .unwrap_or_else(|| l.lease.cap(now.into_std()))
+                .min(b.limit);
+            let valid = l.lease.basis(now.into_std()) == Basis::Lease;
             let next = match (frozen, l.applied) {
+                // The old process of an upgrade keeps its share while its renewals keep it
+                // held in Redis (they report at least this much): its claims to the new
+                // process were computed against it. Without a valid lease it may only go
+                // down, to the safe share.
+                (true, Some(a)) if valid => a,
                 (true, Some(a)) => a.min(allowed),
                 _ => allowed,
             };
@@ -423,7 +458,11 @@ impl Cluster {
                 loop {
                     tokio::select! {
                         _ = tick.tick() => c.apply(),
-                        _ = shutdown.changed() => if *shutdown.borrow() { return },
+                        _ = shutdown.changed(), if !c.frozen.load(Ordering::SeqCst) => {
+                            if *shutdown.borrow() && !c.frozen.load(Ordering::SeqCst) {
+                                return;
+                            }
+                        }
                     }
                 }
             })
@@ -438,7 +477,14 @@ impl Cluster {
             tokio::select! {
                 _ = tokio::time::sleep_until(started + every) => {}
                 _ = self.wake.notified() => {}
-                _ = shutdown.changed() => if *shutdown.borrow() { break },
+                // The old process of an upgrade serves its last requests after the shutdown
+                // notice: its share must stay held in Redis until it exits, when its runtime
+                // (and this loop) is dropped.
+                _ = shutdown.changed(), if !self.frozen.load(Ordering::SeqCst) => {
+                    if *shutdown.borrow() && !self.frozen.load(Ordering::SeqCst) {
+                        break;
+                    }
+                }
             }
         }
         applier.abort();

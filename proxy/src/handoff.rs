@@ -149,15 +149,23 @@ fn follow_claims(shared: &Shared, stream: UnixStream) {
     let names = shared.admission.backend_names();
     for line in BufReader::new(stream).lines() {
         let Ok(line) = line else { return };
-        // "name=claim name=claim ..."
+        // "name=claim name=claim ...", or with [cluster] "name=claim:share ...": the old
+        // process's share of the cluster lease, which it keeps renewing until it exits.
         for part in line.split_whitespace() {
-            let Some((name, claim)) = part.split_once('=') else {
+            let Some((name, value)) = part.split_once('=') else {
                 continue;
+            };
+            let (claim, share) = match value.split_once(':') {
+                Some((c, s)) => (c, s.parse::<u32>().ok()),
+                None => (value, None),
             };
             let (Some(i), Ok(claim)) = (names.iter().position(|n| n == name), claim.parse::<u32>())
             else {
                 continue;
             };
+            if let (Some(c), Some(share)) = (&shared.cluster, share) {
+                c.inherit(BackendId(i), share);
+            }
             shared.admission.set_reserved(BackendId(i), claim);
         }
     }
@@ -222,7 +230,10 @@ pub fn hand_over(shared: Arc<Shared>, path: PathBuf) {
                     let claim = capacity.max(shared.upstream.open(i)).min(*last);
                     *last = claim;
                     total += claim;
-                    line.push_str(&format!("{name}={claim} "));
+                    match shared.cluster.as_ref().and_then(|c| c.share(BackendId(i))) {
+                        Some(share) => line.push_str(&format!("{name}={claim}:{share} ")),
+                        None => line.push_str(&format!("{name}={claim} ")),
+                    }
                 }
                 line.push('\n');
                 if stream.write_all(line.as_bytes()).is_err() {

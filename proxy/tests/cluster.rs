@@ -211,7 +211,7 @@ fn write_config(
              [slow_start]\nduration = \"0s\"\n[health]\ncheck = \"none\"\n\
              [upstream]\ntimeout_hold = \"0s\"\n\
              [admin]\nlisten = \"{admin}\"\n[log]\naccess = \"off\"\n\
-             [server]\nthreads = 1\ngrace_period = \"1s\"\ngraceful_shutdown_timeout = \"1s\"\n\
+             [server]\nthreads = 1\ngrace_period = \"12s\"\ngraceful_shutdown_timeout = \"1s\"\n\
              pid_file = \"{}\"\nupgrade_sock = \"{}\"\n\
              [[backend]]\nname = \"iis\"\naddress = \"{backend}\"\n{cluster}",
             REQUEST_TIMEOUT.as_secs(),
@@ -921,4 +921,100 @@ async fn the_lease_script_never_lets_the_requests_in_flight_exceed_the_cap() {
         renewals > 500 && crashes > 5 && losses > 0 && peak >= 24,
         "the run exercised too little"
     );
+}
+
+/// A zero-downtime upgrade of one instance of a cluster, under load: old and new process share
+/// that instance's lease (the new one runs on its safe share less the old one's claims and
+/// takes over the renewals when the hand-over ends), so the backend never sees more than the
+/// cap, no request fails, and the new process's share grows back with its load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_of_a_cluster_instance_keeps_the_cap() {
+    let _one_at_a_time = HEAVY.lock().await;
+    sluice_tests::raise_fd_limit();
+    let emu = emulator();
+    let h = emu.handle();
+    let mut cleanup = Cleanup::new("cluster-upgrade");
+    let redis = Redis::start();
+    let inst = start_three(&mut cleanup, &redis, h.addr());
+    let run_for = Duration::from_secs(36);
+    let loads: Vec<_> = inst
+        .iter()
+        .zip([600, 200, 100])
+        .map(|(i, n)| tokio::spawn(terminals::run(load(i.listen, n, run_for))))
+        .collect();
+    let a = inst[0].admin;
+    tokio::task::spawn_blocking(move || {
+        wait_until(
+            "a's share grows with its load",
+            Duration::from_secs(10),
+            || lease(a).and_then(|l| l.2).unwrap_or(0) >= 12,
+        )
+    })
+    .await
+    .expect("join");
+
+    let config = cleanup.dir.join("a.toml");
+    let sock = cleanup.dir.join("a.sock");
+    let old_pid = cleanup.children[inst[0].index].id();
+    cleanup.children.push(
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["run", "--upgrade", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn the new process"),
+    );
+    let new_pid = cleanup.children.last().map(Child::id).expect("new");
+    let upgraded = tokio::task::spawn_blocking(move || {
+        wait_until("the new process waits", Duration::from_secs(15), || {
+            sock.exists()
+        });
+        signal(old_pid, "-QUIT");
+        let started = Instant::now();
+        // The old process exits after handing everything over; the new one then renews
+        // the lease and its share grows with its load again.
+        wait_until("the old process exits", Duration::from_secs(20), || {
+            !Path::new(&format!("/proc/{old_pid}")).exists() || zombie(old_pid)
+        });
+        let exited = started.elapsed();
+        wait_until(
+            "the new process holds a lease that grew with its load",
+            Duration::from_secs(10),
+            || lease(a).is_some_and(|l| l.0 == "lease" && l.1 > SAFE) && cluster(a).is_some(),
+        );
+        (exited, started.elapsed())
+    })
+    .await
+    .expect("join");
+    let mut reports = Vec::new();
+    for l in loads {
+        reports.push(l.await.expect("load"));
+    }
+    let stats = h.stats();
+    eprintln!(
+        "upgrade of a (old pid {old_pid}, new pid {new_pid}): old exited {:?} after SIGQUIT, \
+         the new process's share grew again {:?} after it; max inside {}",
+        upgraded.0, upgraded.1, stats.max_inside
+    );
+    for (i, r) in inst.iter().zip(&reports) {
+        eprintln!("{}", report_line(&i.id, r));
+    }
+    assert!(stats.max_inside <= CAP as usize, "{stats:?}");
+    assert_eq!(stats.lockups, 0, "{stats:?}");
+    for r in &reports {
+        assert_eq!(r.errors(), 0, "{r}");
+        assert_eq!(r.ok, r.sent, "{r}");
+    }
+}
+
+/// Whether `pid` is a zombie (exited, not yet reaped by the test).
+fn zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
 }
