@@ -152,19 +152,6 @@ impl AdminApp {
         }
     }
 
-    /// Whether a request with this `Authorization` header (and method and path) may proceed.
-    fn authorized(&self, method: &str, path: &str, authorization: Option<&[u8]>) -> bool {
-        let Some(token) = &self.token else {
-            return true;
-        };
-        if self.metrics_open && method == "GET" && path.trim_end_matches('/') == "/metrics" {
-            return true;
-        }
-        authorization
-            .and_then(|h| h.strip_prefix(b"Bearer "))
-            .is_some_and(|given| token.matches(given.trim_ascii()))
-    }
-
     fn route(&self, method: &str, path: &str) -> (u16, String) {
         let path = path.split('?').next().unwrap_or(path);
         let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
@@ -221,6 +208,27 @@ impl AdminApp {
     }
 }
 
+/// Whether a request with this `Authorization` header (and method and path) may proceed:
+/// always without a token; with one, only with `Bearer <token>`, except `GET /metrics` when
+/// `metrics_open`.
+fn authorized(
+    token: Option<&crate::config::Secret>,
+    metrics_open: bool,
+    method: &str,
+    path: &str,
+    authorization: Option<&[u8]>,
+) -> bool {
+    let Some(token) = token else {
+        return true;
+    };
+    if metrics_open && method == "GET" && path.trim_end_matches('/') == "/metrics" {
+        return true;
+    }
+    authorization
+        .and_then(|h| h.strip_prefix(b"Bearer "))
+        .is_some_and(|given| token.matches(given.trim_ascii()))
+}
+
 fn json_error(msg: &str) -> String {
     format!("{{\"error\":{msg:?}}}\n")
 }
@@ -235,7 +243,14 @@ impl ServeHttp for AdminApp {
             .headers
             .get(http::header::AUTHORIZATION)
             .map(|v| v.as_bytes());
-        let (code, body) = if self.authorized(&method, &path, authorization) {
+        let allowed = authorized(
+            self.token.as_ref(),
+            self.metrics_open,
+            &method,
+            &path,
+            authorization,
+        );
+        let (code, body) = if allowed {
             self.route(&method, &path)
         } else {
             (
@@ -300,5 +315,40 @@ pub mod client {
                 std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP response")
             })?;
         Ok((status, body.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::authorized;
+
+    #[test]
+    fn the_token_is_required_everywhere_but_open_metrics() {
+        let dir = std::env::temp_dir().join(format!("sluice-admin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("token");
+        std::fs::write(&file, "s3cret-s3cret-s3cret\n").expect("write");
+        let token =
+            crate::config::read_token("admin.token_file", &file.to_string_lossy()).expect("token");
+        let _ = std::fs::remove_dir_all(&dir);
+        let t = Some(&token);
+        let good: Option<&[u8]> = Some(b"Bearer s3cret-s3cret-s3cret");
+        assert!(
+            authorized(None, false, "POST", "/reload", None),
+            "no token configured"
+        );
+        assert!(authorized(t, false, "POST", "/reload", good));
+        for bad in [
+            None,
+            Some(&b"s3cret-s3cret-s3cret"[..]),
+            Some(b"Bearer s3cret"),
+            Some(b"Basic x"),
+        ] {
+            assert!(!authorized(t, false, "POST", "/reload", bad), "{bad:?}");
+            assert!(!authorized(t, false, "GET", "/metrics", bad), "{bad:?}");
+            assert!(!authorized(t, true, "GET", "/status", bad), "{bad:?}");
+            assert!(!authorized(t, true, "POST", "/metrics", bad), "{bad:?}");
+            assert!(authorized(t, true, "GET", "/metrics", bad), "metrics_open");
+        }
     }
 }
