@@ -18,9 +18,11 @@
 //!
 //! Upgrades: both processes use the same instance id, so Redis sees one instance, renewed by one
 //! process at a time. The old process (SIGQUIT) keeps its share while its lease is valid and
-//! keeps renewing until it exits, past pingora's shutdown notice ([`Cluster::freeze`]); the new
-//! process, started with `--upgrade`, runs on its safe share less the old process's claims and
-//! starts renewing when the hand-over is over ([`Cluster::resume`]).
+//! keeps renewing until it exits, past pingora's shutdown notice ([`Cluster::freeze`]). It sends
+//! that share with its claims over the hand-over socket; the new process, started with
+//! `--upgrade`, admits that share less the claims ([`Cluster::inherit`]; its safe share less the
+//! claims before the first report) and starts renewing when the hand-over is over
+//! ([`Cluster::resume`]). Old + new stay within the share the old process keeps renewing.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -27,6 +27,10 @@
 //!     so they close soon after its last request.
 //! - The new process sets its reservation to the old's claim; when the old process exits (or the
 //!   claim reaches zero), the new one has the whole cap.
+//! - With `[cluster]`, "the cap" is the instance's leased share: the old process reports it with
+//!   each claim (`name=claim:share`) and keeps renewing it until it exits; the new process
+//!   admits that share less the claim, and renews the lease once the old process is done (see
+//!   [`crate::cluster`]).
 //!
 //! If no old process connects within [`HANDOFF_TIMEOUT`], the new process releases the
 //! reservation and runs alone (for example, when upgrading from a version without hand-over).
