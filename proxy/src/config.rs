@@ -624,9 +624,14 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// Read an admin token file: the first line, trimmed; at least 16 characters.
+/// Read an admin token file: the first line, trimmed; at least 16 characters. At most 4 KiB
+/// is read (a path such as `/dev/zero` must not hang the start).
 pub fn read_token(key: &str, path: &str) -> Result<Secret, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(4096).read_to_string(&mut text))
+        .map_err(|e| {
         ConfigError::new(
             key,
             format!("{path:?}"),
@@ -634,6 +639,13 @@ pub fn read_token(key: &str, path: &str) -> Result<Secret, ConfigError> {
         )
     })?;
     let token = text.lines().next().unwrap_or("").trim().to_string();
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ConfigError::new(
+            key,
+            format!("{path:?}"),
+            "the token must be printable ASCII without spaces (it is sent in an HTTP header); write a random one, e.g. `openssl rand -hex 32`",
+        ));
+    }
     if token.len() < 16 {
         return Err(ConfigError::new(
             key,
