@@ -11,6 +11,8 @@
 //!   operator's ceiling (latency-driven ramp, optional gradient, collapse on a stalled backend).
 //! - [`body_pace`]: by when a client must have sent more of a request body (start, rate, total).
 //! - [`calibrate`]: the steps, stopping rule and proposal of `sluice calibrate`.
+//! - [`lease`]: one instance's side of a backend cap shared by several instances through leases
+//!   (local cap from the grant, fallback to the safe share, bounded shrinking, the report).
 //! - [`pool`]: the admission pool, a set of backends each with a concurrency limit that can change
 //!   at runtime, and one bounded FIFO wait queue in front of them.
 
@@ -20,6 +22,7 @@ pub mod adaptive;
 pub mod body_pace;
 pub mod calibrate;
 pub mod health;
+pub mod lease;
 pub mod pool;
 pub mod slow_start;
 pub mod token_bucket;

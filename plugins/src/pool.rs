@@ -132,6 +132,9 @@ struct Slot {
     limit: u32,
     /// Slots held back for another process during a zero-downtime upgrade.
     reserved: u32,
+    /// This instance's share of the cap when several instances share the backend through
+    /// leases (`[cluster]`); `None` when it runs alone. Reserved slots come out of it.
+    share: Option<u32>,
     inflight: u32,
     state: BackendState,
     bucket: Option<TokenBucket>,
@@ -147,6 +150,7 @@ impl Slot {
         Slot {
             limit: policy.max_inflight,
             reserved: 0,
+            share: None,
             inflight: 0,
             state: BackendState::Up,
             bucket: policy.rate.map(|r| TokenBucket::new(r, now)),
@@ -177,15 +181,23 @@ impl Slot {
         }
     }
 
-    /// The limit in force: the ramp's value while it runs, else the full limit, less any
-    /// slots reserved for another process.
+    /// The limit in force: the ramp's value while it runs, else the full limit, bounded by
+    /// the capacity (the cluster share, less any slots reserved for another process).
     fn effective_limit(&self) -> u32 {
         let limit = match (&self.ramp, &self.learner) {
             (_, Some(_)) => self.learned.min(self.limit),
             (Some(r), None) => r.limit(self.limit).min(self.limit),
             (None, None) => self.limit,
         };
-        limit.min(self.limit.saturating_sub(self.reserved))
+        limit.min(self.capacity())
+    }
+
+    /// What this process may use of the backend at most: its share of the cap (the whole cap
+    /// when it runs alone), less the slots reserved for another process.
+    fn capacity(&self) -> u32 {
+        self.limit
+            .min(self.share.unwrap_or(u32::MAX))
+            .saturating_sub(self.reserved)
     }
 
     /// Rate scale: the ramp's share of the full limit.
@@ -255,6 +267,8 @@ pub struct BackendSnapshot {
     pub inflight: u32,
     /// Slots held back for another process (zero-downtime upgrade).
     pub reserved: u32,
+    /// This instance's share of the cap (`[cluster]`); `None` when it runs alone.
+    pub share: Option<u32>,
     /// Whether it takes new requests.
     pub state: BackendState,
 }
@@ -398,9 +412,7 @@ impl<W> AdmissionPool<W> {
             Some(slot) => {
                 let bound = match slot.state {
                     BackendState::Up => slot.effective_limit(),
-                    BackendState::Down | BackendState::Draining => {
-                        slot.limit.saturating_sub(slot.reserved)
-                    }
+                    BackendState::Down | BackendState::Draining => slot.capacity(),
                 };
                 if slot.inflight < bound {
                     slot.inflight += 1;
@@ -589,10 +601,28 @@ impl<W> AdmissionPool<W> {
         let Some(slot) = self.slots.get_mut(backend.0) else {
             return 0;
         };
-        let capacity = slot.limit.saturating_sub(slot.reserved);
+        let capacity = slot.capacity();
         let next = capacity.min(slot.inflight.saturating_add(extra));
-        slot.reserved = slot.limit - next;
+        let whole = slot.limit.min(slot.share.unwrap_or(u32::MAX));
+        slot.reserved = whole - next;
         next
+    }
+
+    /// Set this instance's share of a backend's cap (`[cluster]` leases; `None`: it runs alone
+    /// and may use the whole cap). Lowering it below the work in flight admits nothing more
+    /// until that work drains below it; raising it admits waiters at once. Slots reserved for
+    /// another process (upgrade hand-over) come out of the share.
+    pub fn set_share(
+        &mut self,
+        backend: BackendId,
+        share: Option<u32>,
+        now: Instant,
+    ) -> Vec<Grant<W>> {
+        self.tick(now);
+        if let Some(slot) = self.slots.get_mut(backend.0) {
+            slot.share = share;
+        }
+        self.dispatch(now)
     }
 
     /// A backend's state (`None` for an unknown backend).
@@ -629,6 +659,7 @@ impl<W> AdmissionPool<W> {
                         limit: s.limit,
                         effective_limit: s.effective_limit(),
                         reserved: s.reserved,
+                        share: s.share,
                         ramp: match (learned, ramp) {
                             (Some(_), _) if s.limit > 0 => {
                                 f64::from(s.learned.min(s.limit)) / f64::from(s.limit)
@@ -975,6 +1006,33 @@ mod tests {
     }
 
     #[test]
+    fn a_cluster_share_bounds_admission_and_reserved_slots_come_out_of_it() {
+        let now = t0();
+        let d = now + Duration::from_secs(1);
+        let mut pool = AdmissionPool::new(&[8], 10);
+        assert!(pool.set_share(BackendId(0), Some(5), now).is_empty());
+        assert!(pool.set_reserved(BackendId(0), 2, now).is_empty());
+        for i in 0..3 {
+            assert!(matches!(pool.acquire(now, d, i), Acquire::Admitted(_)));
+        }
+        assert!(matches!(pool.acquire(now, d, 3), Acquire::Queued(_)));
+        assert_eq!(pool.snapshot(now).backends[0].effective_limit, 3);
+        // A lowered share admits nothing until in-flight work drains below it.
+        assert!(pool.set_share(BackendId(0), Some(2), now).is_empty());
+        assert!(pool.release(BackendId(0), now).is_empty());
+        assert!(pool.release(BackendId(0), now).is_empty());
+        assert_eq!(pool.inflight(BackendId(0)), 1);
+        // Raising it admits the waiter at once; without a share the whole cap is back.
+        assert_eq!(pool.set_share(BackendId(0), Some(6), now).len(), 1);
+        assert!(pool.set_share(BackendId(0), None, now).is_empty());
+        assert_eq!(pool.snapshot(now).backends[0].effective_limit, 6);
+        // The hand-over's shrink works inside the share.
+        assert!(pool.set_share(BackendId(0), Some(4), now).is_empty());
+        assert_eq!(pool.shrink_capacity(BackendId(0), 1, now), 2);
+        assert_eq!(pool.snapshot(now).backends[0].effective_limit, 2);
+    }
+
+    #[test]
     fn shrink_capacity_never_drops_below_inflight_nor_grows() {
         let now = t0();
         let d = now + Duration::from_secs(1);
@@ -1122,6 +1180,7 @@ mod tests {
             Tick(u64),
             SetLimit(usize, u32),
             SetState(usize, u8),
+            SetShare(usize, Option<u32>),
         }
 
         fn op() -> impl Strategy<Value = Op> {
@@ -1132,6 +1191,7 @@ mod tests {
                 1 => (0u64..200).prop_map(Op::Tick),
                 1 => (any::<usize>(), 0u32..6).prop_map(|(b, l)| Op::SetLimit(b, l)),
                 1 => (any::<usize>(), 0u8..3).prop_map(|(b, s)| Op::SetState(b, s)),
+                1 => (any::<usize>(), proptest::option::of(0u32..6)).prop_map(|(b, s)| Op::SetShare(b, s)),
             ]
         }
 
@@ -1156,6 +1216,7 @@ mod tests {
                     .collect();
                 let mut pool: AdmissionPool<u64> = AdmissionPool::with_policies(&policies, max_queue, now);
                 let mut limits: Vec<u32> = shapes.iter().map(|s| s.0).collect();
+                let mut shares: Vec<Option<u32>> = vec![None; limits.len()];
                 let mut admitted_to = vec![0u64; limits.len()];
                 // Requests holding a slot: (id, backend).
                 let mut running: Vec<(u64, BackendId)> = Vec::new();
@@ -1230,6 +1291,12 @@ mod tests {
                             let g = pool.set_state(BackendId(b), state, now);
                             admit_grants(g, &mut running, &mut waiting, &mut last_admitted_waiter, &mut admitted_to)?;
                         }
+                        Op::SetShare(b, share) => {
+                            let b = b % limits.len();
+                            shares[b] = share;
+                            let g = pool.set_share(BackendId(b), share, now);
+                            admit_grants(g, &mut running, &mut waiting, &mut last_admitted_waiter, &mut admitted_to)?;
+                        }
                         _ => {}
                     }
                     // The pool's counts match the model exactly (no leaked or double-freed slot).
@@ -1240,6 +1307,7 @@ mod tests {
                         // A backend only grows while it is within its limit.
                         if inflight > before[b] {
                             prop_assert!(inflight <= limit, "backend {} above its limit", b);
+                            prop_assert!(shares[b].is_none_or(|s| inflight <= s), "backend {} above its share", b);
                         }
                     }
                     prop_assert_eq!(pool.queued(), waiting.len());

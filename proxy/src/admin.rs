@@ -10,6 +10,11 @@
 //! | POST | `/backends/NAME/slow-start` | restart NAME's slow-start ramp |
 //!
 //! `sluice status` and `sluice backend drain|ready NAME` are clients of this API ([`client`]).
+//!
+//! With `admin.token_file`, every request must carry `Authorization: Bearer <token>`,
+//! compared in constant time; anything else gets `401` and changes nothing. A listener on a
+//! non-loopback address without a token is refused by config validation. `admin.metrics_open`
+//! lets `GET /metrics` through without the token (for a Prometheus that cannot send one).
 
 use std::sync::Arc;
 
@@ -32,6 +37,9 @@ pub struct Status {
     pub queued: usize,
     /// The queue's bound.
     pub max_queue: usize,
+    /// The shared budget across instances (`[cluster]`), if configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<crate::cluster::ClusterStatus>,
 }
 
 /// One backend in [`Status`].
@@ -109,6 +117,7 @@ impl From<BackendStatus> for BackendView {
 pub fn status(admission: &Admission) -> Status {
     let snap = admission.snapshot();
     Status {
+        cluster: None,
         backends: admission
             .status()
             .into_iter()
@@ -123,14 +132,23 @@ pub fn status(admission: &Admission) -> Status {
 pub struct AdminApp {
     shared: Arc<Shared>,
     admission: Arc<Admission>,
+    token: Option<crate::config::Secret>,
+    metrics_open: bool,
 }
 
 impl AdminApp {
-    /// An admin app over this proxy's shared state.
-    pub fn new(shared: Arc<Shared>) -> Self {
+    /// An admin app over this proxy's shared state; with `token`, every request must carry
+    /// it as a bearer token (`GET /metrics` too, unless `metrics_open`).
+    pub fn new(
+        shared: Arc<Shared>,
+        token: Option<crate::config::Secret>,
+        metrics_open: bool,
+    ) -> Self {
         AdminApp {
             admission: shared.admission.clone(),
             shared,
+            token,
+            metrics_open,
         }
     }
 
@@ -138,7 +156,12 @@ impl AdminApp {
         let path = path.split('?').next().unwrap_or(path);
         let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
         match (method, parts.as_slice()) {
-            ("GET", ["metrics"]) => (200, self.shared.metrics.render(&self.admission)),
+            ("GET", ["metrics"]) => {
+                if let Some(c) = &self.shared.cluster {
+                    self.shared.metrics.set_cluster(&c.status());
+                }
+                (200, self.shared.metrics.render(&self.admission))
+            }
             ("POST", ["reload"]) => match crate::reload::reload(&self.shared) {
                 Ok(report) => match serde_json::to_string_pretty(&report) {
                     Ok(json) => (200, json + "\n"),
@@ -146,10 +169,14 @@ impl AdminApp {
                 },
                 Err(e) => (400, json_error(&e.to_string())),
             },
-            ("GET", ["status"]) => match serde_json::to_string_pretty(&status(&self.admission)) {
-                Ok(json) => (200, json + "\n"),
-                Err(e) => (500, format!("{{\"error\":\"{e}\"}}\n")),
-            },
+            ("GET", ["status"]) => {
+                let mut st = status(&self.admission);
+                st.cluster = self.shared.cluster.as_ref().map(|c| c.status());
+                match serde_json::to_string_pretty(&st) {
+                    Ok(json) => (200, json + "\n"),
+                    Err(e) => (500, format!("{{\"error\":\"{e}\"}}\n")),
+                }
+            }
             ("POST", ["backends", name, action]) => {
                 let result = match *action {
                     "drain" => self.admission.drain(name),
@@ -181,6 +208,27 @@ impl AdminApp {
     }
 }
 
+/// Whether a request with this `Authorization` header (and method and path) may proceed:
+/// always without a token; with one, only with `Bearer <token>`, except `GET /metrics` when
+/// `metrics_open`.
+fn authorized(
+    token: Option<&crate::config::Secret>,
+    metrics_open: bool,
+    method: &str,
+    path: &str,
+    authorization: Option<&[u8]>,
+) -> bool {
+    let Some(token) = token else {
+        return true;
+    };
+    if metrics_open && method == "GET" && path.trim_end_matches('/') == "/metrics" {
+        return true;
+    }
+    authorization
+        .and_then(|h| h.strip_prefix(b"Bearer "))
+        .is_some_and(|given| token.matches(given.trim_ascii()))
+}
+
 fn json_error(msg: &str) -> String {
     format!("{{\"error\":{msg:?}}}\n")
 }
@@ -190,7 +238,28 @@ impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let method = session.req_header().method.as_str().to_owned();
         let path = session.req_header().uri.path().to_owned();
-        let (code, body) = self.route(&method, &path);
+        let authorization = session
+            .req_header()
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .map(|v| v.as_bytes());
+        let allowed = authorized(
+            self.token.as_ref(),
+            self.metrics_open,
+            &method,
+            &path,
+            authorization,
+        );
+        let (code, body) = if allowed {
+            self.route(&method, &path)
+        } else {
+            (
+                401,
+                json_error(
+                    "admin token required: send Authorization: Bearer <admin.token_file's content>",
+                ),
+            )
+        };
         let content_type = if path == "/metrics" {
             "text/plain; version=0.0.4"
         } else {
@@ -213,13 +282,26 @@ pub mod client {
 
     /// Send `method path` to the admin listener; returns status and body.
     pub fn call(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<(u16, String)> {
+        call_with_token(addr, method, path, None)
+    }
+
+    /// Like [`call`], with a bearer token.
+    pub fn call_with_token(
+        addr: SocketAddr,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+    ) -> std::io::Result<(u16, String)> {
         let timeout = Duration::from_secs(5);
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
         let mut s = TcpStream::connect_timeout(&addr, timeout)?;
         s.set_read_timeout(Some(timeout))?;
         s.set_write_timeout(Some(timeout))?;
         write!(
             s,
-            "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            "{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
         )?;
         let mut raw = Vec::new();
         s.take(4 << 20).read_to_end(&mut raw)?;
@@ -233,5 +315,40 @@ pub mod client {
                 std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP response")
             })?;
         Ok((status, body.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::authorized;
+
+    #[test]
+    fn the_token_is_required_everywhere_but_open_metrics() {
+        let dir = std::env::temp_dir().join(format!("sluice-admin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("token");
+        std::fs::write(&file, "s3cret-s3cret-s3cret\n").expect("write");
+        let token =
+            crate::config::read_token("admin.token_file", &file.to_string_lossy()).expect("token");
+        let _ = std::fs::remove_dir_all(&dir);
+        let t = Some(&token);
+        let good: Option<&[u8]> = Some(b"Bearer s3cret-s3cret-s3cret");
+        assert!(
+            authorized(None, false, "POST", "/reload", None),
+            "no token configured"
+        );
+        assert!(authorized(t, false, "POST", "/reload", good));
+        for bad in [
+            None,
+            Some(&b"s3cret-s3cret-s3cret"[..]),
+            Some(b"Bearer s3cret"),
+            Some(b"Basic x"),
+        ] {
+            assert!(!authorized(t, false, "POST", "/reload", bad), "{bad:?}");
+            assert!(!authorized(t, false, "GET", "/metrics", bad), "{bad:?}");
+            assert!(!authorized(t, true, "GET", "/status", bad), "{bad:?}");
+            assert!(!authorized(t, true, "POST", "/metrics", bad), "{bad:?}");
+            assert!(authorized(t, true, "GET", "/metrics", bad), "metrics_open");
+        }
     }
 }

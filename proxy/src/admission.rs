@@ -412,6 +412,11 @@ impl Admission {
         self.change(|pool, now| pool.set_reserved(backend, reserved, now));
     }
 
+    /// Set this instance's share of a backend's cap (`[cluster]`; `None`: the whole cap).
+    pub fn set_share(&self, backend: BackendId, share: Option<u32>) {
+        self.change(|pool, now| pool.set_share(backend, share, now));
+    }
+
     /// Lower a backend's capacity to its in-flight work plus `extra` (never up); returns the
     /// capacity now in force. See [`AdmissionPool::shrink_capacity`].
     pub fn shrink_capacity(&self, backend: BackendId, extra: u32) -> u32 {

@@ -66,6 +66,9 @@ pub struct AdminArgs {
     /// Print the raw JSON.
     #[arg(long, global = true)]
     pub json: bool,
+    /// File holding the admin bearer token (default: admin.token_file from --config).
+    #[arg(long, value_name = "FILE", global = true)]
+    pub token_file: Option<PathBuf>,
 }
 
 /// `sluice backend ...`
@@ -112,6 +115,23 @@ impl BackendAction {
 }
 
 impl AdminArgs {
+    /// The admin bearer token to send, if any: `--token-file`, else the config's
+    /// `admin.token_file`.
+    pub fn token(&self) -> Result<Option<crate::config::Secret>, String> {
+        if let Some(path) = &self.token_file {
+            let path = path.to_string_lossy();
+            return crate::config::read_token("--token-file", &path)
+                .map(Some)
+                .map_err(|e| e.to_string());
+        }
+        match &self.config {
+            Some(path) => Config::load(path, &Overrides::default())
+                .map(|c| c.admin_token)
+                .map_err(|e| e.to_string()),
+            None => Ok(None),
+        }
+    }
+
     /// The admin address to talk to.
     pub fn addr(&self) -> Result<std::net::SocketAddr, String> {
         let text = match (&self.admin, &self.config) {
@@ -337,11 +357,50 @@ pub fn describe(cfg: &Config) -> String {
     let _ = writeln!(s, "health            {}", describe_health(&cfg.health));
     let _ = writeln!(
         s,
-        "admin             {}",
+        "admin             {}{}",
         cfg.admin_listen
             .map(|a| a.to_string())
-            .unwrap_or_else(|| "disabled".into())
+            .unwrap_or_else(|| "disabled".into()),
+        match (&cfg.admin_token, cfg.metrics_open) {
+            (None, _) => ", no token (loopback only)",
+            (Some(_), false) => ", bearer token required",
+            (Some(_), true) => ", bearer token required (not for GET /metrics)",
+        }
     );
+    if let Some(c) = &cfg.cluster {
+        let _ = writeln!(
+            s,
+            "cluster           instance {:?} of {}, leases in {} (key {}:<backend>), TTL {} \
+             (renewed every {}, trusted for TTL - {}), safe share {}",
+            c.id,
+            c.instances,
+            c.redis.redacted(),
+            c.key,
+            d(c.lease_ttl),
+            d(c.lease_ttl / 3),
+            d(c.margin),
+            c.safe_share
+        );
+        for b in &cfg.backends {
+            let safe = c.safe_share.min(b.max_inflight);
+            let worst = u64::from(c.instances) * u64::from(safe);
+            let _ = writeln!(
+                s,
+                "cluster {:<9} cap {} shared by {} instances, moved by at most {} per renewal; \
+                 worst case (every instance on its safe share, Redis unreachable): {} × {} = {} \
+                 ≤ {}; a lost lease's share is handed out again {} after it expired",
+                b.name,
+                b.max_inflight,
+                c.instances,
+                c.step_for(b.max_inflight),
+                c.instances,
+                safe,
+                worst,
+                b.max_inflight,
+                d(c.grace),
+            );
+        }
+    }
     let _ = writeln!(
         s,
         "queue             up to {} waiting, FIFO, each for at most {}",
@@ -370,6 +429,13 @@ pub fn describe(cfg: &Config) -> String {
         cfg.server.upgrade_sock
     );
     let cap = cfg.total_inflight();
+    if cfg.cluster.is_some() {
+        let _ = writeln!(
+            s,
+            "\nWith [cluster], this instance admits up to its leased share of each cap (its safe \
+             share without a valid lease); all instances together stay within the caps below."
+        );
+    }
     let _ = writeln!(s);
     let _ = writeln!(
         s,
@@ -384,6 +450,67 @@ pub fn describe(cfg: &Config) -> String {
         s,
         "The backends never see more than {cap} concurrent requests, over at most {cap} TCP connections."
     );
+    s
+}
+
+/// The cluster part of `sluice status`: this instance's lease, then every instance's share
+/// as its last renewal saw them in Redis.
+pub fn describe_cluster_status(c: &crate::cluster::ClusterStatus) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "cluster: instance {:?} of {}, {} (lease TTL {} ms, safe share {})",
+        c.id, c.instances, c.redis, c.lease_ttl_ms, c.safe_share
+    );
+    for b in &c.backends {
+        let _ = writeln!(
+            s,
+            "{}: this instance may use {} of {} ({}{}{}); renewals {} ok, {} failed{}",
+            b.name,
+            b.share,
+            b.cap,
+            b.basis,
+            if b.basis == "lease" {
+                format!(", valid {} ms more", b.valid_for_ms)
+            } else {
+                String::new()
+            },
+            if b.learning {
+                ", Redis state new: safe shares only"
+            } else {
+                ""
+            },
+            b.renewals,
+            b.renewal_failures,
+            b.last_error
+                .as_deref()
+                .map(|e| format!(", last error: {e}"))
+                .unwrap_or_default()
+        );
+        let _ = writeln!(
+            s,
+            "  {:<20} {:>6} {:>7} {:>6} {:>5}",
+            "INSTANCE", "SHARE", "DEMAND", "SAFE", "LIVE"
+        );
+        for p in &b.peers {
+            let _ = writeln!(
+                s,
+                "  {:<20} {:>6} {:>7} {:>6} {:>5}",
+                if p.id == c.id {
+                    format!("{} (this)", p.id)
+                } else {
+                    p.id.clone()
+                },
+                p.share,
+                p.demand,
+                p.safe_share,
+                if p.live { "yes" } else { "no" }
+            );
+        }
+        let total: u32 = b.peers.iter().filter(|p| p.live).map(|p| p.share).sum();
+        let _ = writeln!(s, "  live shares add up to {total} of {}", b.cap);
+    }
     s
 }
 

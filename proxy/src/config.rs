@@ -143,6 +143,18 @@ pub mod defaults {
     pub const ADMIN_LISTEN: &str = "127.0.0.1:9090";
     /// Access log target: one JSON line per request.
     pub const ACCESS_LOG: &str = "stdout";
+    /// Redis key prefix of the shared budget: one hash per backend, `<key>:<backend name>`.
+    pub const CLUSTER_KEY: &str = "sluice";
+    /// Lease time to live (3 s), as Redis counts it; renewed every third of it.
+    pub const CLUSTER_LEASE_TTL: Duration = Duration::from_secs(3);
+    /// Shortest lease TTL accepted: renewals (a third of it) must outlast a Redis round trip
+    /// on a busy network by far.
+    pub const CLUSTER_MIN_LEASE_TTL: Duration = Duration::from_millis(300);
+    /// A lease counts as valid on the instance's clock for TTL less this share of it, so that
+    /// clock rates differing by up to 10 % never let an instance use a lease Redis has let go.
+    pub const CLUSTER_MARGIN_SHARE: f64 = 0.10;
+    /// Most instances a cluster may declare.
+    pub const CLUSTER_MAX_INSTANCES: u32 = 1000;
 }
 
 /// The serde structs that mirror the configuration file.
@@ -183,6 +195,29 @@ pub mod file {
         /// `[log]`: the access log.
         #[serde(default)]
         pub log: LogSection,
+        /// `[cluster]`: share the backends' caps with other instances through Redis leases.
+        pub cluster: Option<ClusterSection>,
+    }
+
+    /// `[cluster]`
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct ClusterSection {
+        /// `redis = "redis://10.0.0.5:6379/0"`
+        pub redis: Option<String>,
+        /// `id = "store-a"`: this instance's name, unique in the cluster.
+        pub id: Option<String>,
+        /// `key = "sluice"`: Redis key prefix.
+        pub key: Option<String>,
+        /// `lease_ttl = "3s"`
+        #[serde(default, with = "opt_duration")]
+        pub lease_ttl: Option<Duration>,
+        /// `safe_share = 8`: what this instance uses of each backend without a valid lease.
+        pub safe_share: Option<i64>,
+        /// `instances = 3`: how many instances share the backends.
+        pub instances: Option<i64>,
+        /// `step = 4`: largest change of a share per renewal (default: an eighth of the cap).
+        pub step: Option<i64>,
     }
 
     /// `[log]`
@@ -248,6 +283,11 @@ pub mod file {
     pub struct AdminSection {
         /// `listen = "127.0.0.1:9090"`; `""` disables the admin listener.
         pub listen: Option<String>,
+        /// `token_file = "/etc/sluice/admin.token"`: every admin request must carry
+        /// `Authorization: Bearer <the file's content>`.
+        pub token_file: Option<String>,
+        /// `metrics_open = true`: `GET /metrics` needs no token.
+        pub metrics_open: Option<bool>,
     }
 
     /// `[proxy]`
@@ -551,10 +591,111 @@ pub struct Config {
     pub health: HealthConfig,
     /// Admin listener, if enabled.
     pub admin_listen: Option<SocketAddr>,
+    /// The admin API's bearer token, read from `admin.token_file`.
+    pub admin_token: Option<Secret>,
+    /// `GET /metrics` needs no token.
+    pub metrics_open: bool,
+    /// Shared budget across instances (`[cluster]`); `None`: this instance runs alone.
+    pub cluster: Option<ClusterSettings>,
     /// The TLS listener for clients, if enabled.
     pub tls: Option<TlsListener>,
     /// Access log target.
     pub access_log: crate::access_log::Target,
+}
+
+/// A secret read from a file: compared in constant time, never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Whether `given` is the secret, in time that depends only on the lengths.
+    pub fn matches(&self, given: &[u8]) -> bool {
+        let mine = self.0.as_bytes();
+        let mut diff = u8::from(mine.len() != given.len());
+        for (i, &b) in mine.iter().enumerate() {
+            diff |= b ^ given.get(i).copied().unwrap_or(0);
+        }
+        diff == 0
+    }
+
+    /// The secret itself, to send it (the command-line client).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Read an admin token file: the first line, trimmed; at least 16 characters. At most 4 KiB
+/// is read (a path such as `/dev/zero` must not hang the start).
+pub fn read_token(key: &str, path: &str) -> Result<Secret, ConfigError> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(4096).read_to_string(&mut text))
+        .map_err(|e| {
+        ConfigError::new(
+            key,
+            format!("{path:?}"),
+            format!("cannot read it ({e}); write a random token into it, e.g. `openssl rand -hex 32 > {path}`"),
+        )
+    })?;
+    let token = text.lines().next().unwrap_or("").trim().to_string();
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ConfigError::new(
+            key,
+            format!("{path:?}"),
+            "the token must be printable ASCII without spaces (it is sent in an HTTP header); write a random one, e.g. `openssl rand -hex 32`",
+        ));
+    }
+    if token.len() < 16 {
+        return Err(ConfigError::new(
+            key,
+            format!("{path:?}"),
+            "the token in it is shorter than 16 characters; write a random one, e.g. `openssl rand -hex 32`",
+        ));
+    }
+    Ok(Secret(token))
+}
+
+/// The validated `[cluster]` section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterSettings {
+    /// Redis, as parsed from `cluster.redis`.
+    pub redis: crate::resp::RedisUrl,
+    /// This instance's id.
+    pub id: String,
+    /// Redis key prefix; a backend's hash is `<key>:<backend name>`.
+    pub key: String,
+    /// Lease time to live.
+    pub lease_ttl: Duration,
+    /// Subtracted from the TTL on this instance's clock.
+    pub margin: Duration,
+    /// This instance's share of each backend without a valid lease.
+    pub safe_share: u32,
+    /// Instances sharing the backends.
+    pub instances: u32,
+    /// Largest change of a share per renewal; `None`: an eighth of the backend's cap.
+    pub step: Option<u32>,
+    /// The longest a request may hold a slot (request deadline plus the timeout hold): a lost
+    /// lease's share is handed out again only this long after it expired.
+    pub grace: Duration,
+}
+
+impl ClusterSettings {
+    /// The rebalancing step for a backend with cap `cap`.
+    pub fn step_for(&self, cap: u32) -> u32 {
+        self.step.unwrap_or(cap.div_ceil(8)).max(1)
+    }
+
+    /// The worst case: every instance at its safe share (Redis unreachable).
+    pub fn worst_case(&self) -> u64 {
+        u64::from(self.instances) * u64::from(self.safe_share)
+    }
 }
 
 /// A client-facing TLS listener.
@@ -1173,7 +1314,32 @@ impl Config {
             }
         }
 
+        let admin_token = match f.admin.token_file.as_deref() {
+            Some(path) => Some(read_token("admin.token_file", path)?),
+            None => None,
+        };
+        if let (Some(a), None) = (admin_listen, &admin_token) {
+            if !a.ip().is_loopback() {
+                return Err(ConfigError::new(
+                    "admin.listen",
+                    format!("{admin_text:?}"),
+                    "is not a loopback address and admin.token_file is not set: anyone who \
+                     reaches it could drain backends or reload; set admin.token_file to a file \
+                     holding a random token (e.g. `openssl rand -hex 32`), or listen on 127.0.0.1",
+                ));
+            }
+        }
+        let metrics_open = f.admin.metrics_open.unwrap_or(false);
+        let grace = request_timeout.saturating_add(upstream.timeout_hold);
+        let cluster = match &f.cluster {
+            None => None,
+            Some(c) => Some(cluster_settings(c, &backends, grace)?),
+        };
+
         Ok(Config {
+            admin_token,
+            metrics_open,
+            cluster,
             access_log,
             health,
             admin_listen,
@@ -1524,6 +1690,138 @@ fn backend_tls(
     }))
 }
 
+fn cluster_settings(
+    c: &file::ClusterSection,
+    backends: &[Backend],
+    grace: Duration,
+) -> Result<ClusterSettings, ConfigError> {
+    let redis_text = c.redis.as_deref().ok_or_else(|| {
+        ConfigError::new(
+            "cluster.redis",
+            "",
+            "is required with [cluster]: the Redis that holds the leases, e.g. \"redis://10.0.0.5:6379/0\"",
+        )
+    })?;
+    let redis = crate::resp::RedisUrl::parse(redis_text).map_err(|why| {
+        ConfigError::new(
+            "cluster.redis",
+            format!("{redis_text:?}"),
+            format!("{why}; write it like \"redis://10.0.0.5:6379/0\" (password: redis://:PASSWORD@host)"),
+        )
+    })?;
+    let id = c.id.clone().unwrap_or_default();
+    let id_ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.'));
+    if !id_ok {
+        return Err(ConfigError::new(
+            "cluster.id",
+            format!("{id:?}"),
+            "must name this instance, unique in the cluster: 1 to 64 letters, digits, '-', '_' or '.' (e.g. \"store-a\")",
+        ));
+    }
+    let key = c
+        .key
+        .clone()
+        .unwrap_or_else(|| defaults::CLUSTER_KEY.to_string());
+    if key.is_empty() || key.chars().any(|ch| ch.is_whitespace() || ch.is_control()) {
+        return Err(ConfigError::new(
+            "cluster.key",
+            format!("{key:?}"),
+            format!(
+                "must be a non-empty Redis key prefix without spaces (default {:?})",
+                defaults::CLUSTER_KEY
+            ),
+        ));
+    }
+    let lease_ttl = c.lease_ttl.unwrap_or(defaults::CLUSTER_LEASE_TTL);
+    if lease_ttl < defaults::CLUSTER_MIN_LEASE_TTL || lease_ttl > Duration::from_secs(300) {
+        return Err(ConfigError::new(
+            "cluster.lease_ttl",
+            format!("{:?}", humantime::format_duration(lease_ttl).to_string()),
+            "must be between 300ms and 5m (default 3s): renewals run every third of it",
+        ));
+    }
+    let instances = match c.instances {
+        Some(n) if (1..=i64::from(defaults::CLUSTER_MAX_INSTANCES)).contains(&n) => n as u32,
+        Some(n) => {
+            return Err(ConfigError::new(
+                "cluster.instances",
+                n,
+                format!(
+                    "must be between 1 and {}: how many sluice instances share the backends",
+                    defaults::CLUSTER_MAX_INSTANCES
+                ),
+            ))
+        }
+        None => {
+            return Err(ConfigError::new(
+                "cluster.instances",
+                "",
+                "is required with [cluster]: how many sluice instances share the backends (the same on every instance)",
+            ))
+        }
+    };
+    let min_cap = backends.iter().map(|b| b.max_inflight).min().unwrap_or(0);
+    let safe_share = match c.safe_share {
+        Some(n) if n >= 0 && n <= i64::from(min_cap) => n as u32,
+        Some(n) => {
+            return Err(ConfigError::new(
+                "cluster.safe_share",
+                n,
+                format!("must be between 0 and the smallest backend cap ({min_cap}): what this instance uses of each backend when it holds no valid lease"),
+            ))
+        }
+        None => {
+            return Err(ConfigError::new(
+                "cluster.safe_share",
+                "",
+                format!("is required with [cluster]: what this instance uses of each backend when it holds no valid lease (Redis unreachable); at most the cap / instances = {}", min_cap / instances),
+            ))
+        }
+    };
+    if let Some(b) = backends
+        .iter()
+        .find(|b| u64::from(instances) * u64::from(safe_share) > u64::from(b.max_inflight))
+    {
+        return Err(ConfigError::new(
+            "cluster.safe_share",
+            safe_share,
+            format!(
+                "{instances} instances × {safe_share} = {} exceeds backend {:?}'s cap of {}: with Redis unreachable every instance uses its safe share, and the backend would see more than its cap; use at most {}",
+                u64::from(instances) * u64::from(safe_share),
+                b.name,
+                b.max_inflight,
+                b.max_inflight / instances
+            ),
+        ));
+    }
+    let step = match c.step {
+        None => None,
+        Some(n) if (1..=i64::from(defaults::MAX_INFLIGHT_CEILING)).contains(&n) => Some(n as u32),
+        Some(n) => {
+            return Err(ConfigError::new(
+                "cluster.step",
+                n,
+                "must be at least 1: the largest change of a share per renewal (default: an eighth of the cap)",
+            ))
+        }
+    };
+    Ok(ClusterSettings {
+        redis,
+        id,
+        key,
+        lease_ttl,
+        margin: lease_ttl.mul_f64(defaults::CLUSTER_MARGIN_SHARE),
+        safe_share,
+        instances,
+        step,
+        grace,
+    })
+}
+
 fn limit(key: &str, n: i64) -> Result<u32, ConfigError> {
     if n < 1 || n > i64::from(defaults::MAX_INFLIGHT_CEILING) {
         return Err(ConfigError::new(
@@ -1578,6 +1876,112 @@ mod tests {
 
     const MINIMAL: &str =
         "[admission]\nmax_inflight = 16\n[[backend]]\naddress = \"127.0.0.1:9\"\n";
+
+    fn invalid(text: &str) -> ConfigError {
+        match parse(text) {
+            Err(LoadError::Invalid { error, .. }) => error,
+            other => panic!("expected a validation error, got {other:?}"),
+        }
+    }
+
+    const CLUSTER: &str = "[cluster]\nredis = \"redis://127.0.0.1:6379\"\nid = \"a\"\ninstances = 3\nsafe_share = 4\n";
+
+    #[test]
+    fn the_cluster_section_has_defaults_and_names_each_bad_value() {
+        let cfg = parse(&format!("{MINIMAL}{CLUSTER}")).expect("valid");
+        let c = cfg.cluster.expect("cluster");
+        assert_eq!(c.lease_ttl, defaults::CLUSTER_LEASE_TTL);
+        assert_eq!(c.margin, Duration::from_millis(300));
+        assert_eq!(c.key, "sluice");
+        assert_eq!(c.step_for(16), 2);
+        assert_eq!(c.worst_case(), 12);
+        // The longest request deadline: request_timeout + timeout_hold.
+        assert_eq!(c.grace, defaults::REQUEST_TIMEOUT + defaults::TIMEOUT_HOLD);
+        assert!(parse(MINIMAL).expect("valid").cluster.is_none());
+
+        let e = invalid(&format!(
+            "{MINIMAL}{}",
+            CLUSTER.replace("safe_share = 4", "safe_share = 6")
+        ));
+        assert_eq!(
+            (e.key.as_str(), e.value.as_str()),
+            ("cluster.safe_share", "6")
+        );
+        assert!(
+            e.fix.contains("3 instances × 6 = 18") && e.fix.contains("at most 5"),
+            "{e}"
+        );
+        let e = invalid(&format!(
+            "{MINIMAL}{}",
+            CLUSTER.replace("safe_share = 4\n", "")
+        ));
+        assert_eq!(e.key, "cluster.safe_share");
+        let e = invalid(&format!(
+            "{MINIMAL}{}",
+            CLUSTER.replace("instances = 3\n", "")
+        ));
+        assert_eq!(e.key, "cluster.instances");
+        let e = invalid(&format!(
+            "{MINIMAL}{}",
+            CLUSTER.replace("id = \"a\"", "id = \"a b\"")
+        ));
+        assert_eq!(
+            (e.key.as_str(), e.value.as_str()),
+            ("cluster.id", "\"a b\"")
+        );
+        let e = invalid(&format!(
+            "{MINIMAL}{}",
+            CLUSTER.replace("redis://127.0.0.1:6379", "http://x")
+        ));
+        assert_eq!(e.key, "cluster.redis");
+        assert!(e.fix.contains("redis://"), "{e}");
+        let e = invalid(&format!("{MINIMAL}{CLUSTER}lease_ttl = \"100ms\"\n"));
+        assert_eq!(e.key, "cluster.lease_ttl");
+        let e = invalid(&format!("{MINIMAL}{CLUSTER}step = 0\n"));
+        assert_eq!(e.key, "cluster.step");
+        assert!(matches!(
+            parse(&format!("{MINIMAL}{CLUSTER}ttl = \"1s\"\n")),
+            Err(LoadError::Parse { .. })
+        ));
+    }
+
+    #[test]
+    fn a_non_loopback_admin_needs_a_token_file_and_the_token_is_checked() {
+        let e = invalid(&format!("{MINIMAL}[admin]\nlisten = \"0.0.0.0:9090\"\n"));
+        assert_eq!(
+            (e.key.as_str(), e.value.as_str()),
+            ("admin.listen", "\"0.0.0.0:9090\"")
+        );
+        assert!(e.fix.contains("admin.token_file"), "{e}");
+        let dir = std::env::temp_dir().join(format!("sluice-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let short = dir.join("short");
+        std::fs::write(&short, "abc\n").expect("write");
+        let e = invalid(&format!(
+            "{MINIMAL}[admin]\nlisten = \"0.0.0.0:9090\"\ntoken_file = \"{}\"\n",
+            short.display()
+        ));
+        assert_eq!(e.key, "admin.token_file");
+        let e = invalid(&format!(
+            "{MINIMAL}[admin]\ntoken_file = \"{}\"\n",
+            dir.join("missing").display()
+        ));
+        assert!(e.fix.contains("cannot read it"), "{e}");
+        let good = dir.join("good");
+        std::fs::write(&good, "0123456789abcdef0123\n").expect("write");
+        let cfg = parse(&format!(
+            "{MINIMAL}[admin]\nlisten = \"0.0.0.0:9090\"\ntoken_file = \"{}\"\n",
+            good.display()
+        ))
+        .expect("valid");
+        let t = cfg.admin_token.expect("token");
+        assert!(t.matches(b"0123456789abcdef0123"));
+        assert!(!t.matches(b"0123456789abcdef012"));
+        assert!(!t.matches(b"0123456789abcdef01234"));
+        assert!(!t.matches(b""));
+        assert_eq!(format!("{t:?}"), "Secret(***)");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn minimal_file_gets_documented_defaults() {

@@ -27,6 +27,10 @@
 //!     so they close soon after its last request.
 //! - The new process sets its reservation to the old's claim; when the old process exits (or the
 //!   claim reaches zero), the new one has the whole cap.
+//! - With `[cluster]`, "the cap" is the instance's leased share: the old process reports it with
+//!   each claim (`name=claim:share`) and keeps renewing it until it exits; the new process
+//!   admits that share less the claim, and renews the lease once the old process is done (see
+//!   [`crate::cluster`]).
 //!
 //! If no old process connects within [`HANDOFF_TIMEOUT`], the new process releases the
 //! reservation and runs alone (for example, when upgrading from a version without hand-over).
@@ -70,6 +74,10 @@ fn receive(shared: Arc<Shared>, path: &Path) -> std::io::Result<()> {
     let release = move |shared: &Shared| {
         for i in 0..limits {
             shared.admission.set_reserved(BackendId(i), 0);
+        }
+        // The old process no longer renews the cluster lease: this one takes over.
+        if let Some(c) = &shared.cluster {
+            c.resume();
         }
     };
     let _ = std::fs::remove_file(path);
@@ -145,15 +153,23 @@ fn follow_claims(shared: &Shared, stream: UnixStream) {
     let names = shared.admission.backend_names();
     for line in BufReader::new(stream).lines() {
         let Ok(line) = line else { return };
-        // "name=claim name=claim ..."
+        // "name=claim name=claim ...", or with [cluster] "name=claim:share ...": the old
+        // process's share of the cluster lease, which it keeps renewing until it exits.
         for part in line.split_whitespace() {
-            let Some((name, claim)) = part.split_once('=') else {
+            let Some((name, value)) = part.split_once('=') else {
                 continue;
+            };
+            let (claim, share) = match value.split_once(':') {
+                Some((c, s)) => (c, s.parse::<u32>().ok()),
+                None => (value, None),
             };
             let (Some(i), Ok(claim)) = (names.iter().position(|n| n == name), claim.parse::<u32>())
             else {
                 continue;
             };
+            if let (Some(c), Some(share)) = (&shared.cluster, share) {
+                c.inherit(BackendId(i), share);
+            }
             shared.admission.set_reserved(BackendId(i), claim);
         }
     }
@@ -218,7 +234,10 @@ pub fn hand_over(shared: Arc<Shared>, path: PathBuf) {
                     let claim = capacity.max(shared.upstream.open(i)).min(*last);
                     *last = claim;
                     total += claim;
-                    line.push_str(&format!("{name}={claim} "));
+                    match shared.cluster.as_ref().and_then(|c| c.share(BackendId(i))) {
+                        Some(share) => line.push_str(&format!("{name}={claim}:{share} ")),
+                        None => line.push_str(&format!("{name}={claim} ")),
+                    }
                 }
                 line.push('\n');
                 if stream.write_all(line.as_bytes()).is_err() {
@@ -266,6 +285,11 @@ impl ShutdownSignalWatch for Signals {
         };
         tokio::select! {
             _ = quit.recv() => {
+                // From now on the cluster share only goes down, so the claims handed over
+                // stay upper bounds.
+                if let Some(c) = &self.shared.cluster {
+                    c.freeze();
+                }
                 hand_over(self.shared.clone(), socket_path(&self.upgrade_sock));
                 ShutdownSignal::GracefulUpgrade
             }

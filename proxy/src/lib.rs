@@ -4,7 +4,8 @@
 //! ([`service`]), the async admission adapter around the pure policy of `sluice-plugins`
 //! ([`admission`]), configuration ([`config`]), the command line ([`cli`]), the in-process
 //! runner used by the demo and the end-to-end tests ([`run`]), and `sluice calibrate`, which
-//! measures a backend's capacity ([`calibrate`]).
+//! measures a backend's capacity ([`calibrate`]). With `[cluster]`, several instances share each
+//! backend's cap through Redis leases ([`cluster`], over a minimal client, [`resp`]).
 
 #![forbid(unsafe_code)]
 
@@ -14,6 +15,7 @@ pub mod admission;
 pub mod body;
 pub mod calibrate;
 pub mod cli;
+pub mod cluster;
 pub mod compat;
 pub mod config;
 pub mod demo;
@@ -25,6 +27,7 @@ pub mod logging;
 pub mod metrics;
 pub mod reclaim;
 pub mod reload;
+pub mod resp;
 pub mod run;
 pub mod service;
 pub mod tls;

@@ -53,15 +53,30 @@ fn main() -> ExitCode {
     }
 }
 
-fn admin_post(args: &cli::AdminArgs, path: &str) -> ExitCode {
-    let addr = match args.addr() {
-        Ok(a) => a,
-        Err(e) => {
+/// The admin address and token for an admin command, or the exit code of a usage error.
+fn admin_target(
+    args: &cli::AdminArgs,
+) -> Result<(std::net::SocketAddr, Option<sluice::config::Secret>), ExitCode> {
+    match (args.addr(), args.token()) {
+        (Ok(a), Ok(t)) => Ok((a, t)),
+        (Err(e), _) | (_, Err(e)) => {
             eprintln!("sluice: {e}");
-            return ExitCode::from(EXIT_CONFIG as u8);
+            Err(ExitCode::from(EXIT_CONFIG as u8))
         }
+    }
+}
+
+fn admin_post(args: &cli::AdminArgs, path: &str) -> ExitCode {
+    let (addr, token) = match admin_target(args) {
+        Ok(t) => t,
+        Err(code) => return code,
     };
-    match sluice::admin::client::call(addr, "POST", path) {
+    match sluice::admin::client::call_with_token(
+        addr,
+        "POST",
+        path,
+        token.as_ref().map(|t| t.expose()),
+    ) {
         Ok((200, body)) => {
             print!("{body}");
             ExitCode::SUCCESS
@@ -78,14 +93,16 @@ fn admin_post(args: &cli::AdminArgs, path: &str) -> ExitCode {
 }
 
 fn status(args: &cli::AdminArgs) -> ExitCode {
-    let addr = match args.addr() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("sluice: {e}");
-            return ExitCode::from(EXIT_CONFIG as u8);
-        }
+    let (addr, token) = match admin_target(args) {
+        Ok(t) => t,
+        Err(code) => return code,
     };
-    let body = match sluice::admin::client::call(addr, "GET", "/status") {
+    let body = match sluice::admin::client::call_with_token(
+        addr,
+        "GET",
+        "/status",
+        token.as_ref().map(|t| t.expose()),
+    ) {
         Ok((200, body)) => body,
         Ok((code, body)) => {
             eprintln!("sluice: admin answered {code}: {}", body.trim());
@@ -133,6 +150,9 @@ fn status(args: &cli::AdminArgs) -> ExitCode {
                 }
             }
             println!("queue: {} waiting (max {})", st.queued, st.max_queue);
+            if let Some(c) = &st.cluster {
+                print!("{}", sluice::cli::describe_cluster_status(c));
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

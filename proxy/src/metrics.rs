@@ -96,6 +96,20 @@ pub struct Metrics {
     ghosts: IntCounterVec,
     ghost_duration: HistogramVec,
     pool_races: prometheus::IntCounter,
+    cluster: ClusterMetrics,
+}
+
+/// The `[cluster]` series (present once a cluster status was recorded).
+#[derive(Debug, Clone)]
+struct ClusterMetrics {
+    share: IntGaugeVec,
+    granted: IntGaugeVec,
+    lease_valid: IntGaugeVec,
+    learning: IntGaugeVec,
+    renewals: IntCounterVec,
+    failures: IntCounterVec,
+    rebalances: IntCounterVec,
+    peer_share: IntGaugeVec,
 }
 
 /// Why a client connection was refused at accept, for
@@ -310,7 +324,50 @@ impl Metrics {
             "Times health took a backend down (to=\"down\") or brought it back (to=\"up\").",
             &["backend", "to"],
         );
+        let cluster = ClusterMetrics {
+            share: gauge(
+                "sluice_cluster_share",
+                "Requests this instance may have in flight at a backend now ([cluster]): its leased share, or its safe share without a valid lease.",
+                &["backend"],
+            ),
+            granted: gauge(
+                "sluice_cluster_granted",
+                "The share Redis records for this instance (the last grant).",
+                &["backend"],
+            ),
+            lease_valid: gauge(
+                "sluice_cluster_lease_valid",
+                "1 while this instance's lease on a backend is provably valid, 0 on the safe share.",
+                &["backend"],
+            ),
+            learning: gauge(
+                "sluice_cluster_learning",
+                "1 while Redis's lease state was lost and every grant is at most a safe share.",
+                &["backend"],
+            ),
+            renewals: counter(
+                "sluice_cluster_renewals_total",
+                "Successful lease renewals.",
+                &["backend"],
+            ),
+            failures: counter(
+                "sluice_cluster_renewal_failures_total",
+                "Failed lease renewals (Redis unreachable, slow or erroring).",
+                &["backend"],
+            ),
+            rebalances: counter(
+                "sluice_cluster_rebalances_total",
+                "Grants that changed this instance's share, by direction (grow, shrink).",
+                &["backend", "direction"],
+            ),
+            peer_share: gauge(
+                "sluice_cluster_peer_share",
+                "Every instance's share as this instance's last renewal saw it in Redis.",
+                &["backend", "instance"],
+            ),
+        };
         Metrics {
+            cluster,
             registry,
             requests,
             queue_wait,
@@ -337,6 +394,41 @@ impl Metrics {
             ghosts,
             ghost_duration,
             pool_races,
+        }
+    }
+
+    /// Bring the `[cluster]` series to `status` (called at scrape time).
+    pub fn set_cluster(&self, status: &crate::cluster::ClusterStatus) {
+        let m = &self.cluster;
+        for b in &status.backends {
+            let l = [b.name.as_str()];
+            m.share.with_label_values(&l).set(i64::from(b.share));
+            m.granted
+                .with_label_values(&l)
+                .set(i64::from(b.granted.unwrap_or(0)));
+            m.lease_valid
+                .with_label_values(&l)
+                .set(i64::from(b.basis == "lease"));
+            m.learning.with_label_values(&l).set(i64::from(b.learning));
+            // The cluster counts; the counters catch up at each scrape.
+            let catch_up = |c: prometheus::IntCounter, total: u64| {
+                c.inc_by(total.saturating_sub(c.get()));
+            };
+            catch_up(m.renewals.with_label_values(&l), b.renewals);
+            catch_up(m.failures.with_label_values(&l), b.renewal_failures);
+            catch_up(
+                m.rebalances.with_label_values(&[b.name.as_str(), "grow"]),
+                b.grows,
+            );
+            catch_up(
+                m.rebalances.with_label_values(&[b.name.as_str(), "shrink"]),
+                b.shrinks,
+            );
+            for p in &b.peers {
+                m.peer_share
+                    .with_label_values(&[b.name.as_str(), p.id.as_str()])
+                    .set(i64::from(p.share));
+            }
         }
     }
 

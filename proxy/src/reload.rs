@@ -110,6 +110,9 @@ fn apply(shared: &Shared, old: &Config, new: &Config) -> ReloadReport {
     };
     needs("proxy.listen", old.listen != new.listen);
     needs("admin.listen", old.admin_listen != new.admin_listen);
+    needs("admin.token_file", old.admin_token != new.admin_token);
+    needs("admin.metrics_open", old.metrics_open != new.metrics_open);
+    needs("[cluster]", old.cluster != new.cluster);
     needs(
         "proxy.client_read_buffer_bytes",
         old.client_read_buffer_bytes != new.client_read_buffer_bytes,

@@ -103,7 +103,13 @@ pub fn build_server_from(
     });
     let metrics = Metrics::new();
     let upstream = crate::upstream_conns::UpstreamConns::default();
+    // Before any listener accepts: a fresh start admits nothing until its first grant.
+    let cluster = cfg
+        .cluster
+        .clone()
+        .map(|c| crate::cluster::Cluster::new(c, admission.clone(), !opt_upgrade));
     let shared = Arc::new(Shared {
+        cluster: cluster.clone(),
         admission: admission.clone(),
         settings: RwLock::new(Arc::new(Settings::new(cfg, upstream.dialed()))),
         body_budget: crate::body::BodyBudget::new(metrics.buffered_body_bytes()),
@@ -187,6 +193,14 @@ pub fn build_server_from(
         svc.threads = Some(1);
         server.add_service(svc);
     }
+    if let Some(cluster) = cluster {
+        let mut svc = GenBackgroundService::new(
+            "cluster leases".into(),
+            Arc::new(crate::cluster::ClusterService(cluster)),
+        );
+        svc.threads = Some(1);
+        server.add_service(svc);
+    }
     let mut hup =
         GenBackgroundService::new("reload".into(), Arc::new(SighupReload(shared.clone())));
     hup.threads = Some(1);
@@ -195,7 +209,11 @@ pub fn build_server_from(
     if let Some(admin) = cfg.admin_listen {
         let mut svc = Service::new(
             "admin".into(),
-            HttpServer::new_app(AdminApp::new(shared.clone())),
+            HttpServer::new_app(AdminApp::new(
+                shared.clone(),
+                cfg.admin_token.clone(),
+                cfg.metrics_open,
+            )),
         );
         svc.threads = Some(1);
         svc.add_tcp(&admin.to_string());

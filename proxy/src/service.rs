@@ -445,6 +445,8 @@ pub struct Shared {
     pub body_budget: Arc<crate::body::BodyBudget>,
     /// Backend connections held open, counted during an upgrade's hand-over.
     pub upstream: crate::upstream_conns::UpstreamConns,
+    /// The shared budget across instances (`[cluster]`), if configured.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl Shared {

@@ -48,6 +48,17 @@ fuzz_target!(|data: &[u8]| {
             assert!(!cfg.client_header_timeout.is_zero());
             assert!(!cfg.client_body_timeout.is_zero());
             assert!(cfg.server.threads >= 1);
+            if let Some(c) = &cfg.cluster {
+                // With Redis down every instance runs on its safe share at once.
+                for b in &cfg.backends {
+                    assert!(c.worst_case() <= u64::from(b.max_inflight));
+                }
+                assert!(c.instances >= 1 && !c.id.is_empty());
+                assert!(c.margin < c.lease_ttl);
+            }
+            if cfg.admin_listen.is_some_and(|a| !a.ip().is_loopback()) {
+                assert!(cfg.admin_token.is_some(), "an admin listener off loopback needs a token");
+            }
             let _ = sluice::cli::describe(&cfg);
         }
         Err(e) => {
