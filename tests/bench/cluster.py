@@ -30,10 +30,16 @@ CAP, WORKERS, SERVICE_MS, LOCKUP_ABOVE = 32, 32, 20, 64
 TERMINALS, RATE = 1000, 1200  # per proxy
 
 
-def emu_stats(addr, method="GET", path="/__emu/stats"):
-    req = urllib.request.Request(f"http://{addr}{path}", method=method, data=b"" if method == "POST" else None)
-    with urllib.request.urlopen(req, timeout=5) as r:
-        return json.loads(r.read() or b"{}")
+def emu_stats(addr):
+    """The emulator's counters."""
+    with urllib.request.urlopen(f"http://{addr}/__emu/stats", timeout=5) as r:
+        return json.loads(r.read())
+
+
+def emu_reset(addr):
+    """Zero the emulator's counters."""
+    req = urllib.request.Request(f"http://{addr}/__emu/reset", method="POST", data=b"")
+    urllib.request.urlopen(req, timeout=5).read()
 
 
 def sluice_pair(work, emu_addr, binary):
@@ -48,7 +54,7 @@ def sluice_pair(work, emu_addr, binary):
         with open(conf, "w") as f:
             f.write(f"""[proxy]
 listen = "127.0.0.1:{port}"
-request_timeout = "10s"
+request_timeout = "20s"
 [admission]
 max_inflight = {CAP}
 max_queue = 4000
@@ -125,7 +131,7 @@ def run(kind, args, run_no):
         for a in addrs:
             urllib.request.urlopen(f"http://{a}/warm", timeout=10).read()
         time.sleep(2)  # the leases' first renewal round (sluice) — a phase of the scenario
-        emu_stats(emu_addr, "POST", "/__emu/reset")
+        emu_reset(emu_addr)
         loads = []
         for i, a in enumerate(addrs):
             loads.append(start([os.path.join(args.bin, "terminals"), "--target", a, "--terminals", str(TERMINALS),
