@@ -151,14 +151,6 @@ pub struct Admission {
     timer_wakes: std::sync::atomic::AtomicU64,
 }
 
-/// What a call to the pool's `acquire` gave, and whether the timer must be woken for it.
-enum Admit {
-    Admitted(BackendId),
-    Rejected,
-    /// Queued; `true`: the waiter's turn may come by time alone before the timer would wake.
-    Queued(sluice_plugins::pool::Ticket, bool),
-}
-
 /// A backend's state as shown by status output.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BackendStatus {
@@ -300,28 +292,24 @@ impl Admission {
     ) -> Result<Permit, Shed> {
         let now = Instant::now();
         let (tx, rx) = oneshot::channel();
-        let acquired = {
+        let (acquired, wake_timer) = {
             let mut pool = self.pool();
             let acquired = if requeue {
                 pool.requeue(now.into_std(), deadline.into_std(), tx)
             } else {
                 pool.acquire(now.into_std(), deadline.into_std(), tx)
             };
-            match acquired {
-                Acquire::Queued(ticket) => {
-                    let wake = pool.next_wakeup(now.into_std()).is_some_and(|at| {
-                        self.nanos(at) < self.timer_until.load(Ordering::Acquire)
-                    });
-                    Admit::Queued(ticket, wake)
-                }
-                Acquire::Admitted(b) => Admit::Admitted(b),
-                Acquire::Rejected(_) => Admit::Rejected,
-            }
+            // Under the same lock as the timer's own `timer_until`.
+            let wake = matches!(acquired, Acquire::Queued(_))
+                && pool
+                    .next_wakeup(now.into_std())
+                    .is_some_and(|at| self.nanos(at) < self.timer_until.load(Ordering::Acquire));
+            (acquired, wake)
         };
-        let (ticket, wake_timer) = match acquired {
-            Admit::Admitted(backend) => return Ok(self.permit(backend, false)),
-            Admit::Rejected => return Err(Shed::QueueFull),
-            Admit::Queued(ticket, wake_timer) => (ticket, wake_timer),
+        let ticket = match acquired {
+            Acquire::Admitted(backend) => return Ok(self.permit(backend, false)),
+            Acquire::Rejected(_) => return Err(Shed::QueueFull),
+            Acquire::Queued(ticket) => ticket,
         };
         // The waiter may be admitted by time alone (a token, a ramp step) before the timer
         // would wake by itself: wake it.

@@ -8,7 +8,7 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::{emulator_and_proxy, eventually, raise_fd_limit};
+use common::{emulator_and_proxy, eventually, metric, raise_fd_limit};
 use sluice_tests::client::{Conn, Request};
 
 /// Each kind of backend fault: the client gets a 5xx (never another client's answer), the
@@ -402,14 +402,13 @@ async fn an_upstream_timeout_keeps_the_slot_while_the_backend_still_works() {
     .await;
 }
 
-/// The value of `name` with the label `end="{end}"`, whatever the backend label.
-fn ghosts(proxy: &sluice::RunningProxy, end: &str) -> u64 {
-    let text = proxy.shared().metrics.render(proxy.admission());
-    let label = format!("end=\"{end}\"");
-    text.lines()
-        .filter(|l| l.starts_with("sluice_ghost_requests_total{") && l.contains(&label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
+/// `sluice_ghost_requests_total` for the backend at `emu` and this end (0 before the first).
+fn ghosts(proxy: &sluice::RunningProxy, emu: &sluice_tests::emulator::Emulator, end: &str) -> u64 {
+    let sample = format!(
+        "sluice_ghost_requests_total{{backend=\"{}\",end=\"{end}\"}}",
+        emu.addr()
+    );
+    metric(proxy, &sample).unwrap_or(0)
 }
 
 /// After a `504` the slot is freed when the backend finishes the timed-out request (sluice
@@ -461,7 +460,7 @@ async fn after_a_504_the_slot_is_freed_when_the_backend_finishes_the_request() {
         assert_eq!(r.txn_id(), Some(next.as_str()));
         let stats = emu.stats();
         assert_eq!(stats.max_inside, 1, "{framing}: cap 1 held: {stats:?}");
-        assert_eq!(ghosts(&proxy, "answered"), i as u64 + 1, "{framing}");
+        assert_eq!(ghosts(&proxy, &emu, "answered"), i as u64 + 1, "{framing}");
         let seen = emu.seen();
         let conn_of = |txn: &str| {
             seen.iter()
@@ -479,8 +478,8 @@ async fn after_a_504_the_slot_is_freed_when_the_backend_finishes_the_request() {
             );
         }
     }
-    assert_eq!(ghosts(&proxy, "expired"), 0);
-    assert_eq!(ghosts(&proxy, "closed"), 0);
+    assert_eq!(ghosts(&proxy, &emu, "expired"), 0);
+    assert_eq!(ghosts(&proxy, &emu, "closed"), 0);
 }
 
 /// A backend that never answers a timed-out request: its slot is held for
@@ -508,7 +507,7 @@ async fn a_request_the_backend_never_answers_keeps_its_slot_for_the_hold() {
     })
     .await;
     eventually("counted as expired", Duration::from_secs(5), || {
-        ghosts(&proxy, "expired") == 1
+        ghosts(&proxy, &emu, "expired") == 1
     })
     .await;
     eventually("the connection is closed", Duration::from_secs(5), || {
