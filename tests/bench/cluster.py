@@ -15,31 +15,19 @@ lock-ups and the goodput. Needs redis-server and haproxy, and the release binari
 import argparse
 import json
 import os
-import signal
 import sys
 import tempfile
 import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from soak import free_port, start, stop, wait_line, wait_port  # noqa: E402
+from benchlib import (  # noqa: E402
+    emu_reset, emu_stats, free_port, haproxy_cfg, start, stop, stop_signal, wait_line, wait_port)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 CAP, WORKERS, SERVICE_MS, LOCKUP_ABOVE = 32, 32, 20, 64
 TERMINALS, RATE = 1000, 1200  # per proxy
-
-
-def emu_stats(addr):
-    """The emulator's counters."""
-    with urllib.request.urlopen(f"http://{addr}/__emu/stats", timeout=5) as r:
-        return json.loads(r.read())
-
-
-def emu_reset(addr):
-    """Zero the emulator's counters."""
-    req = urllib.request.Request(f"http://{addr}/__emu/reset", method="POST", data=b"")
-    urllib.request.urlopen(req, timeout=5).read()
 
 
 def sluice_pair(work, emu_addr, binary):
@@ -107,24 +95,7 @@ def haproxy_pair(work, emu_addr):
         port = free_port()
         conf = os.path.join(work, f"haproxy-{name}.cfg")
         with open(conf, "w") as f:
-            f.write(f"""global
-    maxconn 4000
-    nbthread 2
-defaults
-    mode http
-    maxconn 4000
-    option http-keep-alive
-    http-reuse always
-    timeout connect 2s
-    timeout client 60s
-    timeout server 60s
-    timeout queue 10s
-frontend terminals
-    bind 127.0.0.1:{port}
-    default_backend legacy
-backend legacy
-    server legacy {emu_addr} maxconn {CAP} maxqueue 4000
-""")
+            f.write(haproxy_cfg(port, emu_addr, CAP))
         p = start(["haproxy", "-db", "-f", conf], work, f"haproxy-{name}")
         wait_port(port, p)
         procs.append(p)
@@ -158,7 +129,7 @@ def run(kind, args, run_no):
         reports = [json.load(open(os.path.join(work, f"load-{i}.out"))) for i in range(len(addrs))]
     finally:
         for p in reversed(procs):
-            stop(p, signal.SIGINT if p.args[0].endswith("sluice") else signal.SIGTERM)
+            stop(p, stop_signal(p))
     ok = sum(r["ok"] for r in reports)
     sent = sum(r["sent"] for r in reports)
     elapsed = max(r["elapsed_ms"] for r in reports) / 1000

@@ -15,14 +15,13 @@ goodput and the failed transactions. Needs haproxy and the release binaries `slu
 import argparse
 import json
 import os
-import signal
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cluster import emu_stats  # noqa: E402
-from soak import free_port, start, stop, wait_line, wait_port  # noqa: E402
+from benchlib import (  # noqa: E402
+    emu_stats, free_port, haproxy_cfg, start, stop, stop_signal, wait_line, wait_port)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -43,27 +42,11 @@ def proxy(kind, work, emu_addr, binary):
     else:
         conf = os.path.join(work, "haproxy.cfg")
         with open(conf, "w") as f:
-            f.write(f"""global
-    maxconn 4000
-    nbthread 2
-defaults
-    mode http
-    maxconn 4000
-    option http-keep-alive
-    http-reuse always
-    timeout connect 2s
-    timeout client 60s
-    timeout server 60s
-    timeout queue 10s
-    default-server inter 1s fall 3 rise 2
-frontend terminals
-    bind 127.0.0.1:{port}
-    default_backend legacy
-backend legacy
-    option httpchk GET /
-    http-check expect rstatus ^[234]
-    server legacy {emu_addr} maxconn {CAP} maxqueue 4000 check slowstart 10s
-""")
+            f.write(haproxy_cfg(
+                port, emu_addr, CAP,
+                backend_options="    option httpchk GET /\n    http-check expect rstatus ^[234]\n"
+                                "    default-server inter 1s fall 3 rise 2\n",
+                server_options=" check slowstart 10s"))
         p = start(["haproxy", "-db", "-f", conf], work, kind)
     wait_port(port, p)
     return p, f"127.0.0.1:{port}"
@@ -88,7 +71,7 @@ def run(kind, args, run_no):
         report = json.load(open(os.path.join(work, "load.out")))
     finally:
         for q in reversed(procs):
-            stop(q, signal.SIGINT if q.args[0].endswith("sluice") else signal.SIGTERM)
+            stop(q, stop_signal(q))
     failed = report["sent"] - report["ok"]
     row = {"target": kind, "run": run_no, "lockups": stats["lockups"], "max_inside": stats["max_inside"],
            "ok": report["ok"], "sent": report["sent"], "failed": failed, "goodput": report["goodput"],

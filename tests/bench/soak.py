@@ -14,13 +14,12 @@ and `terminals` (`cargo build --release --locked`). Standard library only; Linux
 import argparse
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import emu_stats, free_port, start, stop, stop_signal, wait_line, wait_port  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -30,61 +29,6 @@ LOAD = 0.9
 SAMPLE_EVERY = 5.0
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-def start(argv, work, name, **kw):
-    out = open(os.path.join(work, f"{name}.out"), "w")
-    err = open(os.path.join(work, f"{name}.err"), "w")
-    return subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True, **kw)
-
-
-def stop(p, sig=signal.SIGTERM):
-    if p.poll() is None:
-        try:
-            os.killpg(p.pid, sig)
-            p.wait(timeout=15)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait(timeout=15)
-
-
-def wait_line(path, prefix, proc, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{path}: process exited")
-        try:
-            for line in open(path):
-                if line.startswith(prefix):
-                    return line[len(prefix):].strip()
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise SystemExit(f"{path}: no {prefix!r} line after {timeout}s")
-
-
-def wait_port(port, proc, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"process exited before listening on {port}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listening on {port} after {timeout}s")
-
-
 def proc_sample(pid):
     rss = 0
     with open(f"/proc/{pid}/status") as f:
@@ -92,11 +36,6 @@ def proc_sample(pid):
             if line.startswith("VmRSS:"):
                 rss = int(line.split()[1])
     return rss, len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def emu_stats(addr):
-    with urllib.request.urlopen(f"http://{addr}/__emu/stats", timeout=5) as r:
-        return json.loads(r.read())
 
 
 def svg(samples, path):
@@ -175,8 +114,7 @@ def main():
         final = emu_stats(emu_addr)
     finally:
         for p in reversed(procs):
-            # sluice (the second process) stops fast on SIGINT; SIGTERM would wait for its grace.
-            stop(p, signal.SIGINT if len(procs) > 1 and p is procs[1] else signal.SIGTERM)
+            stop(p, stop_signal(p))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     base = os.path.splitext(args.out)[0]
     with open(base + ".csv", "w") as f:

@@ -35,27 +35,20 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import free_port, haproxy_cfg, start, stop, stop_signal, wait_port  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 CAP = 32
 THREADS = 2
 TICK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def tree_cpu_seconds(root):
@@ -78,46 +71,6 @@ def tree_cpu_seconds(root):
         total += cpu.get(pid, 0.0)
         todo.extend(children.get(pid, []))
     return total
-
-
-class Proc:
-    """A process in its own session, stopped with its whole group."""
-
-    def __init__(self, argv, work, name, stdout=None):
-        self.name = name
-        self.err = open(os.path.join(work, f"{name}.err"), "w")
-        out = stdout or open(os.path.join(work, f"{name}.out"), "w")
-        self.p = subprocess.Popen(argv, stdout=out, stderr=self.err, stdin=subprocess.DEVNULL,
-                                  start_new_session=True)
-
-    @property
-    def pid(self):
-        return self.p.pid
-
-    def stop(self):
-        if self.p.poll() is None:
-            try:
-                os.killpg(self.p.pid, signal.SIGINT if self.name.startswith("sluice") else signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.p.pid, signal.SIGKILL)
-                self.p.wait(timeout=10)
-
-
-def wait_port(port, proc, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.p.poll() is not None:
-            raise SystemExit(f"{proc.name} exited before listening on {port}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"{proc.name} not listening on {port} after {timeout}s")
 
 
 def start_backend(work):
@@ -143,7 +96,7 @@ http {{
     }}
 }}
 """)
-    p = Proc(["nginx", "-p", d, "-e", f"{d}/logs/error.log", "-c", conf, "-g", "daemon off;"], work, "backend")
+    p = start(["nginx", "-p", d, "-e", f"{d}/logs/error.log", "-c", conf, "-g", "daemon off;"], work, "backend")
     wait_port(port, p)
     return p, f"127.0.0.1:{port}"
 
@@ -154,7 +107,7 @@ def start_target(kind, work, backend, binary_dir, run):
     os.makedirs(d, exist_ok=True)
     port = free_port()
     if kind == "bare-pingora":
-        p = Proc([os.path.join(binary_dir, "examples", "bare_pingora"), f"127.0.0.1:{port}", backend, str(THREADS)], work, name)
+        p = start([os.path.join(binary_dir, "examples", "bare_pingora"), f"127.0.0.1:{port}", backend, str(THREADS)], work, name)
     elif kind in ("sluice", "sluice-quiet", "sluice-lean"):
         conf = os.path.join(d, "sluice.toml")
         quiet = kind == "sluice-quiet"
@@ -184,31 +137,13 @@ check = "none"
 duration = "0s"
 """ if quiet else ""))
         # The defaults' access log goes to stdout: written to a file, as an operator would.
-        p = Proc([os.path.join(binary_dir, "sluice"), "run", "--config", conf], work, name,
+        p = start([os.path.join(binary_dir, "sluice"), "run", "--config", conf], work, name,
                  stdout=open(os.path.join(d, "access.log"), "w"))
     elif kind == "haproxy":
         conf = os.path.join(d, "haproxy.cfg")
         with open(conf, "w") as f:
-            f.write(f"""
-global
-    maxconn 4000
-    nbthread {THREADS}
-defaults
-    mode http
-    maxconn 4000
-    option http-keep-alive
-    http-reuse always
-    timeout connect 2s
-    timeout client 60s
-    timeout server 60s
-    timeout queue 10s
-frontend terminals
-    bind 127.0.0.1:{port}
-    default_backend hello
-backend hello
-    server hello {backend} maxconn {CAP} maxqueue 4000
-""")
-        p = Proc(["haproxy", "-db", "-f", conf], work, name)
+            f.write(haproxy_cfg(port, backend, CAP, THREADS))
+        p = start(["haproxy", "-db", "-f", conf], work, name)
     elif kind == "nginx":
         os.makedirs(os.path.join(d, "logs"), exist_ok=True)
         conf = os.path.join(d, "nginx.conf")
@@ -237,7 +172,7 @@ http {{
     }}
 }}
 """)
-        p = Proc(["nginx", "-p", d, "-e", f"{d}/logs/error.log", "-c", conf, "-g", "daemon off;"], work, name)
+        p = start(["nginx", "-p", d, "-e", f"{d}/logs/error.log", "-c", conf, "-g", "daemon off;"], work, name)
     else:
         raise SystemExit(f"unknown target {kind}")
     wait_port(port, p)
@@ -283,7 +218,7 @@ def measure(kind, work, backend, args, run):
         cpu = (tree_cpu_seconds(proc.pid) - cpu0) if proc else None
     finally:
         if proc:
-            proc.stop()
+            stop(proc, stop_signal(proc))
     ok = r["requests"] - r["non2xx"]
     r.update({
         "target": kind, "run": run, "wall_s": wall, "ok": ok, "ok_per_s": ok / args.seconds,
@@ -387,7 +322,7 @@ def main():
                 rows.append(r)
     finally:
         if backend:
-            backend.stop()
+            stop(backend)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         f.write(report(rows, args, params))
