@@ -249,6 +249,41 @@ start_emu() {
     [[ -n $EMU_ADDR ]] || die "emulator $name did not report its address"
 }
 
+# start_haproxy NAME DIR PORT BACKEND_ADDR [STATS_SOCKET]: HAProxy on 127.0.0.1:PORT with the same
+# static cap as sluice (server maxconn = MAX_INFLIGHT, a queue of MAX_QUEUE for QUEUE_TIMEOUT),
+# its configuration checked first; an operator-level stats socket if asked for. Sets BG_PID.
+start_haproxy() {
+    local name=$1 dir=$2 port=$3 backend=$4 stats=${5:-}
+    cat >"$dir/haproxy.cfg" <<EOF
+global
+    maxconn $HAPROXY_MAXCONN
+    nbthread $PROXY_THREADS
+$([[ -n $stats ]] && echo "    stats socket $stats mode 600 level operator" || true)
+
+defaults
+    mode http
+    maxconn $HAPROXY_MAXCONN
+    option http-keep-alive
+    http-reuse always
+    timeout connect 2s
+    timeout client 60s
+    timeout server 60s
+    timeout queue $QUEUE_TIMEOUT
+    timeout http-request 60s
+    timeout http-keep-alive 60s
+
+frontend terminals
+    bind 127.0.0.1:$port
+    default_backend legacy
+
+backend legacy
+    server legacy $backend maxconn $MAX_INFLIGHT maxqueue $MAX_QUEUE
+EOF
+    haproxy -c -q -f "$dir/haproxy.cfg" >"$WORK/$name.check" 2>&1 ||
+        { cat "$WORK/$name.check" >&2; die "haproxy config check failed"; }
+    start_bg "$name" haproxy -db -f "$dir/haproxy.cfg"
+}
+
 # start_proxy KIND NAME BACKEND_ADDR: fresh proxy on a free port. Sets PROXY_PID, PROXY_ADDR, PROXY_STOP_SIG.
 start_proxy() {
     local kind=$1 name=$2 backend=$3 port dir
@@ -292,33 +327,7 @@ EOF
         PROXY_STOP_SIG=INT # fast shutdown; SIGTERM would wait for the grace period
         ;;
     haproxy)
-        cat >"$dir/haproxy.cfg" <<EOF
-global
-    maxconn $HAPROXY_MAXCONN
-    nbthread $PROXY_THREADS
-
-defaults
-    mode http
-    maxconn $HAPROXY_MAXCONN
-    option http-keep-alive
-    http-reuse always
-    timeout connect 2s
-    timeout client 60s
-    timeout server 60s
-    timeout queue $QUEUE_TIMEOUT
-    timeout http-request 60s
-    timeout http-keep-alive 60s
-
-frontend terminals
-    bind 127.0.0.1:$port
-    default_backend legacy
-
-backend legacy
-    server legacy $backend maxconn $MAX_INFLIGHT maxqueue $MAX_QUEUE
-EOF
-        haproxy -c -q -f "$dir/haproxy.cfg" >"$WORK/$name.check" 2>&1 ||
-            { cat "$WORK/$name.check" >&2; die "haproxy config check failed"; }
-        start_bg "$name" haproxy -db -f "$dir/haproxy.cfg"
+        start_haproxy "$name" "$dir" "$port" "$backend"
         PROXY_STOP_SIG=TERM # hard stop
         ;;
     nginx)
@@ -726,34 +735,7 @@ EOF
         PROBE_WHERE=127.0.0.1:$aport
         ;;
     haproxy)
-        cat >"$dir/haproxy.cfg" <<EOF
-global
-    maxconn $HAPROXY_MAXCONN
-    nbthread $PROXY_THREADS
-    stats socket $dir/haproxy.sock mode 600 level operator
-
-defaults
-    mode http
-    maxconn $HAPROXY_MAXCONN
-    option http-keep-alive
-    http-reuse always
-    timeout connect 2s
-    timeout client 60s
-    timeout server 60s
-    timeout queue $QUEUE_TIMEOUT
-    timeout http-request 60s
-    timeout http-keep-alive 60s
-
-frontend terminals
-    bind 127.0.0.1:$port
-    default_backend legacy
-
-backend legacy
-    server legacy $backend maxconn $MAX_INFLIGHT maxqueue $MAX_QUEUE
-EOF
-        haproxy -c -q -f "$dir/haproxy.cfg" >"$WORK/$name.check" 2>&1 ||
-            { cat "$WORK/$name.check" >&2; die "haproxy config check failed"; }
-        start_bg "$name" haproxy -db -f "$dir/haproxy.cfg"
+        start_haproxy "$name" "$dir" "$port" "$backend" "$dir/haproxy.sock"
         PROXY_STOP_SIG=TERM
         PROBE_WHERE=$dir/haproxy.sock
         ;;
