@@ -19,6 +19,15 @@
 //! ghost closes with it. So no connection outlives pingora's use of it by more than the end of
 //! its request.
 //!
+//! The registry also keeps pingora's pool within the cap. pingora 0.9 can lose a pooled
+//! connection to a race with the connection's own idle poller
+//! ([pingora#998](https://github.com/cloudflare/pingora/issues/998)): the request that wanted
+//! it dials a new one while the lost one is still open, and the backend sees one connection
+//! more than requests in flight. So before dialing, [`Dialer`] waits (briefly, at most
+//! [`RELEASE_WAIT`]) while a connection to the same backend is open that no request holds:
+//! the lost connection closes within moments, or a request picks it out of the pool. Either
+//! way the new connection does not come on top of it.
+//!
 //! Backends reached over TLS are dialed by pingora: their late answer cannot be read without
 //! the TLS session, and their slots keep the fixed hold.
 
@@ -43,6 +52,11 @@ const MAX_HEAD: usize = 64 * 1024;
 /// A connection parked after a ghost answer is dropped after this long unused, at most.
 const MAX_PARKED_IDLE: Duration = Duration::from_secs(60);
 
+/// How long a dial waits, at most, for an open connection no request holds to close or be
+/// picked up (see the module docs). pingora drops a connection lost to its pool race within
+/// microseconds; the bound only matters if an idle connection is somehow never handed out.
+pub const RELEASE_WAIT: Duration = Duration::from_millis(50);
+
 /// The sockets sluice dialed and still holds a spare descriptor of, and the connections parked
 /// after a ghost answer. One per process.
 #[derive(Debug, Default)]
@@ -55,6 +69,10 @@ pub struct Conns {
     draining: std::sync::atomic::AtomicBool,
     /// Ids for parked connections.
     next_id: std::sync::atomic::AtomicU64,
+    /// Signalled when a request claims a connection or pingora drops one.
+    changed: tokio::sync::Notify,
+    /// Dials that waited [`RELEASE_WAIT`] in vain for a connection no request held.
+    waits_expired: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug)]
@@ -79,8 +97,11 @@ struct Conn {
 struct ConnState {
     /// The spare descriptor: `None` once closed or handed to a ghost watch.
     spare: Option<std::net::TcpStream>,
-    /// A request uses the connection now.
-    claimed: bool,
+    /// Requests holding the connection now. Usually one; two for a moment when the request
+    /// that released it to pingora's pool has not ended yet and the next one took it.
+    claims: u32,
+    /// A request has used the connection (a new one is not idle before its first request).
+    used: bool,
     /// pingora dropped its stream.
     dropped: bool,
 }
@@ -99,8 +120,51 @@ impl Conns {
     /// `connected_to_upstream`), if sluice dialed it.
     pub fn claim(&self, fd: RawFd) -> Option<Claim> {
         let conn = lock(&self.by_fd).get(&fd)?.clone();
-        lock(&conn.state).claimed = true;
+        {
+            let mut st = lock(&conn.state);
+            st.claims += 1;
+            st.used = true;
+        }
+        self.changed.notify_waiters();
         Some(Claim(conn))
+    }
+
+    /// An open connection to `addr` that no request holds: idle in pingora's pool, or lost to
+    /// its pool race and about to close.
+    fn unheld(&self, addr: SocketAddr) -> bool {
+        lock(&self.by_fd).values().any(|c| {
+            c.addr == addr && {
+                let st = lock(&c.state);
+                st.used && st.claims == 0 && !st.dropped
+            }
+        })
+    }
+
+    /// Wait until no open connection to `addr` is left unheld, for [`RELEASE_WAIT`] at most.
+    async fn wait_for_unheld(&self, addr: SocketAddr) {
+        let deadline = tokio::time::Instant::now() + RELEASE_WAIT;
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if !self.unheld(addr) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                self.waits_expired
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                log::debug!(
+                    "dialing {addr} although a connection no request holds is still open after {RELEASE_WAIT:?}"
+                );
+                return;
+            }
+        }
+    }
+
+    /// Dials that waited [`RELEASE_WAIT`] in vain for an unheld connection to close.
+    pub fn waits_expired(&self) -> u64 {
+        self.waits_expired
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Close every parked connection and park no more (the process is draining).
@@ -186,8 +250,8 @@ impl Claim {
 impl Drop for Claim {
     fn drop(&mut self) {
         let mut st = lock(&self.0.state);
-        st.claimed = false;
-        if st.dropped {
+        st.claims = st.claims.saturating_sub(1);
+        if st.dropped && st.claims == 0 {
             st.spare = None;
         }
     }
@@ -207,11 +271,14 @@ impl Tracing for OnDrop {
         // Called from the stream's drop, before its descriptor closes: the number cannot have
         // been reused yet.
         self.conns.forget(&self.conn);
-        let mut st = lock(&self.conn.state);
-        st.dropped = true;
-        if !st.claimed {
-            st.spare = None;
+        {
+            let mut st = lock(&self.conn.state);
+            st.dropped = true;
+            if st.claims == 0 {
+                st.spare = None;
+            }
         }
+        self.conns.changed.notify_waiters();
     }
 
     fn boxed_clone(&self) -> Box<dyn Tracing> {
@@ -258,6 +325,7 @@ impl L4Connect for Dialer {
         let PeerAddr::Inet(addr) = addr else {
             return Error::e_explain(ErrorType::ConnectError, "sluice dials TCP backends only");
         };
+        self.conns.wait_for_unheld(*addr).await;
         let (sock, recycled) = match self.conns.unpark(*addr) {
             Some(s) => (s, true),
             None => (self.dial(*addr).await?, false),
@@ -274,7 +342,8 @@ impl L4Connect for Dialer {
             recycled,
             state: Mutex::new(ConnState {
                 spare: Some(spare),
-                claimed: false,
+                claims: 0,
+                used: false,
                 dropped: false,
             }),
         });
@@ -796,6 +865,75 @@ mod tests {
             .expect("the close arrives")
             .expect("read");
         assert_eq!(n, 0, "closed");
+    }
+
+    /// The request that released a connection to pingora's pool may end after the next one
+    /// took it: the spare then survives for the second, whose request may still time out.
+    #[tokio::test]
+    async fn a_connection_taken_again_keeps_its_spare_for_the_later_request() {
+        let (l, addr) = backend().await;
+        let conns = Conns::new();
+        let dialer = Dialer::new(conns.clone(), Duration::from_secs(1));
+        let stream = dialer.connect(&PeerAddr::Inet(addr)).await.expect("dial");
+        let _server = l.accept().await.expect("accept");
+        let first = conns.claim(stream.as_raw_fd()).expect("registered");
+        let second = conns.claim(stream.as_raw_fd()).expect("registered");
+        drop(first);
+        drop(stream);
+        assert!(
+            second.orphan().is_some(),
+            "the later request can still read its late answer"
+        );
+    }
+
+    /// A dial waits while a connection to the same backend is open that no request holds (one
+    /// pingora lost to its pool race), and goes on the moment it closes.
+    #[tokio::test]
+    async fn a_dial_waits_for_an_unheld_connection_to_close() {
+        let (l, addr) = backend().await;
+        let conns = Conns::new();
+        let dialer = Dialer::new(conns.clone(), Duration::from_secs(1));
+        let lost = dialer.connect(&PeerAddr::Inet(addr)).await.expect("dial");
+        let _first = l.accept().await.expect("accept");
+        // Used by a request, which ended: the connection is idle, held by no request.
+        drop(conns.claim(lost.as_raw_fd()).expect("registered"));
+        let peer = PeerAddr::Inet(addr);
+        let next = dialer.connect(&peer);
+        tokio::pin!(next);
+        tokio::select! {
+            biased;
+            _ = &mut next => panic!("dialed on top of an unheld connection"),
+            () = std::future::ready(()) => {}
+        }
+        assert_eq!(conns.dialed(), 1, "nothing dialed yet");
+        drop(lost);
+        let stream = next.await.expect("dial");
+        let _second = l.accept().await.expect("accept");
+        assert_eq!(
+            conns.waits_expired(),
+            0,
+            "woken by the close, not the bound"
+        );
+        assert_eq!(conns.dialed(), 1);
+        // A connection a request holds is no reason to wait.
+        let _held = conns.claim(stream.as_raw_fd()).expect("registered");
+        let _third = dialer.connect(&PeerAddr::Inet(addr)).await.expect("dial");
+        assert_eq!(conns.waits_expired(), 0);
+        assert_eq!(conns.dialed(), 2);
+    }
+
+    /// An unheld connection that never closes delays a dial by [`RELEASE_WAIT`] at most.
+    #[tokio::test]
+    async fn an_unheld_connection_delays_a_dial_by_the_bound_at_most() {
+        let (l, addr) = backend().await;
+        let conns = Conns::new();
+        let dialer = Dialer::new(conns.clone(), Duration::from_secs(1));
+        let idle = dialer.connect(&PeerAddr::Inet(addr)).await.expect("dial");
+        let _first = l.accept().await.expect("accept");
+        drop(conns.claim(idle.as_raw_fd()).expect("registered"));
+        let _stream = dialer.connect(&PeerAddr::Inet(addr)).await.expect("dial");
+        assert_eq!(conns.waits_expired(), 1);
+        assert_eq!(conns.dialed(), 2);
     }
 
     #[tokio::test]

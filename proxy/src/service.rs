@@ -1106,6 +1106,9 @@ impl ProxyHttp for Sluice {
             if timed_out && !ctx.probe && !hold.is_zero() {
                 self.hold_timed_out(session, ctx, permit, hold);
             } else {
+                // The connection is no longer this request's before its slot goes to the
+                // next one, whose dial must see it as idle (see `ghost`).
+                ctx.conn = None;
                 limit = permit.release();
             }
         }
