@@ -11,7 +11,10 @@
 //! (`HttpServerOptions::force_custom` + `ProxyServiceBuilder::custom`): each request runs in a
 //! boxed future that is dropped as soon as the request is done, and between requests the
 //! connection waits in a small task of its own for one readable byte (peeked, not consumed),
-//! for at most the client keep-alive timeout. The requests themselves go
+//! for at most the client keep-alive timeout. After a second of that, the connection gives
+//! pingora's stream up and waits on a bare duplicate of its socket ([`crate::compat::take_socket`]),
+//! so an idle terminal costs its task and a socket registration, not pingora's stream and
+//! buffers; the next request gets a new pingora stream on the same socket. The requests themselves go
 //! through pingora's `process_new_http`, exactly as in pingora's own loop (persistent
 //! keep-alive settings included). This serves HTTP/1 (plain or over TLS); sluice offers no h2.
 //! A TLS stream cannot be peeked, so a kept-alive TLS connection waits for its next request
@@ -311,8 +314,10 @@ impl Drop for Counted {
 enum Next {
     /// A byte of the next request arrived.
     Request,
-    /// The client closed or idled out.
+    /// The client closed, or the stream failed.
     Done,
+    /// Nothing arrived in the time given.
+    Idle,
     /// The stream cannot be peeked (TLS): pingora's own header read waits for the request.
     Unpeekable,
 }
@@ -328,7 +333,75 @@ async fn wait_readable(stream: &mut Stream, idle: Duration) -> Next {
     match tokio::time::timeout(idle, stream.try_peek(&mut byte)).await {
         Ok(Ok(true)) => Next::Request,
         Ok(Ok(false)) => Next::Unpeekable,
-        _ => Next::Done,
+        Ok(Err(_)) => Next::Done,
+        Err(_) => Next::Idle,
+    }
+}
+
+/// A kept-alive connection idle this long gives pingora's stream up and waits for its next
+/// request as a bare socket (see [`wait_next`]). Long enough that a busy connection never
+/// pays for it; short beside the minutes a terminal's connection idles.
+const PARK_AFTER: Duration = Duration::from_secs(1);
+
+/// One in a gauge for as long as it lives.
+struct Gauged<'a>(&'a IntGauge);
+
+impl<'a> Gauged<'a> {
+    fn inc(g: &'a IntGauge) -> Self {
+        g.inc();
+        Gauged(g)
+    }
+}
+
+impl Drop for Gauged<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// What waiting for a kept-alive connection's next request gave.
+enum Waited {
+    /// A byte of it arrived, on this stream.
+    Request(Stream),
+    /// A TLS stream: pingora's own header read waits for the request.
+    Unpeekable(Stream),
+    /// The client closed, or idled out.
+    Done,
+}
+
+/// Wait for a kept-alive connection's next request, for `idle` at most.
+///
+/// pingora's stream is the bulk of an idle connection's memory (its boxed stream, buffers and
+/// socket digest, about 2.5 KiB), so after [`PARK_AFTER`] the connection waits on a duplicate
+/// of its socket instead ([`crate::compat::take_socket`]) and pingora's stream is dropped; a
+/// new one is built on the socket when the request arrives. A TLS stream, or a system that
+/// refuses the duplicate, waits on pingora's stream throughout.
+async fn wait_next(mut stream: Stream, idle: Duration, parked: &IntGauge) -> Waited {
+    let first = idle.min(PARK_AFTER);
+    match wait_readable(&mut stream, first).await {
+        Next::Request => return Waited::Request(stream),
+        Next::Unpeekable => return Waited::Unpeekable(stream),
+        Next::Done => return Waited::Done,
+        Next::Idle if first >= idle => return Waited::Done,
+        Next::Idle => {}
+    }
+    let rest = idle - first;
+    let Some(sock) = crate::compat::take_socket(&stream) else {
+        return match wait_readable(&mut stream, rest).await {
+            Next::Request => Waited::Request(stream),
+            Next::Unpeekable => Waited::Unpeekable(stream),
+            Next::Done | Next::Idle => Waited::Done,
+        };
+    };
+    drop(stream);
+    let Ok(sock) = tokio::net::TcpStream::from_std(sock) else {
+        return Waited::Done;
+    };
+    let _parked = Gauged::inc(parked);
+    let mut byte = [0u8; 1];
+    match tokio::time::timeout(rest, sock.peek(&mut byte)).await {
+        Ok(Ok(_)) => Waited::Request(crate::compat::stream_from_socket(sock)),
+        _ => Waited::Done,
     }
 }
 
@@ -487,22 +560,28 @@ async fn serve(
         let started = if crate::compat::has_pipelined_request(persistent.as_ref()) {
             Instant::now()
         } else {
-            match wait_readable(&mut stream, idle).await {
-                Next::Request if *shutdown.borrow() => {
+            match wait_next(stream, idle, shared.metrics.parked_connections()).await {
+                Waited::Request(s) if *shutdown.borrow() => {
                     let started = Instant::now();
                     let deadline = started + shared.settings().client_header_timeout;
                     // Boxed: its read buffer must not grow every idle connection's task.
-                    match Box::pin(buffer_header(stream, deadline)).await {
+                    match Box::pin(buffer_header(s, deadline)).await {
                         Some(s) => stream = s,
                         None => break,
                     }
                     started
                 }
-                Next::Request => Instant::now(),
-                Next::Done => break,
+                Waited::Request(s) => {
+                    stream = s;
+                    Instant::now()
+                }
+                Waited::Done => break,
                 // A TLS connection waits inside pingora's header read (bounded by the
                 // keep-alive timeout), so its header deadline starts after the longest idle wait.
-                Next::Unpeekable => Instant::now() + idle,
+                Waited::Unpeekable(s) => {
+                    stream = s;
+                    Instant::now() + idle
+                }
             }
         };
         let request = one(

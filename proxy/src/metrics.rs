@@ -88,6 +88,7 @@ pub struct Metrics {
     queue_depth: IntGauge,
     queue_max: IntGauge,
     client_connections: IntGauge,
+    parked_connections: IntGauge,
     buffered_body_bytes: IntGauge,
     connections_refused: IntCounterVec,
     client_timeouts: IntCounterVec,
@@ -277,6 +278,11 @@ impl Metrics {
             "Open client connections.",
         ));
         must(registry.register(Box::new(client_connections.clone())));
+        let parked_connections = must(IntGauge::new(
+            "sluice_client_connections_parked",
+            "Idle kept-alive client connections waiting for their next request as bare sockets.",
+        ));
+        must(registry.register(Box::new(parked_connections.clone())));
         let buffered_body_bytes = must(IntGauge::new(
             "sluice_buffered_body_bytes",
             "Request body bytes held by requests received before admission.",
@@ -386,6 +392,7 @@ impl Metrics {
             queue_depth,
             queue_max,
             client_connections,
+            parked_connections,
             buffered_body_bytes,
             connections_refused,
             client_timeouts,
@@ -451,6 +458,11 @@ impl Metrics {
     /// The open-client-connections gauge (a cheap handle to keep per connection).
     pub fn client_connections(&self) -> IntGauge {
         self.client_connections.clone()
+    }
+
+    /// The gauge of idle client connections waiting as bare sockets.
+    pub fn parked_connections(&self) -> &IntGauge {
+        &self.parked_connections
     }
 
     /// The buffered-request-body-bytes gauge.

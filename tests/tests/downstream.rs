@@ -490,3 +490,74 @@ async fn a_client_that_stops_reading_frees_its_slot_after_the_write_timeout() {
     assert_eq!(emu.stats().max_inside, 1);
     drop(stalled);
 }
+
+/// After a second idle, a kept-alive connection gives pingora's stream up and waits for its
+/// next request as a bare socket (`sluice_client_connections_parked`). Each parked connection
+/// is served on the same connection when its next request comes, with its own answer, and
+/// parks again afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_kept_alive_connections_park_and_are_served_on_the_same_connection() {
+    const N: usize = 40;
+    let (emu, proxy) =
+        emulator_and_proxy(Duration::from_millis(1), 8, 100, Duration::from_secs(5), "").await;
+    let parked = |proxy: &sluice::run::RunningProxy| {
+        metric(proxy, "sluice_client_connections_parked").unwrap_or(0)
+    };
+    let mut conns = Vec::new();
+    for i in 0..N {
+        let mut c = Conn::connect(proxy.addr()).await.expect("connect");
+        let r = c
+            .send(&Request::get("/pay").txn(format!("first-{i}")))
+            .await
+            .expect("first answer");
+        assert_eq!(r.status, 200);
+        assert!(r.keep_alive(), "kept alive");
+        conns.push(c);
+    }
+    eventually(
+        "every idle connection parks",
+        Duration::from_secs(10),
+        || parked(&proxy) == N as u64,
+    )
+    .await;
+    for round in ["second", "third"] {
+        for (i, c) in conns.iter_mut().enumerate() {
+            let txn = format!("{round}-{i}");
+            let r = c
+                .send(&Request::post("/pay", "amount=1").txn(&txn))
+                .await
+                .expect("served on the same connection");
+            assert_eq!(r.status, 200);
+            assert_eq!(r.txn_id(), Some(txn.as_str()), "its own answer");
+            assert!(r.keep_alive(), "still kept alive");
+        }
+        eventually(
+            "the connections park again",
+            Duration::from_secs(10),
+            || parked(&proxy) == N as u64,
+        )
+        .await;
+    }
+    let seen = emu.transactions();
+    assert_eq!(seen.len(), 3 * N, "each request reached the backend once");
+    for i in 0..N {
+        for round in ["first", "second", "third"] {
+            assert!(
+                seen.contains(&format!("{round}-{i}")),
+                "{round}-{i} reached the backend"
+            );
+        }
+    }
+    assert_eq!(
+        metric(&proxy, "sluice_client_connections"),
+        Some(N as u64),
+        "no connection was replaced"
+    );
+    drop(conns);
+    eventually(
+        "closed parked connections are forgotten",
+        Duration::from_secs(10),
+        || parked(&proxy) == 0,
+    )
+    .await;
+}
