@@ -339,8 +339,8 @@ async fn wait_readable(stream: &mut Stream, idle: Duration) -> Next {
 }
 
 /// A kept-alive connection idle this long gives pingora's stream up and waits for its next
-/// request as a bare socket (see [`wait_next`]). Long enough that a busy connection never
-/// pays for it; short beside the minutes a terminal's connection idles.
+/// request as a bare socket (see [`serve`]). Long enough that a busy connection never pays
+/// for it; short beside the minutes a terminal's connection idles.
 const PARK_AFTER: Duration = Duration::from_secs(1);
 
 /// One in a gauge for as long as it lives.
@@ -356,52 +356,6 @@ impl<'a> Gauged<'a> {
 impl Drop for Gauged<'_> {
     fn drop(&mut self) {
         self.0.dec();
-    }
-}
-
-/// What waiting for a kept-alive connection's next request gave.
-enum Waited {
-    /// A byte of it arrived, on this stream.
-    Request(Stream),
-    /// A TLS stream: pingora's own header read waits for the request.
-    Unpeekable(Stream),
-    /// The client closed, or idled out.
-    Done,
-}
-
-/// Wait for a kept-alive connection's next request, for `idle` at most.
-///
-/// pingora's stream is the bulk of an idle connection's memory (its boxed stream, buffers and
-/// socket digest, about 2.5 KiB), so after [`PARK_AFTER`] the connection waits on a duplicate
-/// of its socket instead ([`crate::compat::take_socket`]) and pingora's stream is dropped; a
-/// new one is built on the socket when the request arrives. A TLS stream, or a system that
-/// refuses the duplicate, waits on pingora's stream throughout.
-async fn wait_next(mut stream: Stream, idle: Duration, parked: &IntGauge) -> Waited {
-    let first = idle.min(PARK_AFTER);
-    match wait_readable(&mut stream, first).await {
-        Next::Request => return Waited::Request(stream),
-        Next::Unpeekable => return Waited::Unpeekable(stream),
-        Next::Done => return Waited::Done,
-        Next::Idle if first >= idle => return Waited::Done,
-        Next::Idle => {}
-    }
-    let rest = idle - first;
-    let Some(sock) = crate::compat::take_socket(&stream) else {
-        return match wait_readable(&mut stream, rest).await {
-            Next::Request => Waited::Request(stream),
-            Next::Unpeekable => Waited::Unpeekable(stream),
-            Next::Done | Next::Idle => Waited::Done,
-        };
-    };
-    drop(stream);
-    let Ok(sock) = tokio::net::TcpStream::from_std(sock) else {
-        return Waited::Done;
-    };
-    let _parked = Gauged::inc(parked);
-    let mut byte = [0u8; 1];
-    match tokio::time::timeout(rest, sock.peek(&mut byte)).await {
-        Ok(Ok(_)) => Waited::Request(crate::compat::stream_from_socket(sock)),
-        _ => Waited::Done,
     }
 }
 
@@ -523,78 +477,143 @@ async fn one(
     }
 }
 
-/// A connection's whole life. This future *is* an idle connection's task, and its size is set by
-/// the largest state among its await points: anything awaited inline here (not boxed) costs
-/// every kept-alive terminal its locals, so rare paths with buffers are boxed.
-async fn serve(
+/// What a client connection keeps for its whole life, besides its socket.
+struct Conn {
     proxy: Arc<Proxy>,
     shared: Arc<Shared>,
-    stream: Stream,
-    accepted: Instant,
     shutdown: ShutdownWatch,
-    counted: Counted,
-) {
-    let first = one(
-        proxy.clone(),
-        &shared,
-        stream,
-        None,
-        accepted,
-        shutdown.clone(),
-    );
-    let mut next = Box::pin(first).await;
-    loop {
-        let (stream, persistent) = match next {
-            Ended::KeepAlive(reused) => reused.consume(),
-            Ended::Closed => break,
-            Ended::HeaderTimeout(mut reclaim) => {
-                if let Ok(stream) = reclaim.try_recv() {
-                    // Boxed: its read buffer must not grow every idle connection's task.
-                    Box::pin(answer_and_close(stream, HEADER_TIMEOUT_ANSWER.as_bytes())).await;
-                }
+    /// Holds the connection's place under the connection caps until it is dropped.
+    _counted: Counted,
+}
+
+/// How a busy spell of a connection begins.
+enum Resume {
+    /// Just accepted, at this instant.
+    Accepted(Stream, Instant),
+    /// A request's first byte arrived on a parked connection; a new pingora stream on its
+    /// socket.
+    Unparked(Stream, Option<HttpPersistentSettings>),
+}
+
+/// How a busy spell of a connection ended.
+enum Spell {
+    /// Idle past [`PARK_AFTER`]: the bare socket, what pingora keeps from request to request,
+    /// and how much longer the connection may idle.
+    Parked(
+        tokio::net::TcpStream,
+        Option<HttpPersistentSettings>,
+        Duration,
+    ),
+    /// The connection is done.
+    Closed,
+}
+
+/// A connection's whole life, as a small task: its requests, and its first second of idle,
+/// run in a boxed future ([`busy`]) allocated only for that spell. A connection idle longer
+/// waits here on a bare duplicate of its socket ([`crate::compat::take_socket`]), pingora's
+/// stream dropped: an idle terminal costs this task, the socket's registration with the
+/// runtime and its idle timer, not pingora's stream and buffers (about 2.5 KiB more).
+///
+/// Written as a function returning an `async move` block so that its arguments are stored once
+/// in the task, not once as arguments and again as locals.
+#[allow(clippy::manual_async_fn)] // on purpose: see above
+fn serve(conn: Conn, stream: Stream, accepted: Instant) -> impl Future<Output = ()> + Send {
+    async move {
+        let mut resume = Resume::Accepted(stream, accepted);
+        while let Spell::Parked(sock, persistent, rest) = Box::pin(busy(&conn, resume)).await {
+            let ready = {
+                let _parked = Gauged::inc(conn.shared.metrics.parked_connections());
+                let mut byte = [0u8; 1];
+                matches!(
+                    tokio::time::timeout(rest, sock.peek(&mut byte)).await,
+                    Ok(Ok(_))
+                )
+            };
+            if !ready {
                 break;
             }
-        };
-        let mut stream = Reclaimable::unwrap(stream);
-        let idle = shared.settings().client_keepalive_timeout;
-        let started = if crate::compat::has_pipelined_request(persistent.as_ref()) {
-            Instant::now()
-        } else {
-            match wait_next(stream, idle, shared.metrics.parked_connections()).await {
-                Waited::Request(s) if *shutdown.borrow() => {
-                    let started = Instant::now();
-                    let deadline = started + shared.settings().client_header_timeout;
-                    // Boxed: its read buffer must not grow every idle connection's task.
-                    match Box::pin(buffer_header(s, deadline)).await {
-                        Some(s) => stream = s,
-                        None => break,
-                    }
-                    started
-                }
-                Waited::Request(s) => {
-                    stream = s;
-                    Instant::now()
-                }
-                Waited::Done => break,
-                // A TLS connection waits inside pingora's header read (bounded by the
-                // keep-alive timeout), so its header deadline starts after the longest idle wait.
-                Waited::Unpeekable(s) => {
-                    stream = s;
-                    Instant::now() + idle
-                }
-            }
-        };
+            resume = Resume::Unparked(crate::compat::stream_from_socket(sock), persistent);
+        }
+        drop(conn);
+    }
+}
+
+/// The first byte of a request arrived on `stream`: the stream to serve it on and the instant
+/// its header deadline counts from. During shutdown the header is buffered first (`None` if it
+/// never completes), so the answer can say `Connection: close` before anything is admitted.
+async fn arrived(conn: &Conn, stream: Stream) -> Option<(Stream, Instant)> {
+    let started = Instant::now();
+    if !*conn.shutdown.borrow() {
+        return Some((stream, started));
+    }
+    let deadline = started + conn.shared.settings().client_header_timeout;
+    // Boxed: its read buffer must not grow every idle connection's task.
+    Box::pin(buffer_header(stream, deadline))
+        .await
+        .map(|s| (s, started))
+}
+
+/// A connection's busy spell: its requests, one after another, until it closes or idles past
+/// [`PARK_AFTER`].
+async fn busy(conn: &Conn, resume: Resume) -> Spell {
+    let (mut stream, mut persistent, mut started) = match resume {
+        Resume::Accepted(stream, accepted) => (stream, None, accepted),
+        Resume::Unparked(stream, persistent) => match arrived(conn, stream).await {
+            Some((stream, started)) => (stream, persistent, started),
+            None => return Spell::Closed,
+        },
+    };
+    loop {
         let request = one(
-            proxy.clone(),
-            &shared,
+            conn.proxy.clone(),
+            &conn.shared,
             stream,
             persistent,
             started,
-            shutdown.clone(),
+            conn.shutdown.clone(),
         );
-        next = Box::pin(request).await;
+        let (s, p) = match Box::pin(request).await {
+            Ended::KeepAlive(reused) => reused.consume(),
+            Ended::Closed => return Spell::Closed,
+            Ended::HeaderTimeout(mut reclaim) => {
+                if let Ok(stream) = reclaim.try_recv() {
+                    // Boxed: its write must not grow every connection's spell.
+                    Box::pin(answer_and_close(stream, HEADER_TIMEOUT_ANSWER.as_bytes())).await;
+                }
+                return Spell::Closed;
+            }
+        };
+        stream = Reclaimable::unwrap(s);
+        persistent = p;
+        if crate::compat::has_pipelined_request(persistent.as_ref()) {
+            started = Instant::now();
+            continue;
+        }
+        let idle = conn.shared.settings().client_keepalive_timeout;
+        let first = idle.min(PARK_AFTER);
+        let mut next = wait_readable(&mut stream, first).await;
+        if matches!(next, Next::Idle) && first < idle {
+            if let Some(sock) = crate::compat::take_socket(&stream) {
+                drop(stream);
+                return match tokio::net::TcpStream::from_std(sock) {
+                    Ok(sock) => Spell::Parked(sock, persistent, idle - first),
+                    Err(_) => Spell::Closed,
+                };
+            }
+            // Not parkable (the kernel refused the duplicate): wait on pingora's stream.
+            next = wait_readable(&mut stream, idle - first).await;
+        }
+        (stream, started) = match next {
+            Next::Request => match arrived(conn, stream).await {
+                Some(arrived) => arrived,
+                None => return Spell::Closed,
+            },
+            Next::Done | Next::Idle => return Spell::Closed,
+            // A TLS connection waits inside pingora's header read (bounded by the keep-alive
+            // timeout), so its header deadline starts after the longest idle wait.
+            Next::Unpeekable => (stream, Instant::now() + idle),
+        };
     }
-    drop(counted);
 }
 
 /// Answer a connection over a cap with a 503 and close it.
@@ -666,14 +685,13 @@ pub fn handler(shared: Arc<Shared>) -> ProcessCustomSession<Sluice, ()> {
                 // Returning at once frees pingora's own connection task and future; the
                 // spawned task holds only what an idle connection needs.
                 Ok(counted) => {
-                    tokio::spawn(serve(
+                    let conn = Conn {
                         proxy,
-                        shared.clone(),
-                        stream,
-                        accepted,
-                        shutdown.clone(),
-                        counted,
-                    ));
+                        shared: shared.clone(),
+                        shutdown: shutdown.clone(),
+                        _counted: counted,
+                    };
+                    tokio::spawn(serve(conn, stream, accepted));
                 }
                 Err(reason) => {
                     shared.metrics.connection_refused(reason);
