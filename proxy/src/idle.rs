@@ -490,20 +490,33 @@ struct Conn {
 enum Resume {
     /// Just accepted, at this instant.
     Accepted(Stream, Instant),
-    /// A request's first byte arrived on a parked connection; a new pingora stream on its
-    /// socket.
-    Unparked(Stream, Option<HttpPersistentSettings>),
+    /// A request's first byte arrived on a parked connection.
+    Unparked(Parked),
+}
+
+/// A connection idle past [`PARK_AFTER`], pingora's stream dropped: a duplicate of the client
+/// socket, nothing more. What pingora keeps from one request to the next
+/// (`HttpPersistentSettings`) is not kept: a connection parks only without a pipelined
+/// request, sluice sets no per-connection reuse limit and no user context, and the keep-alive
+/// timeout and pipelining a new session gets in [`one`] are the same (from current settings).
+struct Parked {
+    sock: tokio::net::TcpStream,
+}
+
+impl Parked {
+    /// Wait for the next request's first byte, for `idle` at most: whether it came.
+    async fn wait(&self, idle: Duration) -> bool {
+        let mut byte = [0u8; 1];
+        let mut buf = tokio::io::ReadBuf::new(&mut byte);
+        let peek = std::future::poll_fn(|cx| self.sock.poll_peek(cx, &mut buf));
+        matches!(tokio::time::timeout(idle, peek).await, Ok(Ok(_)))
+    }
 }
 
 /// How a busy spell of a connection ended.
 enum Spell {
-    /// Idle past [`PARK_AFTER`]: the bare socket, what pingora keeps from request to request,
-    /// and how much longer the connection may idle.
-    Parked(
-        tokio::net::TcpStream,
-        Option<HttpPersistentSettings>,
-        Duration,
-    ),
+    /// Parked, and how much longer it may idle.
+    Parked(Parked, Duration),
     /// The connection is done.
     Closed,
 }
@@ -520,19 +533,20 @@ enum Spell {
 fn serve(conn: Conn, stream: Stream, accepted: Instant) -> impl Future<Output = ()> + Send {
     async move {
         let mut resume = Resume::Accepted(stream, accepted);
-        while let Spell::Parked(sock, persistent, rest) = Box::pin(busy(&conn, resume)).await {
+        loop {
+            // A statement of its own: the spell's box is freed here, not kept while parked.
+            let (parked, idle) = match Box::pin(busy(&conn, resume)).await {
+                Spell::Parked(parked, idle) => (parked, idle),
+                Spell::Closed => break,
+            };
             let ready = {
                 let _parked = Gauged::inc(conn.shared.metrics.parked_connections());
-                let mut byte = [0u8; 1];
-                matches!(
-                    tokio::time::timeout(rest, sock.peek(&mut byte)).await,
-                    Ok(Ok(_))
-                )
+                parked.wait(idle).await
             };
             if !ready {
                 break;
             }
-            resume = Resume::Unparked(crate::compat::stream_from_socket(sock), persistent);
+            resume = Resume::Unparked(parked);
         }
         drop(conn);
     }
@@ -558,10 +572,13 @@ async fn arrived(conn: &Conn, stream: Stream) -> Option<(Stream, Instant)> {
 async fn busy(conn: &Conn, resume: Resume) -> Spell {
     let (mut stream, mut persistent, mut started) = match resume {
         Resume::Accepted(stream, accepted) => (stream, None, accepted),
-        Resume::Unparked(stream, persistent) => match arrived(conn, stream).await {
-            Some((stream, started)) => (stream, persistent, started),
-            None => return Spell::Closed,
-        },
+        Resume::Unparked(Parked { sock }) => {
+            let stream = crate::compat::stream_from_socket(sock);
+            match arrived(conn, stream).await {
+                Some((stream, started)) => (stream, None, started),
+                None => return Spell::Closed,
+            }
+        }
     };
     loop {
         let request = one(
@@ -596,7 +613,7 @@ async fn busy(conn: &Conn, resume: Resume) -> Spell {
             if let Some(sock) = crate::compat::take_socket(&stream) {
                 drop(stream);
                 return match tokio::net::TcpStream::from_std(sock) {
-                    Ok(sock) => Spell::Parked(sock, persistent, idle - first),
+                    Ok(sock) => Spell::Parked(Parked { sock }, idle - first),
                     Err(_) => Spell::Closed,
                 };
             }
