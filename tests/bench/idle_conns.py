@@ -15,6 +15,8 @@ and then holds the connections until a line (or EOF) arrives on stdin, SIGTERM/S
 
     done held=<still open> closed_by_peer=<closed while holding>
 
+With --tls, the connections are TLS (the proxy's certificate is not verified).
+
 Standard library only. Exit status 0 if all N connections got a response, 1 otherwise.
 """
 
@@ -23,6 +25,7 @@ import asyncio
 import json
 import resource
 import signal
+import ssl
 import sys
 
 
@@ -34,9 +37,10 @@ def raise_nofile(n):
         resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
 
 
-async def one(i, host, port, timeout, sem, conns, statuses):
+async def one(i, host, port, timeout, sem, conns, statuses, tls):
     async with sem:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=tls), timeout)
         req = (
             f"GET /pay?txn=idle-{i} HTTP/1.1\r\n"
             f"Host: {host}:{port}\r\n"
@@ -78,14 +82,21 @@ async def main():
     ap.add_argument("--timeout", type=float, default=15.0, help="per connect/read, seconds")
     ap.add_argument("--hold-max", type=float, default=300.0, help="longest hold, seconds")
     ap.add_argument("--no-hold", action="store_true", help="close at once once ready")
+    ap.add_argument("--tls", action="store_true", help="TLS, without verifying the proxy")
     args = ap.parse_args()
+    tls = None
+    if args.tls:
+        tls = ssl.create_default_context()
+        tls.check_hostname = False
+        tls.verify_mode = ssl.CERT_NONE
     host, _, port = args.target.rpartition(":")
     raise_nofile(args.n)
 
     conns, statuses = [], {}
     sem = asyncio.Semaphore(args.concurrency)
     results = await asyncio.gather(
-        *(one(i, host, int(port), args.timeout, sem, conns, statuses) for i in range(args.n)),
+        *(one(i, host, int(port), args.timeout, sem, conns, statuses, tls)
+          for i in range(args.n)),
         return_exceptions=True,
     )
     failures = [r for r in results if isinstance(r, BaseException)]

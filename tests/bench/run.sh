@@ -454,7 +454,7 @@ wait_rss_stable() {
 }
 
 run_memory() {
-    local run=$1 kind=$2 tag=r$1-mem-$2 n=$BENCH_IDLE_CONNS before after idle_pid i ready=
+    local run=$1 kind=$2 tag=r$1-mem-$2 n=$BENCH_IDLE_CONNS before after settled warm idle_pid idle2_pid i ready= ready2=
     log "run $run: memory per idle client connection, $kind, $n connections"
     start_emu "emu-$tag"
     start_proxy "$kind" "$tag" "$EMU_ADDR"
@@ -474,17 +474,38 @@ run_memory() {
     done
     [[ -n $ready ]] || die "idle connections through $kind never got ready: $(cat "$WORK/idle-$tag.err")"
     after=$(wait_rss_stable "$PROXY_PID")
+    # The same again in the now warm process: N more idle connections, opened once the first N
+    # have idled past sluice's park delay (1 s). This is the steady-state cost of one more idle
+    # terminal; the first figure also holds what the allocator kept from the connections' busy
+    # first second.
+    sleep 3
+    settled=$(wait_rss_stable "$PROXY_PID")
+    start_bg "idle2-$tag" python3 "$BENCH_DIR/idle_conns.py" --target "$PROXY_ADDR" -n "$n" \
+        --concurrency 16 --hold-max 300
+    idle2_pid=$BG_PID
+    ready2=
+    for ((i = 0; i < 2400; i++)); do # 120 s
+        ready2=$(grep '^ready' "$WORK/idle2-$tag.out" 2>/dev/null || true)
+        [[ -n $ready2 ]] && break
+        alive "$idle2_pid" || break
+        sleep 0.05
+    done
+    [[ -n $ready2 ]] || die "the second idle batch through $kind never got ready: $(cat "$WORK/idle2-$tag.err")"
+    sleep 3
+    warm=$(wait_rss_stable "$PROXY_PID")
+    stop_pid "$idle2_pid" TERM 30
     stop_pid "$idle_pid" TERM 30
     python3 - "$kind" "$n" "$ready" "$(grep '^done' "$WORK/idle-$tag.out" || true)" "$before" "$after" \
-        >"$RES/$tag.json" <<'EOF2'
+        "$settled" "$warm" "$ready2" >"$RES/$tag.json" <<'EOF2'
 import json, sys
-kind, n, ready, done, before, after = sys.argv[1:7]
+kind, n, ready, done, before, after, settled, warm, ready2 = sys.argv[1:10]
 print(json.dumps({"kind": kind, "n": int(n), "ready": ready, "done": done,
-                  "before": json.loads(before), "after": json.loads(after)}))
+                  "before": json.loads(before), "after": json.loads(after),
+                  "settled": json.loads(settled), "warm": json.loads(warm), "ready2": ready2}))
 EOF2
     stop_pid "$PROXY_PID" "$PROXY_STOP_SIG"
     stop_pid "$EMU_PID" INT
-    python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print("    %s; RSS %d -> %d KiB = %.1f KiB/conn" % (d["ready"], d["before"]["rss_kib"], d["after"]["rss_kib"], (d["after"]["rss_kib"]-d["before"]["rss_kib"])/d["n"]))' "$RES/$tag.json" >&2
+    python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print("    %s; RSS %d -> %d KiB = %.2f KiB/conn; next %d: %d -> %d KiB = %.2f KiB/conn" % (d["ready"], d["before"]["rss_kib"], d["after"]["rss_kib"], (d["after"]["rss_kib"]-d["before"]["rss_kib"])/d["n"], d["n"], d["settled"]["rss_kib"], d["warm"]["rss_kib"], (d["warm"]["rss_kib"]-d["settled"]["rss_kib"])/d["n"]))' "$RES/$tag.json" >&2
 }
 
 # ---------------------------------------------------------------- restart scenario
