@@ -4,6 +4,7 @@
     python3 tests/bench/throughput.py [--runs 3] [--seconds 10] [--connections 64]
                                       [--targets "direct bare-pingora sluice sluice-quiet haproxy nginx"]
                                       [--out tests/bench/results/throughput.md] [--bin target/release]
+                                      [--baseline DIR]
 
 A tiny nginx "hello" server is the backend (so the proxy, not the backend, is what is measured).
 `wrk -t1 -cN` drives each target in turn, a fresh process per target and run, the order rotated
@@ -19,6 +20,8 @@ Targets:
   sluice        sluice with the defaults a new user gets (access log on, to a file; health
                 checks; the latency ramp), cap 32
   sluice-quiet  the tuned variant: access log off, health checks off, no ramp
+  sluice-baseline  sluice's defaults, run from the binary in --baseline DIR (an earlier build, e.g.
+                of the previous release): before and after in the same run
   sluice-lean   the defaults without a client write buffer (proxy.client_write_buffer_bytes = 0):
                 1.4 KiB less per idle client connection, one more send per response
   haproxy       HAProxy, server maxconn 32, http-reuse always, 2 threads
@@ -101,14 +104,14 @@ http {{
     return p, f"127.0.0.1:{port}"
 
 
-def start_target(kind, work, backend, binary_dir, run):
+def start_target(kind, work, backend, binary_dir, run, baseline_dir=None):
     name = f"{kind}-r{run}"
     d = os.path.join(work, name)
     os.makedirs(d, exist_ok=True)
     port = free_port()
     if kind == "bare-pingora":
         p = start([os.path.join(binary_dir, "examples", "bare_pingora"), f"127.0.0.1:{port}", backend, str(THREADS)], work, name)
-    elif kind in ("sluice", "sluice-quiet", "sluice-lean"):
+    elif kind in ("sluice", "sluice-quiet", "sluice-lean", "sluice-baseline"):
         conf = os.path.join(d, "sluice.toml")
         quiet = kind == "sluice-quiet"
         lean = "client_write_buffer_bytes = 0" if kind == "sluice-lean" else ""
@@ -137,7 +140,8 @@ check = "none"
 duration = "0s"
 """ if quiet else ""))
         # The defaults' access log goes to stdout: written to a file, as an operator would.
-        p = start([os.path.join(binary_dir, "sluice"), "run", "--config", conf], work, name,
+        sluice = os.path.join(baseline_dir if kind == "sluice-baseline" else binary_dir, "sluice")
+        p = start([sluice, "run", "--config", conf], work, name,
                  stdout=open(os.path.join(d, "access.log"), "w"))
     elif kind == "haproxy":
         conf = os.path.join(d, "haproxy.cfg")
@@ -208,7 +212,7 @@ def measure(kind, work, backend, args, run):
     if kind == "direct":
         proc, addr = None, backend
     else:
-        proc, addr = start_target(kind, work, backend, args.bin, run)
+        proc, addr = start_target(kind, work, backend, args.bin, run, args.baseline)
     try:
         wrk(addr, 2, args.connections)  # warm-up: pools filled, ramps done, caches hot
         cpu0 = tree_cpu_seconds(proc.pid) if proc else 0.0
@@ -274,6 +278,10 @@ def report(rows, args, params):
             f"| {fmt(ratio(t, 'bare-pingora', 'ok_per_s'), '.2f')} | {fmt(ratio(t, 'haproxy', 'ok_per_s'), '.2f')} "
             f"| {fmt(ratio(t, 'haproxy', 'cpu_us_per_req'), '.2f')} |"
         )
+    if "sluice-baseline" in targets and "sluice" in targets:
+        lines += ["", f"Before and after, same runs: sluice ÷ sluice-baseline ({args.baseline}) = "
+                  f"{fmt(ratio('sluice', 'sluice-baseline', 'ok_per_s'), '.2f')} × the requests/s, "
+                  f"{fmt(ratio('sluice', 'sluice-baseline', 'cpu_us_per_req'), '.2f')} × the CPU per request."]
     lines += ["", "Per run:", "", "| run | target | ok req/s | CPU µs/req | p50 ms |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['run']} | {r['target']} | {r['ok_per_s']:,.0f} | {fmt(r['cpu_us_per_req'], '.1f')} | {fmt(r['p50_ms'], '.2f')} |")
@@ -288,7 +296,11 @@ def main():
     ap.add_argument("--targets", default="direct bare-pingora sluice sluice-quiet sluice-lean haproxy nginx")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "throughput.md"))
     ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release"))
+    ap.add_argument("--baseline", help="directory holding an earlier sluice binary (target sluice-baseline)")
     args = ap.parse_args()
+    if "sluice-baseline" in args.targets.split() and not (
+            args.baseline and os.path.exists(os.path.join(args.baseline, "sluice"))):
+        raise SystemExit("throughput.py: target sluice-baseline needs --baseline DIR with a sluice binary in it")
     for tool in ("wrk", "nginx", "haproxy"):
         if not shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin"):
             raise SystemExit(f"throughput.py: {tool} is missing (apt-get install -y wrk nginx-light haproxy)")
