@@ -508,7 +508,9 @@ async fn one(
         // Returning drops the request's future, which sends the stream back.
         return Ended::HeaderTimeout(reclaim);
     };
-    deadline.as_mut().reset(header_read + settings.request_timeout);
+    deadline
+        .as_mut()
+        .reset(header_read + settings.request_timeout);
     tokio::select! {
         biased;
         r = &mut exchange => ended(r),
