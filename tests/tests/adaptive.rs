@@ -109,9 +109,11 @@ fn load(target: std::net::SocketAddr, terminals: usize, for_: Duration) -> LoadC
     }
 }
 
-/// A warm backend (32 workers × 20 ms, 1,600/s) under steady load above its capacity (64
+/// A warm backend (32 workers × 60 ms, 533/s) under steady load above its capacity (64
 /// closed-loop terminals) through sluice with a cap of 32 and the adaptive limit on. Its
-/// service time then doubles for 10 s, and recovers.
+/// service time then doubles for 10 s, and recovers. (60 ms, not 20: at 1,600 requests/s a
+/// debug build on two shared cores is itself the bottleneck, and the latency it adds is read
+/// as the backend's: the limit then stayed below the cap after the recovery.)
 ///
 /// What is measured, and why: the emulator records, per answered request, how long it was
 /// inside the backend (head read to answer ready) and how long of that it waited for a worker.
@@ -121,8 +123,8 @@ fn load(target: std::net::SocketAddr, terminals: usize, for_: Duration) -> LoadC
 /// than 2 × the baseline service time, so the claim is that sluice adds no queueing inside
 /// the backend on top of it: the p99 time inside during the slowdown stays within 2 × the
 /// baseline (the warm phase's median time inside) plus 10 ms of timer and scheduling slack
-/// (measured: 42-45 ms against 2 × 21 ms on a shared, busy 2-core machine; a 40 ms timer
-/// overshoots a little more than a 20 ms one at the p99), and the p99 wait for a worker,
+/// (a 120 ms timer overshoots a little more than a 60 ms one at the p99), and the p99 wait
+/// for a worker,
 /// which is the queueing itself, stays under 5 ms.
 ///
 /// Asserted: the effective limit drops below the cap during the slowdown; the p99 above;
@@ -135,7 +137,7 @@ async fn a_backend_that_slows_down_gets_a_lower_limit_and_then_its_cap_back() {
     raise_fd_limit();
     let emu = Emulator::start(EmulatorConfig {
         workers: 32,
-        service_time: Duration::from_millis(20),
+        service_time: Duration::from_millis(60),
         ..EmulatorConfig::default()
     })
     .await
@@ -171,9 +173,9 @@ async fn a_backend_that_slows_down_gets_a_lower_limit_and_then_its_cap_back() {
     // time. These sleeps are the scenario's phases, not waits for a condition.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let slow_from = Instant::now();
-    emu.set_service_time(Duration::from_millis(40));
+    emu.set_service_time(Duration::from_millis(120));
     tokio::time::sleep(Duration::from_secs(10)).await;
-    emu.set_service_time(Duration::from_millis(20));
+    emu.set_service_time(Duration::from_millis(60));
     let recovered = Instant::now();
     eventually(
         "the limit is back at the cap within 10 s of the recovery",
@@ -235,11 +237,7 @@ async fn a_backend_that_slows_down_gets_a_lower_limit_and_then_its_cap_back() {
         back_after.as_secs_f64(),
     );
 
-    assert!(
-        base.len() > 1000,
-        "too few baseline answers: {}",
-        base.len()
-    );
+    assert!(base.len() > 500, "too few baseline answers: {}", base.len());
     assert!(
         slow_inside.len() > 100,
         "too few answers during the slowdown: {}",
