@@ -769,6 +769,14 @@ mod tests {
         (l, a)
     }
 
+    /// A backend, a fresh registry, and a dialer registering in it.
+    async fn dialer() -> (tokio::net::TcpListener, SocketAddr, Arc<Conns>, Dialer) {
+        let (l, addr) = backend().await;
+        let conns = Conns::new();
+        let dialer = Dialer::new(conns.clone(), Duration::from_secs(1));
+        (l, addr, conns, dialer)
+    }
+
     fn ghost(until: Duration) -> Ghost {
         Ghost {
             head: false,
@@ -840,9 +848,7 @@ mod tests {
     /// close at once.
     #[tokio::test]
     async fn an_unclaimed_connection_closes_with_pingoras_stream() {
-        let (l, addr) = backend().await;
-        let conns = Conns::new();
-        let dialer = Dialer::new(conns.clone(), Duration::from_secs(1));
+        let (l, addr, conns, dialer) = dialer().await;
         let stream = dialer.connect(&PeerAddr::Inet(addr)).await.expect("dial");
         let (mut server, _) = l.accept().await.expect("accept");
         assert_eq!(conns.dialed(), 1);
@@ -871,9 +877,7 @@ mod tests {
     /// took it: the spare then survives for the second, whose request may still time out.
     #[tokio::test]
     async fn a_connection_taken_again_keeps_its_spare_for_the_later_request() {
-        let (l, addr) = backend().await;
-        let conns = Conns::new();
-        let dialer = Dialer::new(conns.clone(), Duration::from_secs(1));
+        let (l, addr, conns, dialer) = dialer().await;
         let stream = dialer.connect(&PeerAddr::Inet(addr)).await.expect("dial");
         let _server = l.accept().await.expect("accept");
         let first = conns.claim(stream.as_raw_fd()).expect("registered");
@@ -890,9 +894,7 @@ mod tests {
     /// pingora lost to its pool race), and goes on the moment it closes.
     #[tokio::test]
     async fn a_dial_waits_for_an_unheld_connection_to_close() {
-        let (l, addr) = backend().await;
-        let conns = Conns::new();
-        let dialer = Dialer::new(conns.clone(), Duration::from_secs(1));
+        let (l, addr, conns, dialer) = dialer().await;
         let lost = dialer.connect(&PeerAddr::Inet(addr)).await.expect("dial");
         let _first = l.accept().await.expect("accept");
         // Used by a request, which ended: the connection is idle, held by no request.
@@ -925,9 +927,7 @@ mod tests {
     /// An unheld connection that never closes delays a dial by [`RELEASE_WAIT`] at most.
     #[tokio::test]
     async fn an_unheld_connection_delays_a_dial_by_the_bound_at_most() {
-        let (l, addr) = backend().await;
-        let conns = Conns::new();
-        let dialer = Dialer::new(conns.clone(), Duration::from_secs(1));
+        let (l, addr, conns, dialer) = dialer().await;
         let idle = dialer.connect(&PeerAddr::Inet(addr)).await.expect("dial");
         let _first = l.accept().await.expect("accept");
         drop(conns.claim(idle.as_raw_fd()).expect("registered"));

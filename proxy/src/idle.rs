@@ -344,37 +344,22 @@ async fn wait_readable(stream: &mut Stream, idle: Duration) -> Next {
 }
 
 /// Wait for a kept-alive connection's next request, for `idle` at most. On a plain TCP stream
-/// its first bytes are read (and put back into the stream for the request) rather than peeked:
-/// one system call per request instead of two. The stream is `None` only if it could not be
-/// recovered (not expected: its type is checked first).
+/// its first bytes are read ahead (and put back into the stream for the request) rather than
+/// peeked: one system call per request instead of two. The read ahead ends as soon as anything
+/// came, so a timeout means nothing was read and the stream is whole. The stream is `None`
+/// only if it could not be recovered (not expected: its type is checked first).
 async fn wait_request(stream: Stream, idle: Duration) -> (Option<Stream>, Next) {
-    if !stream.as_any().is::<L4Stream>() {
-        let mut stream = stream;
-        let next = wait_readable(&mut stream, idle).await;
-        return (Some(stream), next);
+    let deadline = Instant::now() + idle;
+    match read_ahead(stream, deadline, READ_AHEAD_CHUNK, |b| !b.is_empty()).await {
+        ReadAhead::Done(stream, _) | ReadAhead::Full(stream) => (Some(stream), Next::Request),
+        ReadAhead::Closed(stream) => (Some(stream), Next::Done),
+        ReadAhead::TimedOut(stream) => (Some(stream), Next::Idle),
+        ReadAhead::Unsupported(mut stream) => {
+            let next = wait_readable(&mut stream, idle).await;
+            (Some(stream), next)
+        }
+        ReadAhead::Lost => (None, Next::Done),
     }
-    let mut l4 = match stream.into_any().downcast::<L4Stream>() {
-        Ok(l4) => l4,
-        Err(_) => {
-            log::error!("client stream changed type while waiting; connection dropped");
-            return (None, Next::Done);
-        }
-    };
-    let mut first = Vec::new();
-    let read = tokio::time::timeout(idle, async {
-        first.reserve(READ_AHEAD_CHUNK);
-        l4.read_buf(&mut first).await
-    })
-    .await;
-    let next = match read {
-        Ok(Ok(0)) | Ok(Err(_)) => Next::Done,
-        Ok(Ok(_)) => {
-            l4.rewind(&first);
-            Next::Request
-        }
-        Err(_) => Next::Idle,
-    };
-    (Some(l4 as Stream), next)
 }
 
 /// A kept-alive connection idle this long gives pingora's stream up and waits for its next
