@@ -453,8 +453,25 @@ wait_rss_stable() {
     echo "$json"
 }
 
+# open_idle NAME: idle_conns.py opening $BENCH_IDLE_CONNS keep-alive connections through
+# PROXY_ADDR (16 requests at a time) and holding them, in the background; waits (at most 120 s)
+# for its "ready" line. Sets BG_PID and READY.
+open_idle() {
+    local name=$1 i
+    start_bg "$name" python3 "$BENCH_DIR/idle_conns.py" --target "$PROXY_ADDR" -n "$BENCH_IDLE_CONNS" \
+        --concurrency 16 --hold-max 300
+    READY=
+    for ((i = 0; i < 2400; i++)); do
+        READY=$(grep '^ready' "$WORK/$name.out" 2>/dev/null || true)
+        [[ -n $READY ]] && break
+        alive "$BG_PID" || break
+        sleep 0.05
+    done
+    [[ -n $READY ]] || die "idle connections $name never got ready: $(cat "$WORK/$name.err")"
+}
+
 run_memory() {
-    local run=$1 kind=$2 tag=r$1-mem-$2 n=$BENCH_IDLE_CONNS before after settled warm idle_pid idle2_pid i ready= ready2=
+    local run=$1 kind=$2 tag=r$1-mem-$2 n=$BENCH_IDLE_CONNS before after settled warm idle_pid idle2_pid ready ready2
     log "run $run: memory per idle client connection, $kind, $n connections"
     start_emu "emu-$tag"
     start_proxy "$kind" "$tag" "$EMU_ADDR"
@@ -463,16 +480,8 @@ run_memory() {
     timeout 60 python3 "$BENCH_DIR/idle_conns.py" --target "$PROXY_ADDR" -n 64 --concurrency 16 --no-hold \
         >"$WORK/warm-$tag.out" 2>&1 || die "warm-up through $kind failed: $(cat "$WORK/warm-$tag.out")"
     before=$(wait_rss_stable "$PROXY_PID")
-    start_bg "idle-$tag" python3 "$BENCH_DIR/idle_conns.py" --target "$PROXY_ADDR" -n "$n" \
-        --concurrency 16 --hold-max 300
-    idle_pid=$BG_PID
-    for ((i = 0; i < 2400; i++)); do # 120 s
-        ready=$(grep '^ready' "$WORK/idle-$tag.out" 2>/dev/null || true)
-        [[ -n $ready ]] && break
-        alive "$idle_pid" || break
-        sleep 0.05
-    done
-    [[ -n $ready ]] || die "idle connections through $kind never got ready: $(cat "$WORK/idle-$tag.err")"
+    open_idle "idle-$tag"
+    idle_pid=$BG_PID ready=$READY
     after=$(wait_rss_stable "$PROXY_PID")
     # The same again in the now warm process: N more idle connections, opened once the first N
     # have idled past sluice's park delay (1 s). This is the steady-state cost of one more idle
@@ -480,17 +489,8 @@ run_memory() {
     # first second.
     sleep 3
     settled=$(wait_rss_stable "$PROXY_PID")
-    start_bg "idle2-$tag" python3 "$BENCH_DIR/idle_conns.py" --target "$PROXY_ADDR" -n "$n" \
-        --concurrency 16 --hold-max 300
-    idle2_pid=$BG_PID
-    ready2=
-    for ((i = 0; i < 2400; i++)); do # 120 s
-        ready2=$(grep '^ready' "$WORK/idle2-$tag.out" 2>/dev/null || true)
-        [[ -n $ready2 ]] && break
-        alive "$idle2_pid" || break
-        sleep 0.05
-    done
-    [[ -n $ready2 ]] || die "the second idle batch through $kind never got ready: $(cat "$WORK/idle2-$tag.err")"
+    open_idle "idle2-$tag"
+    idle2_pid=$BG_PID ready2=$READY
     sleep 3
     warm=$(wait_rss_stable "$PROXY_PID")
     stop_pid "$idle2_pid" TERM 30
