@@ -26,7 +26,7 @@ use serde::Serialize;
 use sluice_plugins::BackendState;
 
 use crate::admission::{Admission, BackendStatus};
-use crate::service::Shared;
+use crate::shared::Shared;
 
 /// Status document served at `/status`.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]

@@ -45,7 +45,7 @@ use async_trait::async_trait;
 use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
 use sluice_plugins::BackendId;
 
-use crate::service::Shared;
+use crate::shared::Shared;
 
 /// How long a new process waits for the old one to connect before running alone.
 pub const HANDOFF_TIMEOUT: Duration = Duration::from_secs(15);

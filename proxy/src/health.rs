@@ -33,7 +33,8 @@ use sluice_plugins::BackendId;
 
 use crate::admission::{Admission, Seen};
 use crate::config::{CheckKind, Config};
-use crate::service::{Shared, PROBE_BACKEND_HEADER, PROBE_ERROR_HEADER, PROBE_HEADER};
+use crate::service::{PROBE_BACKEND_HEADER, PROBE_ERROR_HEADER, PROBE_HEADER};
+use crate::shared::Shared;
 
 /// A fresh random secret for the probe header, from the OS's hash seeds (no extra crate).
 pub fn probe_secret() -> String {

@@ -66,7 +66,8 @@ use tokio::time::Instant;
 
 use crate::metrics::{Deadline, Metrics, Refused};
 use crate::reclaim::{Reclaim, Reclaimable};
-use crate::service::{Shared, Sluice};
+use crate::service::{answers, Sluice};
+use crate::shared::Shared;
 
 type Proxy = HttpProxy<Sluice, ()>;
 
@@ -625,7 +626,7 @@ async fn busy(conn: &Conn, resume: Resume) -> Spell {
             Ended::HeaderTimeout(mut reclaim) => {
                 if let Ok(stream) = reclaim.try_recv() {
                     // Boxed: its write must not grow every connection's spell.
-                    Box::pin(answer_and_close(stream, HEADER_TIMEOUT_ANSWER.as_bytes())).await;
+                    Box::pin(answer_and_close(stream, answers::HEADER_TIMEOUT.as_bytes())).await;
                 }
                 return Spell::Closed;
             }
@@ -669,22 +670,9 @@ async fn busy(conn: &Conn, resume: Resume) -> Spell {
 
 /// Answer a connection over a cap with a 503 and close it.
 async fn refuse(stream: Stream, reason: Refused, retry_after_secs: u64) {
-    let body = match reason {
-        Refused::Total => "503 too many client connections: retry later\n",
-        Refused::PerIp => "503 too many connections from this address: retry later\n",
-    };
-    let response = format!(
-        "HTTP/1.1 503 Service Unavailable\r\nRetry-After: {retry_after_secs}\r\n\
-         Content-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
+    let response = answers::over_connection_cap(reason == Refused::PerIp, retry_after_secs);
     answer_and_close(stream, response.as_bytes()).await;
 }
-
-/// The answer to a client whose request header did not arrive within
-/// `proxy.client_header_timeout`.
-const HEADER_TIMEOUT_ANSWER: &str = "HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain\r\n\
-     Content-Length: 40\r\nConnection: close\r\n\r\n408 request header not received in time\n";
 
 /// Write `response` (bounded in time), close the sending side, and read what the client still
 /// sends for a moment, so closing does not reset the connection before the client has read it.
@@ -769,16 +757,6 @@ pub fn handler(shared: Arc<Shared>) -> ProcessCustomSession<Sluice, ()> {
 mod tests {
     use super::*;
     use std::net::Ipv4Addr;
-
-    #[test]
-    fn the_header_timeout_answer_is_well_framed() {
-        let (head, body) = HEADER_TIMEOUT_ANSWER
-            .split_once("\r\n\r\n")
-            .expect("a head and a body");
-        assert!(head.starts_with("HTTP/1.1 408 "));
-        assert!(head.contains(&format!("Content-Length: {}\r\n", body.len())));
-        assert!(head.ends_with("Connection: close"));
-    }
 
     #[test]
     fn refusals_answered_at_once_are_bounded() {

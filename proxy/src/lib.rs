@@ -30,6 +30,7 @@ pub mod reload;
 pub mod resp;
 pub mod run;
 pub mod service;
+pub mod shared;
 pub mod tls;
 pub mod upstream_conns;
 

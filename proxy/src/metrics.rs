@@ -17,7 +17,7 @@ use sluice_plugins::BackendState;
 
 /// How a request ended, for `sluice_requests_total{outcome}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub enum Disposition {
     /// The backend answered with a status below 500.
     Ok,
     /// The backend answered 5xx.
@@ -38,19 +38,19 @@ pub enum Outcome {
     BodyBudget,
 }
 
-impl Outcome {
+impl Disposition {
     /// The label value.
     pub fn as_str(self) -> &'static str {
         match self {
-            Outcome::Ok => "ok",
-            Outcome::BackendError => "backend_error",
-            Outcome::UpstreamError => "upstream_error",
-            Outcome::QueueFull => "queue_full",
-            Outcome::QueueTimeout => "queue_timeout",
-            Outcome::BackendDown => "backend_down",
-            Outcome::ClientAbort => "client_abort",
-            Outcome::BadRequest => "bad_request",
-            Outcome::BodyBudget => "body_budget",
+            Disposition::Ok => "ok",
+            Disposition::BackendError => "backend_error",
+            Disposition::UpstreamError => "upstream_error",
+            Disposition::QueueFull => "queue_full",
+            Disposition::QueueTimeout => "queue_timeout",
+            Disposition::BackendDown => "backend_down",
+            Disposition::ClientAbort => "client_abort",
+            Disposition::BadRequest => "bad_request",
+            Disposition::BodyBudget => "body_budget",
         }
     }
 }
@@ -485,7 +485,7 @@ impl Metrics {
     }
 
     /// Count a finished request.
-    pub fn request(&self, backend: &str, outcome: Outcome) {
+    pub fn request(&self, backend: &str, outcome: Disposition) {
         self.requests
             .with_label_values(&[backend, outcome.as_str()])
             .inc();
@@ -579,8 +579,8 @@ mod tests {
     fn renders_every_family_with_state_gauges() {
         let m = Metrics::new();
         let a = Admission::new(&[4], 10, Duration::from_secs(1));
-        m.request("b0", Outcome::Ok);
-        m.request(NO_BACKEND, Outcome::QueueFull);
+        m.request("b0", Disposition::Ok);
+        m.request(NO_BACKEND, Disposition::QueueFull);
         m.queue_wait(0.002);
         m.upstream_duration("b0", 0.02);
         m.upstream_connection("b0", false);
@@ -623,7 +623,7 @@ mod tests {
         )
         .expect("config");
         let a = Admission::from_config(&cfg);
-        m.request("b0", Outcome::Ok);
+        m.request("b0", Disposition::Ok);
         m.queue_wait(0.002);
         m.upstream_duration("b0", 0.02);
         m.upstream_connection("b0", false);

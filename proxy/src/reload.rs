@@ -25,7 +25,7 @@ use serde::Serialize;
 use crate::access_log::AccessLog;
 use crate::admission::policy;
 use crate::config::{Config, LoadError, Overrides};
-use crate::service::{upstream, Settings, Shared};
+use crate::shared::{upstream, Settings, Shared};
 
 /// The configuration source and the configuration in force.
 #[derive(Debug)]

@@ -34,7 +34,8 @@ use crate::handoff;
 use crate::health::{probe_secret, AdmissionTimer, HealthChecker};
 use crate::metrics::Metrics;
 use crate::reload::{Reloader, SighupReload};
-use crate::service::{Settings, Shared, Sluice};
+use crate::service::Sluice;
+use crate::shared::{Settings, Shared};
 use std::path::PathBuf;
 
 fn whole_seconds_rounded_up(d: Duration) -> u64 {
