@@ -26,14 +26,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Args, ValueEnum};
 use sluice_plugins::calibrate::{percentile, Calibration, Proposal, Step};
 use sluice_tests::client::{Conn, Request};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::cli::{EXIT_CONFIG, EXIT_RUNTIME};
+use crate::cli::{CalibrateArgs, Method, EXIT_CONFIG, EXIT_RUNTIME};
 use crate::config::ConfigError;
 
 /// Exit status after Ctrl-C.
@@ -44,61 +43,6 @@ pub const MAX_CONCURRENCY: u32 = 4096;
 const MAX_STEPS: usize = 100;
 /// Most requests one worker sends in one step (time bounds it long before).
 const MAX_REQUESTS_PER_WORKER_STEP: u64 = 10_000_000;
-
-/// Request method.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Method {
-    /// GET (the default): use a read-only URL.
-    Get,
-    /// POST with `--body-file`: only to an endpoint where repeating the request is harmless.
-    Post,
-}
-
-/// `sluice calibrate`
-#[derive(Debug, Args, Clone)]
-pub struct CalibrateArgs {
-    /// The backend to measure, host:port (directly, not through sluice).
-    #[arg(long, value_name = "HOST:PORT")]
-    pub backend: String,
-    /// The URL to request, e.g. /pos/balance.dll?check=1. Required: a legacy IIS answers `/`
-    /// with 403 or 404, which measures nothing. Choose a read-only URL that the application
-    /// itself serves, as cheap or as costly as the terminals' usual request.
-    #[arg(long, value_name = "PATH")]
-    pub path: String,
-    /// Request method.
-    #[arg(long, value_enum, default_value_t = Method::Get)]
-    pub method: Method,
-    /// Body of each request (POST only), sent with a Content-Length.
-    #[arg(long, value_name = "FILE")]
-    pub body_file: Option<PathBuf>,
-    /// Host header (default: the --backend value as written).
-    #[arg(long, value_name = "HOST")]
-    pub host: Option<String>,
-    /// Highest concurrency calibrate may try. Never more requests in flight, nor connections.
-    #[arg(long, value_name = "N", default_value_t = 64)]
-    pub max: u32,
-    /// How long each step is measured, after its warm-up.
-    #[arg(long, value_name = "DURATION", default_value = "4s", value_parser = parse_duration)]
-    pub step_time: Duration,
-    /// Start of each step that is not measured.
-    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
-    pub warmup: Duration,
-    /// Stop when a step's p99 latency passes this (default: 5 × the p99 at concurrency 1, at
-    /// least 25ms).
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
-    pub p99_bound: Option<Duration>,
-    /// Bound on each request (connect, send, answer); a timeout is an error.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
-    pub timeout: Duration,
-    /// Directory to write calibrate.csv and calibrate.svg into (created if missing).
-    #[arg(long, value_name = "DIR")]
-    pub out: Option<PathBuf>,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s)
-        .map_err(|e| format!("invalid duration {s:?} ({e}); write it like 4s or 500ms"))
-}
 
 /// A validated calibration: what to send where, and how long to hold each step.
 #[derive(Debug, Clone)]

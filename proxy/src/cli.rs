@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{Config, Overrides};
 
@@ -44,7 +44,7 @@ pub enum Command {
     Demo(crate::demo::DemoArgs),
     /// Measure how many concurrent requests a live backend takes (throughput and latency at
     /// rising concurrency, never above --max) and propose admission.max_inflight.
-    Calibrate(crate::calibrate::CalibrateArgs),
+    Calibrate(CalibrateArgs),
     /// Show the running proxy's backends, limits, in-flight counts and queue.
     Status(AdminArgs),
     /// Make the running proxy re-read its config file (same as SIGHUP).
@@ -558,4 +558,53 @@ pub fn describe_health(h: &crate::config::HealthConfig) -> String {
         ),
     };
     format!("{active}; {passive}")
+}
+/// Request method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Method {
+    /// GET (the default): use a read-only URL.
+    Get,
+    /// POST with `--body-file`: only to an endpoint where repeating the request is harmless.
+    Post,
+}
+
+/// `sluice calibrate`
+#[derive(Debug, Args, Clone)]
+pub struct CalibrateArgs {
+    /// The backend to measure, host:port (directly, not through sluice).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub backend: String,
+    /// The URL to request, e.g. /pos/balance.dll?check=1. Required: a legacy IIS answers `/`
+    /// with 403 or 404, which measures nothing. Choose a read-only URL that the application
+    /// itself serves, as cheap or as costly as the terminals' usual request.
+    #[arg(long, value_name = "PATH")]
+    pub path: String,
+    /// Request method.
+    #[arg(long, value_enum, default_value_t = Method::Get)]
+    pub method: Method,
+    /// Body of each request (POST only), sent with a Content-Length.
+    #[arg(long, value_name = "FILE")]
+    pub body_file: Option<PathBuf>,
+    /// Host header (default: the --backend value as written).
+    #[arg(long, value_name = "HOST")]
+    pub host: Option<String>,
+    /// Highest concurrency calibrate may try. Never more requests in flight, nor connections.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    pub max: u32,
+    /// How long each step is measured, after its warm-up.
+    #[arg(long, value_name = "DURATION", default_value = "4s", value_parser = parse_duration)]
+    pub step_time: Duration,
+    /// Start of each step that is not measured.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    pub warmup: Duration,
+    /// Stop when a step's p99 latency passes this (default: 5 × the p99 at concurrency 1, at
+    /// least 25ms).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub p99_bound: Option<Duration>,
+    /// Bound on each request (connect, send, answer); a timeout is an error.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Directory to write calibrate.csv and calibrate.svg into (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
 }

@@ -30,7 +30,7 @@
 //!   client trickling one byte at a time holds its connection for ever. Here the whole request
 //!   runs in a future raced against `proxy.client_header_timeout`, counted from the accept (first
 //!   request) or from the first byte (later requests). The service marks the moment the header
-//!   is complete ([`header_read`], from `early_request_filter`, through a task-local); if the
+//!   is complete ([`progress::header_read`], from `early_request_filter`, through a task-local); if the
 //!   deadline passes before that, the future is dropped and the connection closed. Nothing has
 //!   been admitted or sent upstream at that point, so dropping it is safe.
 //! - **Request deadline.** From the complete header, the exchange has `proxy.request_timeout`
@@ -51,7 +51,7 @@ use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
@@ -66,6 +66,7 @@ use tokio::time::Instant;
 
 use crate::metrics::{Deadline, Metrics, Refused};
 use crate::reclaim::{Reclaim, Reclaimable};
+use crate::service::progress::{self, Progress};
 use crate::service::{answers, Sluice};
 use crate::shared::Shared;
 
@@ -80,44 +81,6 @@ const REFUSE_LINGER_BYTES: usize = 64 * 1024;
 /// of connections over the cap) a refused connection is closed at once, so refusals cannot
 /// use up the file descriptors the cap protects.
 const REFUSE_MAX_PENDING: usize = 256;
-
-/// Progress of the request being served, shared with the service's hooks.
-#[derive(Debug, Default)]
-struct Progress {
-    /// When the request header was complete.
-    header_read: OnceLock<Instant>,
-    /// Woken when it is.
-    header_done: tokio::sync::Notify,
-    /// The request line exactly as the client sent it, when it could be read before pingora's
-    /// parser (which percent-encodes illegal bytes in the target instead of refusing them).
-    request_line: OnceLock<Vec<u8>>,
-}
-
-tokio::task_local! {
-    static PROGRESS: Arc<Progress>;
-}
-
-/// Mark the current request's header as complete: its header deadline no longer applies, its
-/// request deadline starts. Called by the service once the header has been parsed; a no-op
-/// outside sluice's connection loop.
-pub fn header_read() {
-    let _ = PROGRESS.try_with(|p| {
-        if p.header_read.set(Instant::now()).is_ok() {
-            // A stored permit if nobody waits yet: the connection loop sees it either way.
-            p.header_done.notify_one();
-        }
-    });
-}
-
-/// The current request's line as the client sent it (up to and including its LF), if sluice's
-/// connection loop read it before pingora: a plain TCP connection's request that was not
-/// pipelined behind the previous one. `None` otherwise, and outside the connection loop.
-pub fn request_line() -> Option<Vec<u8>> {
-    PROGRESS
-        .try_with(|p| p.request_line.get().cloned())
-        .ok()
-        .flatten()
-}
 
 /// Longest request line read ahead of pingora; a longer one is left to pingora's limits.
 const REQUEST_LINE_MAX: usize = 16 * 1024;
@@ -440,7 +403,7 @@ async fn one(
         match read_request_line(stream, deadline).await {
             LineRead::Read(stream, line) => {
                 if let Some(line) = line {
-                    let _ = progress.request_line.set(line);
+                    progress.set_request_line(line);
                 }
                 stream
             }
@@ -474,7 +437,7 @@ async fn one(
             }
         }
     }
-    let exchange = PROGRESS.scope(progress.clone(), proxy.process_new_http(session, &shutdown));
+    let exchange = progress::scope(progress.clone(), proxy.process_new_http(session, &shutdown));
     tokio::pin!(exchange);
     let ended = |r: Option<ReusedHttpStream>| r.map_or(Ended::Closed, Ended::KeepAlive);
     // One timer for both deadlines: the header's, then the whole request's.
@@ -483,10 +446,10 @@ async fn one(
     tokio::select! {
         biased;
         r = &mut exchange => return ended(r),
-        _ = progress.header_done.notified() => {}
+        _ = progress.header_done() => {}
         _ = &mut deadline => {}
     }
-    let Some(&header_read) = progress.header_read.get() else {
+    let Some(header_read) = progress.header_read_at() else {
         shared.metrics.client_timeout(Deadline::Header);
         log::debug!(
             "client cut off: no complete request header within proxy.client_header_timeout"

@@ -25,6 +25,7 @@
 
 pub mod answers;
 pub mod exchange;
+pub mod progress;
 pub mod request;
 
 use std::sync::Arc;
@@ -129,7 +130,7 @@ impl Sluice {
             .as_downstream()
             .as_http1()
             .map(|h1| h1.get_headers_raw_bytes());
-        let line = crate::idle::request_line();
+        let line = progress::request_line();
         let req = session.req_header();
         let checked = request::check_request(req, raw.as_deref(), line.as_deref())
             .and_then(|()| request::validate(req, raw.as_deref(), settings));
@@ -392,7 +393,7 @@ impl ProxyHttp for Sluice {
         _ctx: &mut RequestCtx,
     ) -> Result<()> {
         // The header is complete: its deadline is met, the request deadline starts.
-        crate::idle::header_read();
+        progress::header_read();
         Ok(())
     }
 

@@ -1,0 +1,70 @@
+//! The progress of the request being served, shared between sluice's connection loop
+//! ([`crate::idle`]), which enforces the client deadlines, and the service's hooks, which see
+//! the request parsed. It travels in a task-local, set by the connection loop around each
+//! request's future; outside that loop (a TLS connection served by pingora's own loop) the
+//! hooks find none and do nothing.
+
+use std::future::Future;
+use std::sync::{Arc, OnceLock};
+
+use tokio::time::Instant;
+
+/// Progress of one request.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// When the request header was complete.
+    header_read: OnceLock<Instant>,
+    /// Woken when it is.
+    header_done: tokio::sync::Notify,
+    /// The request line exactly as the client sent it, when it could be read before pingora's
+    /// parser (which percent-encodes illegal bytes in the target instead of refusing them).
+    request_line: OnceLock<Vec<u8>>,
+}
+
+tokio::task_local! {
+    static PROGRESS: Arc<Progress>;
+}
+
+impl Progress {
+    /// Keep the request line as the client sent it (up to and including its LF).
+    pub fn set_request_line(&self, line: Vec<u8>) {
+        let _ = self.request_line.set(line);
+    }
+
+    /// When the request header was complete, if it is.
+    pub fn header_read_at(&self) -> Option<Instant> {
+        self.header_read.get().copied()
+    }
+
+    /// Completes once the request header is complete (at once if it already is).
+    pub async fn header_done(&self) {
+        self.header_done.notified().await
+    }
+}
+
+/// Run a request's future with its progress visible to the service's hooks.
+pub fn scope<F: Future>(progress: Arc<Progress>, f: F) -> impl Future<Output = F::Output> {
+    PROGRESS.scope(progress, f)
+}
+
+/// Mark the current request's header as complete: its header deadline no longer applies, its
+/// request deadline starts. Called by the service once the header has been parsed; a no-op
+/// outside sluice's connection loop.
+pub fn header_read() {
+    let _ = PROGRESS.try_with(|p| {
+        if p.header_read.set(Instant::now()).is_ok() {
+            // A stored permit if nobody waits yet: the connection loop sees it either way.
+            p.header_done.notify_one();
+        }
+    });
+}
+
+/// The current request's line as the client sent it (up to and including its LF), if sluice's
+/// connection loop read it before pingora: a plain TCP connection's request that was not
+/// pipelined behind the previous one. `None` otherwise, and outside the connection loop.
+pub fn request_line() -> Option<Vec<u8>> {
+    PROGRESS
+        .try_with(|p| p.request_line.get().cloned())
+        .ok()
+        .flatten()
+}
