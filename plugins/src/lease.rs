@@ -3,7 +3,7 @@
 //!
 //! Several sluice instances in front of one backend split its cap N into *shares*. The
 //! authoritative split lives in Redis and is changed only by a Lua script that runs there and
-//! reads Redis's own clock (see `proxy/src/cluster.lua`). This module is the instance's half,
+//! reads Redis's own clock (see `proxy/src/ops/cluster.lua`). This module is the instance's half,
 //! pure arithmetic with time passed in, so it can be tested without Redis:
 //!
 //! - **Local cap.** While the last grant is *provably* valid the instance may admit up to its

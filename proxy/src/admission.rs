@@ -222,7 +222,7 @@ impl Admission {
             cfg.max_queue,
             cfg.queue_timeout,
             // Even with `check = "none"`: the health checker probes a backend that passive
-            // failures took down until it answers again (see `crate::health`).
+            // failures took down until it answers again (see `crate::ops::health`).
             cfg.health.passive_failures,
             cfg.health.rise,
             cfg.health.fall,

@@ -455,7 +455,7 @@ pub fn describe(cfg: &Config) -> String {
 
 /// The cluster part of `sluice status`: this instance's lease, then every instance's share
 /// as its last renewal saw them in Redis.
-pub fn describe_cluster_status(c: &crate::cluster::ClusterStatus) -> String {
+pub fn describe_cluster_status(c: &crate::ops::cluster::ClusterStatus) -> String {
     use std::fmt::Write;
     let mut s = String::new();
     let _ = writeln!(

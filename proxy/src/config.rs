@@ -600,7 +600,7 @@ pub struct Config {
     /// The TLS listener for clients, if enabled.
     pub tls: Option<TlsListener>,
     /// Access log target.
-    pub access_log: crate::access_log::Target,
+    pub access_log: crate::observe::access_log::Target,
 }
 
 /// A secret read from a file: compared in constant time, never printed.
@@ -666,7 +666,7 @@ pub fn read_token(key: &str, path: &str) -> Result<Secret, ConfigError> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClusterSettings {
     /// Redis, as parsed from `cluster.redis`.
-    pub redis: crate::resp::RedisUrl,
+    pub redis: crate::ops::resp::RedisUrl,
     /// This instance's id.
     pub id: String,
     /// Redis key prefix; a backend's hash is `<key>:<backend name>`.
@@ -1303,8 +1303,8 @@ impl Config {
         let tls = tls_listener(&f.tls, listen, admin_listen)?;
 
         let access_text = f.log.access.as_deref().unwrap_or(defaults::ACCESS_LOG);
-        let access_log = crate::access_log::Target::parse(access_text);
-        if let crate::access_log::Target::File(p) = &access_log {
+        let access_log = crate::observe::access_log::Target::parse(access_text);
+        if let crate::observe::access_log::Target::File(p) = &access_log {
             if !p.is_absolute() {
                 return Err(ConfigError::new(
                     "log.access",
@@ -1702,7 +1702,7 @@ fn cluster_settings(
             "is required with [cluster]: the Redis that holds the leases, e.g. \"redis://10.0.0.5:6379/0\"",
         )
     })?;
-    let redis = crate::resp::RedisUrl::parse(redis_text).map_err(|why| {
+    let redis = crate::ops::resp::RedisUrl::parse(redis_text).map_err(|why| {
         ConfigError::new(
             "cluster.redis",
             format!("{redis_text:?}"),

@@ -1,38 +1,38 @@
 //! sluice: an admission-control reverse proxy for a fragile legacy HTTP backend.
 //!
-//! This crate is the only one that touches pingora. It holds the `ProxyHttp` service
-//! ([`service`]), the async admission adapter around the pure policy of `sluice-plugins`
-//! ([`admission`]), configuration ([`config`]), the command line ([`cli`]), the in-process
-//! runner used by the demo and the end-to-end tests ([`run`]), and `sluice calibrate`, which
-//! measures a backend's capacity ([`calibrate`]). With `[cluster]`, several instances share each
-//! backend's cap through Redis leases ([`cluster`], over a minimal client, [`resp`]).
+//! This crate is the only one that touches pingora. Its modules, by concern:
+//! - the request: the `ProxyHttp` service, where each admitted request's [`service::exchange`]
+//!   owns its backend slot ([`service`]), and the async admission adapter around the pure
+//!   policy of `sluice-plugins` ([`admission`]);
+//! - the client connection: sluice's own connection loop, with the client deadlines and caps
+//!   ([`conn`]);
+//! - the backend connection: sluice's dialer and its registry of connections ([`ghost`]);
+//! - configuration ([`config`]) and the state the running parts share ([`shared`]);
+//! - operations: the admin API, health checks, reload, the upgrade hand-over, and the budget
+//!   several instances share through Redis ([`ops`], [`reload`]);
+//! - observation: metrics, the access log, logging ([`observe`]);
+//! - the command line ([`cli`]), the in-process runner used by the demo and the end-to-end tests
+//!   ([`run`]), the demo backend ([`demo`]), and `sluice calibrate`, which measures a backend's
+//!   capacity ([`calibrate`]);
+//! - every read of pingora state that pingora does not expose through an API ([`compat`]).
 
 #![forbid(unsafe_code)]
 
-pub mod access_log;
-pub mod admin;
 pub mod admission;
-pub mod body;
 pub mod calibrate;
 pub mod cli;
-pub mod cluster;
 pub mod compat;
 pub mod config;
+pub mod conn;
 pub mod demo;
 pub mod ghost;
-pub mod handoff;
-pub mod health;
-pub mod idle;
-pub mod logging;
-pub mod metrics;
-pub mod reclaim;
+pub mod observe;
+pub mod ops;
 pub mod reload;
-pub mod resp;
 pub mod run;
 pub mod service;
 pub mod shared;
 pub mod tls;
-pub mod upstream_conns;
 
 pub use admission::{Admission, Permit, Shed};
 pub use config::{Config, ConfigError, LoadError, Overrides};

@@ -28,7 +28,7 @@ fn main() -> ExitCode {
             };
         }
     };
-    sluice::logging::init();
+    sluice::observe::logging::init();
     match cli.command {
         Command::Check(args) => match args.config.load() {
             Ok(cfg) => {
@@ -71,7 +71,7 @@ fn admin_post(args: &cli::AdminArgs, path: &str) -> ExitCode {
         Ok(t) => t,
         Err(code) => return code,
     };
-    match sluice::admin::client::call_with_token(
+    match sluice::ops::admin::client::call_with_token(
         addr,
         "POST",
         path,
@@ -97,7 +97,7 @@ fn status(args: &cli::AdminArgs) -> ExitCode {
         Ok(t) => t,
         Err(code) => return code,
     };
-    let body = match sluice::admin::client::call_with_token(
+    let body = match sluice::ops::admin::client::call_with_token(
         addr,
         "GET",
         "/status",
@@ -117,7 +117,7 @@ fn status(args: &cli::AdminArgs) -> ExitCode {
         print!("{body}");
         return ExitCode::SUCCESS;
     }
-    match serde_json::from_str::<sluice::admin::Status>(&body) {
+    match serde_json::from_str::<sluice::ops::admin::Status>(&body) {
         Ok(st) => {
             println!(
                 "{:<16} {:<9} {:>7} {:>9} {:>9} {:>8} {:>7}  WHY",
@@ -232,7 +232,7 @@ fn run(args: cli::RunArgs) -> ExitCode {
         cfg.backends.len(),
         cfg.total_inflight()
     );
-    let signals = sluice::handoff::Signals::new(shared, &cfg.server.upgrade_sock);
+    let signals = sluice::ops::handoff::Signals::new(shared, &cfg.server.upgrade_sock);
     server.run(pingora::server::RunArgs {
         shutdown_signal: Box::new(signals),
     });

@@ -22,9 +22,9 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
-use crate::access_log::AccessLog;
 use crate::admission::policy;
 use crate::config::{Config, LoadError, Overrides};
+use crate::observe::access_log::AccessLog;
 use crate::shared::{upstream, Settings, Shared};
 
 /// The configuration source and the configuration in force.

@@ -25,14 +25,14 @@ use pingora::apps::http_app::HttpServer;
 use pingora::services::background::GenBackgroundService;
 use pingora::services::listening::Service;
 
-use crate::access_log::AccessLog;
-use crate::admin::AdminApp;
 use crate::admission::Admission;
 use crate::config::Overrides;
 use crate::config::{Config, ConfigError};
-use crate::handoff;
-use crate::health::{probe_secret, AdmissionTimer, HealthChecker};
-use crate::metrics::Metrics;
+use crate::observe::access_log::AccessLog;
+use crate::observe::metrics::Metrics;
+use crate::ops::admin::AdminApp;
+use crate::ops::handoff;
+use crate::ops::health::{probe_secret, AdmissionTimer, HealthChecker};
 use crate::reload::{Reloader, SighupReload};
 use crate::service::Sluice;
 use crate::shared::{Settings, Shared};
@@ -103,17 +103,17 @@ pub fn build_server_from(
         AccessLog::off()
     });
     let metrics = Metrics::new();
-    let upstream = crate::upstream_conns::UpstreamConns::default();
+    let upstream = crate::ops::upstream_conns::UpstreamConns::default();
     // Before any listener accepts: a fresh start admits nothing until its first grant.
     let cluster = cfg
         .cluster
         .clone()
-        .map(|c| crate::cluster::Cluster::new(c, admission.clone(), !opt_upgrade));
+        .map(|c| crate::ops::cluster::Cluster::new(c, admission.clone(), !opt_upgrade));
     let shared = Arc::new(Shared {
         cluster: cluster.clone(),
         admission: admission.clone(),
         settings: RwLock::new(Arc::new(Settings::new(cfg, upstream.dialed()))),
-        body_budget: crate::body::BodyBudget::new(metrics.buffered_body_bytes()),
+        body_budget: crate::service::body::BodyBudget::new(metrics.buffered_body_bytes()),
         metrics,
         access_log: RwLock::new(access_log),
         tls: tls_store(cfg),
@@ -129,7 +129,7 @@ pub fn build_server_from(
     let mut client = ConnectorOptions::from_server_conf(&conf);
     client.keepalive_pool_size = cfg.total_inflight().max(1);
 
-    // pingora's HTTP/1 loop is replaced by sluice's own (see `crate::idle`), so an idle
+    // pingora's HTTP/1 loop is replaced by sluice's own (see `crate::conn`), so an idle
     // keep-alive connection holds a few KiB instead of pingora's per-request state.
     let mut server_options = HttpServerOptions::default();
     server_options.force_custom = true;
@@ -139,7 +139,7 @@ pub fn build_server_from(
         .name("sluice")
         .client_options(client)
         .server_options(server_options)
-        .custom((), crate::idle::handler(shared.clone()))
+        .custom((), crate::conn::handler(shared.clone()))
         .build();
     let mut socket = TcpSocketOptions::default();
     // Detect terminals that vanished without a FIN (power loss, NAT timeouts).
@@ -197,7 +197,7 @@ pub fn build_server_from(
     if let Some(cluster) = cluster {
         let mut svc = GenBackgroundService::new(
             "cluster leases".into(),
-            Arc::new(crate::cluster::ClusterService(cluster)),
+            Arc::new(crate::ops::cluster::ClusterService(cluster)),
         );
         svc.threads = Some(1);
         server.add_service(svc);

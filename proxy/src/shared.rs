@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use pingora::upstreams::peer::HttpPeer;
 
-use crate::access_log::AccessLog;
 use crate::admission::Admission;
 use crate::config::Config;
-use crate::metrics::Metrics;
+use crate::observe::access_log::AccessLog;
+use crate::observe::metrics::Metrics;
 
 /// A backend as the service sees it.
 #[derive(Debug, Clone)]
@@ -145,11 +145,11 @@ pub struct Shared {
     /// Where a reload reads the configuration from.
     pub reload: crate::reload::Reloader,
     /// Request body bytes buffered before admission, all requests together.
-    pub body_budget: Arc<crate::body::BodyBudget>,
+    pub body_budget: Arc<crate::service::body::BodyBudget>,
     /// Backend connections held open, counted during an upgrade's hand-over.
-    pub upstream: crate::upstream_conns::UpstreamConns,
+    pub upstream: crate::ops::upstream_conns::UpstreamConns,
     /// The shared budget across instances (`[cluster]`), if configured.
-    pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    pub cluster: Option<Arc<crate::ops::cluster::Cluster>>,
 }
 
 impl Shared {

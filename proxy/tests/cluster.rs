@@ -16,9 +16,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use sluice::admin::client::{call, call_with_token};
-use sluice::admin::Status;
-use sluice::cluster::ClusterStatus;
+use sluice::ops::admin::client::{call, call_with_token};
+use sluice::ops::admin::Status;
+use sluice::ops::cluster::ClusterStatus;
 use sluice_tests::emulator::{EmulatorConfig, EmulatorHandle, EmulatorThread};
 use sluice_tests::terminals::{self, ConnMode, HttpMix, LoadConfig, Report, StartMode};
 
@@ -791,8 +791,8 @@ async fn the_lease_script_never_lets_the_requests_in_flight_exceed_the_cap() {
         startup_wait: ttl + grace,
     };
     let redis = Redis::start();
-    let url = sluice::resp::RedisUrl::parse(&redis.url()).expect("url");
-    let mut conn = sluice::resp::Connection::connect(&url, Duration::from_secs(2))
+    let url = sluice::ops::resp::RedisUrl::parse(&redis.url()).expect("url");
+    let mut conn = sluice::ops::resp::Connection::connect(&url, Duration::from_secs(2))
         .await
         .expect("connect");
     // SLUICE_SEED=<n> replays another run.
@@ -844,7 +844,7 @@ async fn the_lease_script_never_lets_the_requests_in_flight_exceed_the_cap() {
                 ];
                 let mut cmd: Vec<&[u8]> = vec![
                     b"EVAL",
-                    sluice::cluster::SCRIPT.as_bytes(),
+                    sluice::ops::cluster::SCRIPT.as_bytes(),
                     b"1",
                     b"sluice:sim",
                 ];
@@ -853,7 +853,7 @@ async fn the_lease_script_never_lets_the_requests_in_flight_exceed_the_cap() {
                     .call(&cmd, Duration::from_secs(2))
                     .await
                     .expect("script");
-                let sluice::resp::Value::Array(Some(items)) = v else {
+                let sluice::ops::resp::Value::Array(Some(items)) = v else {
                     panic!("reply {v:?}")
                 };
                 let n = |k: usize| items[k].as_int().expect("int") as u32;

@@ -372,10 +372,11 @@ async fn upgrade_serves_a_late_request_on_an_idle_kept_alive_connection() {
             "the new process has all but one slot",
             Duration::from_secs(20),
             || {
-                let Ok((200, body)) = sluice::admin::client::call(admin, "GET", "/status") else {
+                let Ok((200, body)) = sluice::ops::admin::client::call(admin, "GET", "/status")
+                else {
                     return false;
                 };
-                serde_json::from_str::<sluice::admin::Status>(&body)
+                serde_json::from_str::<sluice::ops::admin::Status>(&body)
                     .ok()
                     .and_then(|st| st.backends.first().map(|b| b.effective_limit))
                     == Some(CAP as u32 - 1)
@@ -504,9 +505,9 @@ fn sighup_reloads_the_config_file() {
     std::fs::write(&config, file(4)).expect("write");
     let mut cleanup = Cleanup(vec![sluice(&["run"], &config)], dir.clone());
     let limit = || -> Option<u32> {
-        let (code, body) = sluice::admin::client::call(admin, "GET", "/status").ok()?;
+        let (code, body) = sluice::ops::admin::client::call(admin, "GET", "/status").ok()?;
         (code == 200).then_some(())?;
-        let st: sluice::admin::Status = serde_json::from_str(&body).ok()?;
+        let st: sluice::ops::admin::Status = serde_json::from_str(&body).ok()?;
         st.backends.first().map(|b| b.max_inflight)
     };
     wait_until(

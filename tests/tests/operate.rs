@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use common::{eventually, farm_config, raise_fd_limit, start};
-use sluice::admin::client::call;
+use sluice::ops::admin::client::call;
 use sluice::run::{free_local_addr, RunningProxy};
 use sluice::{Config, Overrides};
 use sluice_tests::client::{Conn, Request};
@@ -54,7 +54,7 @@ async fn metrics_and_access_log_match_a_known_traffic_pattern() {
          [[backend]]\nname = \"iis\"\naddress = \"{}\"\n",
         emu.addr()
     ));
-    cfg.access_log = sluice::access_log::Target::File(log_path.clone());
+    cfg.access_log = sluice::observe::access_log::Target::File(log_path.clone());
     let proxy = start(&cfg);
     let addr = proxy.addr();
     let admin_addr = cfg.admin_listen.expect("admin");

@@ -278,7 +278,11 @@ async fn rolling_restart_of_a_farm_fails_nothing() {
         .await;
         let call = |action: &'static str, name: String| {
             tokio::task::spawn_blocking(move || {
-                sluice::admin::client::call(admin, "POST", &format!("/backends/{name}/{action}"))
+                sluice::ops::admin::client::call(
+                    admin,
+                    "POST",
+                    &format!("/backends/{name}/{action}"),
+                )
             })
         };
         let (code, body) = call("drain", name.clone())
@@ -312,7 +316,7 @@ async fn rolling_restart_of_a_farm_fails_nothing() {
     }
     // The unknown-backend case answers 404 with a clear message.
     let (code, body) = tokio::task::spawn_blocking(move || {
-        sluice::admin::client::call(admin, "POST", "/backends/nope/drain")
+        sluice::ops::admin::client::call(admin, "POST", "/backends/nope/drain")
     })
     .await
     .expect("join")

@@ -24,6 +24,7 @@
 //! until the backend answers, so the cap counts the work really at the backend.
 
 pub mod answers;
+pub mod body;
 pub mod exchange;
 pub mod progress;
 pub mod request;
@@ -41,9 +42,9 @@ use pingora::{ErrorSource, ErrorType};
 use sluice_plugins::BackendId;
 use tokio::time::Instant;
 
-use crate::access_log;
 use crate::admission::{Admission, Shed};
-use crate::metrics::{Deadline, Disposition, NO_BACKEND};
+use crate::observe::access_log;
+use crate::observe::metrics::{Deadline, Disposition, NO_BACKEND};
 use crate::shared::{Settings, Shared};
 use exchange::{classify, Exchange, Finished, Held, NotAdmitted, Outcome};
 use request::{Invalid, Upload};
@@ -119,7 +120,7 @@ impl Sluice {
     }
 
     /// Check a request before it may wait for a slot, and receive its body whole (see
-    /// [`crate::body`]): a slow or stalled sender never holds the backend's capacity, and a
+    /// [`crate::service::body`]): a slow or stalled sender never holds the backend's capacity, and a
     /// body that cannot be parsed is refused before any of it reaches the backend.
     async fn check(
         &self,
@@ -163,7 +164,7 @@ impl Sluice {
         session: &mut Session,
         settings: &Settings,
         declared: Option<u64>,
-    ) -> Result<std::result::Result<Option<crate::body::Received>, Invalid>> {
+    ) -> Result<std::result::Result<Option<crate::service::body::Received>, Invalid>> {
         if session.as_downstream_mut().is_body_done() {
             return Ok(Ok(None));
         }
@@ -176,15 +177,20 @@ impl Sluice {
         if expects_continue {
             downstream.write_continue_response().await?;
         }
-        let limits = crate::body::Limits {
+        let limits = crate::service::body::Limits {
             pace: settings.body_pace,
             max_body_bytes: settings.max_body_bytes,
             max_buffered: settings.max_buffered_body_bytes,
         };
-        use crate::body::Refusal;
+        use crate::service::body::Refusal;
         Ok(
-            match crate::body::receive(downstream, declared, limits, &self.shared.body_budget)
-                .await?
+            match crate::service::body::receive(
+                downstream,
+                declared,
+                limits,
+                &self.shared.body_budget,
+            )
+            .await?
             {
                 Ok(received) => Ok(Some(received)),
                 Err(Refusal::TooSlow) => {
@@ -196,6 +202,34 @@ impl Sluice {
                 Err(Refusal::Budget) => Err(Invalid::BodyBudget),
             },
         )
+    }
+
+    /// A request that was not admitted: a 503 with `Retry-After` on a connection kept open, or
+    /// nothing for a client that left.
+    async fn not_admitted(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        why: NotAdmitted,
+        queue_wait: Duration,
+    ) -> Result<bool> {
+        let shed = match why {
+            NotAdmitted::Shed(shed) => shed,
+            NotAdmitted::ClientGone => {
+                ctx.state = State::NotAdmitted {
+                    shed: None,
+                    queue_wait,
+                };
+                return Err(client_gone());
+            }
+        };
+        ctx.state = State::NotAdmitted {
+            shed: Some(shed),
+            queue_wait,
+        };
+        let retry_after = self.settings(ctx).retry_after_secs;
+        answers::shed(session, shed, retry_after).await?;
+        Ok(true)
     }
 
     /// A health probe from our own checker: take a slot on the named backend whatever its
@@ -419,21 +453,7 @@ impl ProxyHttp for Sluice {
         let (admitted, queue_wait) = Exchange::admit(&self.admission, arrived, hold, gone).await;
         let exchange = match admitted {
             Ok(exchange) => exchange,
-            Err(NotAdmitted::Shed(shed)) => {
-                ctx.state = State::NotAdmitted {
-                    shed: Some(shed),
-                    queue_wait,
-                };
-                answers::shed(session, shed, settings.retry_after_secs).await?;
-                return Ok(true);
-            }
-            Err(NotAdmitted::ClientGone) => {
-                ctx.state = State::NotAdmitted {
-                    shed: None,
-                    queue_wait,
-                };
-                return Err(client_gone());
-            }
+            Err(why) => return self.not_admitted(session, ctx, why, queue_wait).await,
         };
         ctx.state = State::Admitted(Admitted { exchange, upload });
         // From here on the backend may be working on this request: keep its slot until the

@@ -1,5 +1,5 @@
 //! The progress of the request being served, shared between sluice's connection loop
-//! ([`crate::idle`]), which enforces the client deadlines, and the service's hooks, which see
+//! ([`crate::conn`]), which enforces the client deadlines, and the service's hooks, which see
 //! the request parsed. It travels in a task-local, set by the connection loop around each
 //! request's future; outside that loop (a TLS connection served by pingora's own loop) the
 //! hooks find none and do nothing.

@@ -251,7 +251,7 @@ pub struct Upload {
     /// The whole body, received before admission (and a `100 Continue` sent if asked for):
     /// its length, the whole body when pingora's retry buffer holds only its tail, and its
     /// bytes in the buffered-body budget.
-    pub body: Option<crate::body::Received>,
+    pub body: Option<crate::service::body::Received>,
 }
 
 /// Turn the client's request into the one the backend gets: its `Host`, an origin-form target,

@@ -2,7 +2,7 @@
 //!
 //! | method | path | what |
 //! |---|---|---|
-//! | GET | `/metrics` | Prometheus metrics ([`crate::metrics`]) |
+//! | GET | `/metrics` | Prometheus metrics ([`crate::observe::metrics`]) |
 //! | GET | `/status` | backends (state, health, limits, in-flight, ramp, tokens, health transitions and the last one's reason) and the queue |
 //! | POST | `/reload` | re-read the config file ([`crate::reload`]) |
 //! | POST | `/backends/NAME/drain` | no new requests to NAME; in-flight ones finish |
@@ -39,7 +39,7 @@ pub struct Status {
     pub max_queue: usize,
     /// The shared budget across instances (`[cluster]`), if configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cluster: Option<crate::cluster::ClusterStatus>,
+    pub cluster: Option<crate::ops::cluster::ClusterStatus>,
 }
 
 /// One backend in [`Status`].

@@ -15,13 +15,13 @@
 //!   - its requests in flight and queued;
 //!   - headroom: half the cap while it still accepts connections; afterwards (its grace
 //!     period) one slot per client connection it still holds, up to half the cap and at least
-//!     one. A kept-alive connection stays open during the grace period (see [`crate::idle`]),
+//!     one. A kept-alive connection stays open during the grace period (see [`crate::conn`]),
 //!     and a request arriving on it must be served, not refused: a `503` + close there is what
 //!     makes WinInet re-send a POST's header without its body. Each such connection closes
 //!     after its `Connection: close` answer, so the headroom shrinks as they do. The trade-off:
 //!     while terminals stay connected to the old process without sending, the new one runs
 //!     with up to half the cap less, at most until the old process's grace period ends;
-//!   - its open backend connections ([`crate::upstream_conns`]), idle ones included: a slot is
+//!   - its open backend connections ([`crate::ops::upstream_conns`]), idle ones included: a slot is
 //!     handed over only once its connection is closed, so old + new connections stay within
 //!     the cap. From SIGQUIT on, the old process pools connections with a short idle timeout,
 //!     so they close soon after its last request.
@@ -30,7 +30,7 @@
 //! - With `[cluster]`, "the cap" is the instance's leased share: the old process reports it with
 //!   each claim (`name=claim:share`) and keeps renewing it until it exits; the new process
 //!   admits that share less the claim, and renews the lease once the old process is done (see
-//!   [`crate::cluster`]).
+//!   [`crate::ops::cluster`]).
 //!
 //! If no old process connects within [`HANDOFF_TIMEOUT`], the new process releases the
 //! reservation and runs alone (for example, when upgrading from a version without hand-over).

@@ -1,5 +1,5 @@
 //! The backend connections this process holds open, so that an old process handing its share
-//! of the cap to a new one (see [`crate::handoff`]) never gives away a slot while it still
+//! of the cap to a new one (see [`crate::ops::handoff`]) never gives away a slot while it still
 //! holds a connection for it.
 //!
 //! pingora keeps idle upstream connections in a pool the proxy cannot reach: there is no way

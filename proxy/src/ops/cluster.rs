@@ -37,7 +37,7 @@ use tokio::time::Instant;
 
 use crate::admission::Admission;
 use crate::config::ClusterSettings;
-use crate::resp::{Connection, RedisError, Value};
+use crate::ops::resp::{Connection, RedisError, Value};
 
 /// The lease script, run on the Redis server by `EVAL`.
 pub const SCRIPT: &str = include_str!("cluster.lua");

@@ -405,7 +405,7 @@ impl Metrics {
     }
 
     /// Bring the `[cluster]` series to `status` (called at scrape time).
-    pub fn set_cluster(&self, status: &crate::cluster::ClusterStatus) {
+    pub fn set_cluster(&self, status: &crate::ops::cluster::ClusterStatus) {
         let m = &self.cluster;
         for b in &status.backends {
             let l = [b.name.as_str()];
@@ -520,7 +520,7 @@ impl Metrics {
     /// Refresh the state gauges from admission and render the text exposition format.
     pub fn render(&self, admission: &Admission) -> String {
         let snap = admission.snapshot();
-        let races = crate::logging::pool_races();
+        let races = crate::observe::logging::pool_races();
         self.pool_races
             .inc_by(races.saturating_sub(self.pool_races.get()));
         self.queue_depth.set(snap.queued as i64);
@@ -633,7 +633,7 @@ mod tests {
         m.client_timeout(Deadline::Body);
         m.timeout_hold("b0");
         let text = m.render(&a);
-        let dashboard = include_str!("../../conf/grafana-dashboard.json");
+        let dashboard = include_str!("../../../conf/grafana-dashboard.json");
         let mut checked = 0;
         for (i, _) in dashboard.match_indices("sluice_") {
             let name: String = dashboard[i..]

@@ -1,6 +1,6 @@
 //! A minimal Redis client: one TCP connection, RESP2 requests and replies, a deadline per call.
 //!
-//! sluice needs two commands, `EVAL` (the lease script, see [`crate::cluster`]) and `AUTH` /
+//! sluice needs two commands, `EVAL` (the lease script, see [`crate::ops::cluster`]) and `AUTH` /
 //! `SELECT` when the URL asks for them, a few times per second. The maintained crates were
 //! checked first: `redis` 1.x needs Rust 1.88 (this workspace promises 1.85) and `fred` 10
 //! brings a large dependency tree with its own reconnect and retry policy, which would have

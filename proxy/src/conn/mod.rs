@@ -46,6 +46,8 @@
 //! the end of the grace period. A TLS connection waiting in pingora's header read is still
 //! closed at the start of shutdown.
 
+pub mod reclaim;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
@@ -64,8 +66,8 @@ use prometheus::IntGauge;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
-use crate::metrics::{Deadline, Metrics, Refused};
-use crate::reclaim::{Reclaim, Reclaimable};
+use crate::conn::reclaim::{Reclaim, Reclaimable};
+use crate::observe::metrics::{Deadline, Metrics, Refused};
 use crate::service::progress::{self, Progress};
 use crate::service::{answers, Sluice};
 use crate::shared::Shared;
