@@ -133,11 +133,10 @@ impl BackendHealth {
     }
 }
 
-/// Shared admission state of one proxy: the pool, the queue deadline, backend health.
+/// Shared admission state of one proxy: the pool and its queue, backend health.
 #[derive(Debug)]
 pub struct Admission {
     pool: Mutex<Pool>,
-    queue_timeout: Mutex<Duration>,
     backends: Mutex<Vec<BackendHealth>>,
     passive_threshold: u32,
     timer: Notify,
@@ -205,11 +204,11 @@ pub enum CommandError {
 
 impl Admission {
     /// Admission for backends with these limits (no rate limit, no ramp, passive checks off).
-    pub fn new(limits: &[u32], max_queue: usize, queue_timeout: Duration) -> Arc<Self> {
+    pub fn new(limits: &[u32], max_queue: usize) -> Arc<Self> {
         let policies: Vec<BackendPolicy> =
             limits.iter().map(|&l| BackendPolicy::limit(l)).collect();
         let names = (0..limits.len()).map(|i| format!("b{i}")).collect();
-        Self::with_policies(&policies, names, max_queue, queue_timeout, 0, 1, 1)
+        Self::with_policies(&policies, names, max_queue, 0, 1, 1)
     }
 
     /// Admission for a validated config; slow-start ramps start now.
@@ -220,7 +219,6 @@ impl Admission {
             &policies,
             names,
             cfg.max_queue,
-            cfg.queue_timeout,
             // Even with `check = "none"`: the health checker probes a backend that passive
             // failures took down until it answers again (see `crate::ops::health`).
             cfg.health.passive_failures,
@@ -233,7 +231,6 @@ impl Admission {
         policies: &[BackendPolicy],
         names: Vec<String>,
         max_queue: usize,
-        queue_timeout: Duration,
         passive_threshold: u32,
         rise: u32,
         fall: u32,
@@ -244,7 +241,6 @@ impl Admission {
                 max_queue,
                 Instant::now().into_std(),
             )),
-            queue_timeout: Mutex::new(queue_timeout),
             backends: Mutex::new(
                 names
                     .into_iter()
@@ -269,17 +265,12 @@ impl Admission {
         self.backends.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The queue deadline for a request arriving now.
-    pub fn deadline(&self) -> Instant {
-        let timeout = *self.queue_timeout.lock().unwrap_or_else(|p| p.into_inner());
-        Instant::now() + timeout
-    }
-
-    /// Wait for a slot on some backend, in FIFO order, for at most `queue_timeout`.
+    /// Wait for a slot on some backend, in FIFO order, for at most `timeout` (the request
+    /// path's `admission.queue_timeout` is in [`crate::shared::Settings`]).
     ///
     /// Cancel-safe: dropping the returned future leaves the queue and leaks nothing.
-    pub async fn acquire(self: &Arc<Self>) -> Result<Permit, Shed> {
-        self.acquire_until(self.deadline(), false).await
+    pub async fn acquire_within(self: &Arc<Self>, timeout: Duration) -> Result<Permit, Shed> {
+        self.acquire_until(Instant::now() + timeout, false).await
     }
 
     /// Wait for a slot until `deadline`. With `requeue`, the request goes ahead of every
@@ -433,10 +424,9 @@ impl Admission {
         id
     }
 
-    /// Change the queue bound and the queue deadline for new arrivals.
-    pub fn set_queue(&self, max_queue: usize, queue_timeout: Duration) {
+    /// Change the queue bound.
+    pub fn set_max_queue(&self, max_queue: usize) {
         self.pool().set_max_queue(max_queue);
-        *self.queue_timeout.lock().unwrap_or_else(|p| p.into_inner()) = queue_timeout;
     }
 
     /// A consistent view of limits, in-flight counts and the queue.
@@ -805,14 +795,22 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn queue_full_and_timeout() {
-        let a = Admission::new(&[1], 1, Duration::from_secs(1));
-        let p = a.acquire().await.expect("first admitted");
+        let a = Admission::new(&[1], 1);
+        let p = a
+            .acquire_within(Duration::from_secs(1))
+            .await
+            .expect("first admitted");
         let a2 = a.clone();
-        let waiter = tokio::spawn(async move { a2.acquire().await.map(|_| ()) });
+        let waiter =
+            tokio::spawn(
+                async move { a2.acquire_within(Duration::from_secs(1)).await.map(|_| ()) },
+            );
         tokio::task::yield_now().await;
         assert_eq!(a.snapshot().queued, 1);
         assert_eq!(
-            a.acquire().await.expect_err("must be rejected"),
+            a.acquire_within(Duration::from_secs(1))
+                .await
+                .expect_err("must be rejected"),
             Shed::QueueFull
         );
         // Paused time: the waiter's deadline passes without any real sleep.
@@ -824,11 +822,18 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_held_permit_keeps_its_slot_for_the_hold_then_hands_it_over() {
-        let a = Admission::new(&[1], 10, Duration::from_secs(60));
-        let mut p = a.acquire().await.expect("admitted");
+        let a = Admission::new(&[1], 10);
+        let mut p = a
+            .acquire_within(Duration::from_secs(60))
+            .await
+            .expect("admitted");
         p.hold_on_drop(Some(Duration::from_secs(5)));
         let a2 = a.clone();
-        let waiter = tokio::spawn(async move { a2.acquire().await.map(|p| p.backend()) });
+        let waiter = tokio::spawn(async move {
+            a2.acquire_within(Duration::from_secs(60))
+                .await
+                .map(|p| p.backend())
+        });
         tokio::task::yield_now().await;
         drop(p);
         tokio::time::sleep(Duration::from_millis(4_900)).await;
@@ -836,7 +841,10 @@ mod tests {
         assert!(!waiter.is_finished(), "the waiter still waits");
         assert_eq!(waiter.await.expect("join"), Ok(BackendId(0)));
         // A hold withdrawn (the answer was seen) releases at once.
-        let mut p = a.acquire().await.expect("admitted");
+        let mut p = a
+            .acquire_within(Duration::from_secs(60))
+            .await
+            .expect("admitted");
         p.hold_on_drop(Some(Duration::from_secs(5)));
         p.hold_on_drop(None);
         drop(p);
@@ -845,10 +853,17 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn release_hands_the_slot_to_the_waiter() {
-        let a = Admission::new(&[1], 10, Duration::from_secs(10));
-        let p = a.acquire().await.expect("admitted");
+        let a = Admission::new(&[1], 10);
+        let p = a
+            .acquire_within(Duration::from_secs(10))
+            .await
+            .expect("admitted");
         let a2 = a.clone();
-        let waiter = tokio::spawn(async move { a2.acquire().await.map(|p| p.backend()) });
+        let waiter = tokio::spawn(async move {
+            a2.acquire_within(Duration::from_secs(10))
+                .await
+                .map(|p| p.backend())
+        });
         tokio::task::yield_now().await;
         drop(p);
         assert_eq!(waiter.await.expect("join"), Ok(BackendId(0)));
@@ -861,10 +876,16 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn dropped_waiter_leaves_the_queue() {
-        let a = Admission::new(&[1], 10, Duration::from_secs(10));
-        let p = a.acquire().await.expect("admitted");
+        let a = Admission::new(&[1], 10);
+        let p = a
+            .acquire_within(Duration::from_secs(10))
+            .await
+            .expect("admitted");
         let a2 = a.clone();
-        let waiter = tokio::spawn(async move { a2.acquire().await.map(|_| ()) });
+        let waiter =
+            tokio::spawn(
+                async move { a2.acquire_within(Duration::from_secs(10)).await.map(|_| ()) },
+            );
         tokio::task::yield_now().await;
         assert_eq!(a.snapshot().queued, 1);
         waiter.abort();
@@ -876,10 +897,17 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn raising_the_limit_admits_waiters() {
-        let a = Admission::new(&[1], 10, Duration::from_secs(10));
-        let _p = a.acquire().await.expect("admitted");
+        let a = Admission::new(&[1], 10);
+        let _p = a
+            .acquire_within(Duration::from_secs(10))
+            .await
+            .expect("admitted");
         let a2 = a.clone();
-        let waiter = tokio::spawn(async move { a2.acquire().await.map(|p| p.backend()) });
+        let waiter = tokio::spawn(async move {
+            a2.acquire_within(Duration::from_secs(10))
+                .await
+                .map(|p| p.backend())
+        });
         tokio::task::yield_now().await;
         a.set_limit(BackendId(0), 2);
         assert_eq!(waiter.await.expect("join"), Ok(BackendId(0)));
@@ -889,15 +917,22 @@ mod tests {
     /// admission timer; one whose turn comes with a rate token does, once per earlier turn.
     #[tokio::test(start_paused = true)]
     async fn only_a_waiter_admitted_by_time_wakes_the_timer() {
-        let a = Admission::new(&[1], 100, Duration::from_secs(10));
+        let a = Admission::new(&[1], 100);
         let (stop, shutdown) = tokio::sync::watch::channel(false);
         let timer = tokio::spawn(a.clone().run_timer(shutdown));
         tokio::task::yield_now().await;
-        let p = a.acquire().await.expect("admitted");
+        let p = a
+            .acquire_within(Duration::from_secs(10))
+            .await
+            .expect("admitted");
         let waiters: Vec<_> = (0..20)
             .map(|_| {
                 let a = a.clone();
-                tokio::spawn(async move { a.acquire().await.map(|p| p.backend()) })
+                tokio::spawn(async move {
+                    a.acquire_within(Duration::from_secs(10))
+                        .await
+                        .map(|p| p.backend())
+                })
             })
             .collect();
         for _ in 0..5 {
@@ -925,7 +960,6 @@ mod tests {
             }],
             vec!["b0".into()],
             100,
-            Duration::from_secs(10),
             0,
             1,
             1,
@@ -933,9 +967,16 @@ mod tests {
         let (_stop2, shutdown2) = tokio::sync::watch::channel(false);
         let timer2 = tokio::spawn(rated.clone().run_timer(shutdown2));
         tokio::task::yield_now().await;
-        let first = rated.acquire().await.expect("the burst token");
+        let first = rated
+            .acquire_within(Duration::from_secs(10))
+            .await
+            .expect("the burst token");
         let r2 = rated.clone();
-        let second = tokio::spawn(async move { r2.acquire().await.map(|p| p.backend()) });
+        let second = tokio::spawn(async move {
+            r2.acquire_within(Duration::from_secs(10))
+                .await
+                .map(|p| p.backend())
+        });
         tokio::task::yield_now().await;
         assert_eq!(rated.timer_wakes.load(Ordering::Relaxed), 1);
         assert_eq!(

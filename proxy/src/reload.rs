@@ -193,7 +193,7 @@ fn apply(shared: &Shared, old: &Config, new: &Config) -> ReloadReport {
         }
     }
     if old.max_queue != new.max_queue || old.queue_timeout != new.queue_timeout {
-        admission.set_queue(new.max_queue, new.queue_timeout);
+        admission.set_max_queue(new.max_queue);
         report.applied.push(format!(
             "queue: max {} waiting, timeout {}",
             new.max_queue,

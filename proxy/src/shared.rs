@@ -32,6 +32,8 @@ pub struct Upstream {
 pub struct Settings {
     /// Backends by index (an index never changes meaning while the process runs).
     pub upstreams: Vec<Upstream>,
+    /// Longest wait in the queue.
+    pub queue_timeout: Duration,
     /// `Retry-After` seconds.
     pub retry_after_secs: u64,
     /// Per-write timeout toward clients.
@@ -107,6 +109,7 @@ impl Settings {
                 .iter()
                 .map(|b| upstream(cfg, b, dialed))
                 .collect(),
+            queue_timeout: cfg.queue_timeout,
             // Retry-After takes whole seconds; never advertise 0 (an immediate retry storm).
             retry_after_secs: cfg.retry_after.as_secs().max(1),
             client_write_timeout: cfg.client_write_timeout,

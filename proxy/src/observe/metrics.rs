@@ -573,12 +573,11 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn renders_every_family_with_state_gauges() {
         let m = Metrics::new();
-        let a = Admission::new(&[4], 10, Duration::from_secs(1));
+        let a = Admission::new(&[4], 10);
         m.request("b0", Disposition::Ok);
         m.request(NO_BACKEND, Disposition::QueueFull);
         m.queue_wait(0.002);

@@ -32,7 +32,7 @@ use pingora::upstreams::peer::HttpPeer;
 use sluice_plugins::BackendId;
 
 use crate::admission::{Admission, Seen};
-use crate::config::{CheckKind, Config};
+use crate::config::{CheckKind, Config, HealthConfig};
 use crate::service::{PROBE_BACKEND_HEADER, PROBE_ERROR_HEADER, PROBE_HEADER};
 use crate::shared::Shared;
 
@@ -71,7 +71,11 @@ pub struct HealthChecker(Arc<Checker>);
 struct Checker {
     admission: Arc<Admission>,
     shared: Arc<Shared>,
-    cfg: Config,
+    /// `[health]` as the process started with it (a change needs an upgrade); the backends,
+    /// and everything reloadable, come from [`Shared::settings`].
+    health: HealthConfig,
+    /// sluice's own listener, which probes go through.
+    listen: SocketAddr,
     secret: String,
 }
 
@@ -81,7 +85,8 @@ impl HealthChecker {
         HealthChecker(Arc::new(Checker {
             admission: shared.admission.clone(),
             shared,
-            cfg: cfg.clone(),
+            health: cfg.health.clone(),
+            listen: cfg.listen,
             secret,
         }))
     }
@@ -149,12 +154,12 @@ impl Checker {
                 .await;
             Ok::<_, String>(seen)
         };
-        match tokio::time::timeout(self.cfg.health.timeout, attempt).await {
+        match tokio::time::timeout(self.health.timeout, attempt).await {
             Ok(Ok(seen)) => seen,
             Ok(Err(why)) => Some(Seen::Failed(why)),
             Err(_) => Some(Seen::Failed(format!(
                 "no answer within {} (health.timeout)",
-                humantime::format_duration(self.cfg.health.timeout)
+                humantime::format_duration(self.health.timeout)
             ))),
         }
     }
@@ -163,19 +168,17 @@ impl Checker {
     async fn check_tcp(&self, backend: usize) -> Option<Seen> {
         let permit = self.admission.acquire_probe(BackendId(backend))?;
         let addr = self.shared.settings().upstreams.get(backend)?.addr;
-        let seen = match tokio::time::timeout(
-            self.cfg.health.timeout,
-            tokio::net::TcpStream::connect(addr),
-        )
-        .await
-        {
-            Ok(Ok(_)) => Seen::Connected,
-            Ok(Err(e)) => Seen::Failed(e.to_string()),
-            Err(_) => Seen::Failed(format!(
-                "no connection within {} (health.timeout)",
-                humantime::format_duration(self.cfg.health.timeout)
-            )),
-        };
+        let seen =
+            match tokio::time::timeout(self.health.timeout, tokio::net::TcpStream::connect(addr))
+                .await
+            {
+                Ok(Ok(_)) => Seen::Connected,
+                Ok(Err(e)) => Seen::Failed(e.to_string()),
+                Err(_) => Seen::Failed(format!(
+                    "no connection within {} (health.timeout)",
+                    humantime::format_duration(self.health.timeout)
+                )),
+            };
         drop(permit);
         Some(seen)
     }
@@ -184,11 +187,11 @@ impl Checker {
         // Built on first use: a connector loads the TLS roots, which a `tcp` check never needs
         // and a `none` one only once a backend is down.
         let mut connector: Option<Connector> = None;
-        let mut peer = HttpPeer::new(self_addr(self.cfg.listen), false, String::new());
-        peer.options.connection_timeout = Some(self.cfg.health.timeout);
-        peer.options.read_timeout = Some(self.cfg.health.timeout);
+        let mut peer = HttpPeer::new(self_addr(self.listen), false, String::new());
+        peer.options.connection_timeout = Some(self.health.timeout);
+        peer.options.read_timeout = Some(self.health.timeout);
         peer.options.idle_timeout = Some(Duration::from_secs(60));
-        let health = &self.cfg.health;
+        let health = &self.health;
         let id = BackendId(backend);
         let mut interval = tokio::time::interval(health.interval);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -233,7 +236,7 @@ impl Checker {
 #[async_trait]
 impl BackgroundService for HealthChecker {
     async fn start(&self, shutdown: ShutdownWatch) {
-        let health = &self.0.cfg.health;
+        let health = &self.0.health;
         if health.check == CheckKind::None && health.passive_failures == 0 {
             // Nothing can take a backend down, so nothing needs to bring one back.
             return;
@@ -242,7 +245,7 @@ impl BackgroundService for HealthChecker {
         let mut started = 0;
         let mut tasks = Vec::new();
         let mut shutdown = shutdown;
-        let mut tick = tokio::time::interval(self.0.cfg.health.interval);
+        let mut tick = tokio::time::interval(self.0.health.interval);
         loop {
             let count = self.0.shared.settings().upstreams.len();
             while started < count {

@@ -192,9 +192,9 @@ pub struct Exchange {
 }
 
 impl Exchange {
-    /// Wait for a slot until `admission`'s queue deadline, giving up as soon as `gone`
-    /// completes (the client hung up). `arrived` is when the request arrived; its wait is
-    /// measured from there. `hold` is `upstream.timeout_hold`.
+    /// Wait for a slot until `deadline`, giving up as soon as `gone` completes (the client hung
+    /// up). `arrived` is when the request arrived; its wait is measured from there. `hold` is
+    /// `upstream.timeout_hold`.
     ///
     /// A slot granted in the very instant the client hung up is given back: `gone` is looked
     /// at once more before the request may be forwarded, so a leaver's payment never reaches
@@ -202,10 +202,10 @@ impl Exchange {
     pub async fn admit<G: Future>(
         admission: &Arc<Admission>,
         arrived: Instant,
+        deadline: Instant,
         hold: Duration,
         gone: G,
     ) -> (Result<Exchange, NotAdmitted>, Duration) {
-        let deadline = admission.deadline();
         tokio::pin!(gone);
         let acquired = {
             let acquire = admission.acquire_until(deadline, false);
@@ -472,15 +472,24 @@ mod tests {
     }
 
     const HOLD: Duration = Duration::from_secs(5);
+    /// The queue deadline of every test request.
+    const QUEUE: Duration = Duration::from_secs(10);
 
     async fn admitted(a: &Arc<Admission>) -> Exchange {
-        let (ex, _) = Exchange::admit(a, Instant::now(), HOLD, std::future::pending::<()>()).await;
+        let (ex, _) = Exchange::admit(
+            a,
+            Instant::now(),
+            Instant::now() + QUEUE,
+            HOLD,
+            std::future::pending::<()>(),
+        )
+        .await;
         ex.expect("admitted")
     }
 
     #[tokio::test(start_paused = true)]
     async fn an_answer_releases_the_slot_at_once() {
-        let a = Admission::new(&[1], 4, Duration::from_secs(1));
+        let a = Admission::new(&[1], 4);
         let mut ex = admitted(&a).await;
         assert_eq!(inflight(&a), 1);
         ex.connected(false, None);
@@ -498,7 +507,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_upstream_timeout_holds_the_slot_for_the_hold() {
-        let a = Admission::new(&[1], 4, Duration::from_secs(1));
+        let a = Admission::new(&[1], 4);
         let mut ex = admitted(&a).await;
         ex.sent();
         let held = match ex.finish(Outcome::UpstreamTimeout { reading: true }) {
@@ -524,13 +533,17 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_refused_connect_gives_the_slot_back_and_waits_ahead_of_the_queue() {
-        let a = Admission::new(&[1], 4, Duration::from_secs(10));
+        let a = Admission::new(&[1], 4);
         let mut ex = admitted(&a).await;
         // Two requests queue behind it.
         let (a1, a2) = (a.clone(), a.clone());
-        let first = tokio::spawn(async move { a1.acquire().await });
+        let first = tokio::spawn(async move { a1.acquire_within(Duration::from_secs(10)).await });
         tokio::task::yield_now().await;
-        let second = tokio::spawn(async move { a2.acquire().await.map(|p| p.backend()) });
+        let second = tokio::spawn(async move {
+            a2.acquire_within(Duration::from_secs(10))
+                .await
+                .map(|p| p.backend())
+        });
         tokio::task::yield_now().await;
         assert_eq!(a.snapshot().queued, 2);
         // The connect is refused: the slot goes to the first waiter at once.
@@ -554,9 +567,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_refused_connect_past_the_deadline_is_not_retried() {
-        let a = Admission::new(&[1], 4, Duration::from_secs(1));
+        let a = Admission::new(&[1], 4);
         let mut ex = admitted(&a).await;
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::time::sleep(QUEUE + Duration::from_secs(1)).await;
         assert!(!ex.connect_refused("connection refused"));
         assert_eq!(
             inflight(&a),
@@ -572,7 +585,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_probe_counts_inside_the_cap_and_is_never_held() {
-        let a = Admission::new(&[1], 4, Duration::from_secs(1));
+        let a = Admission::new(&[1], 4);
         let mut probe = Exchange::probe(&a, BackendId(0)).expect("a free slot");
         assert!(probe.is_probe());
         assert_eq!(inflight(&a), 1);
@@ -580,8 +593,14 @@ mod tests {
         assert!(Exchange::probe(&a, BackendId(0)).is_none());
         let a2 = a.clone();
         let waiter = tokio::spawn(async move {
-            let (ex, _) =
-                Exchange::admit(&a2, Instant::now(), HOLD, std::future::pending::<()>()).await;
+            let (ex, _) = Exchange::admit(
+                &a2,
+                Instant::now(),
+                Instant::now() + QUEUE,
+                HOLD,
+                std::future::pending::<()>(),
+            )
+            .await;
             ex.map(|ex| ex.backend())
         });
         tokio::task::yield_now().await;
@@ -597,14 +616,16 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_client_gone_while_queued_leaves_nothing_behind() {
-        let a = Admission::new(&[1], 4, Duration::from_secs(10));
+        let a = Admission::new(&[1], 4);
         let first = admitted(&a).await;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let a2 = a.clone();
-        let queued =
-            tokio::spawn(
-                async move { Exchange::admit(&a2, Instant::now(), HOLD, rx).await.0.err() },
-            );
+        let queued = tokio::spawn(async move {
+            Exchange::admit(&a2, Instant::now(), Instant::now() + QUEUE, HOLD, rx)
+                .await
+                .0
+                .err()
+        });
         tokio::task::yield_now().await;
         assert_eq!(a.snapshot().queued, 1);
         tx.send(()).expect("send");
@@ -617,10 +638,12 @@ mod tests {
         let first = admitted(&a).await;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let a2 = a.clone();
-        let queued =
-            tokio::spawn(
-                async move { Exchange::admit(&a2, Instant::now(), HOLD, rx).await.0.err() },
-            );
+        let queued = tokio::spawn(async move {
+            Exchange::admit(&a2, Instant::now(), Instant::now() + QUEUE, HOLD, rx)
+                .await
+                .0
+                .err()
+        });
         tokio::task::yield_now().await;
         drop(first); // grants the slot to the waiter ...
         tx.send(()).expect("send"); // ... as its client hangs up
@@ -631,7 +654,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_panic_in_a_hook_releases_or_holds_like_the_outcome_would() {
-        let a = Admission::new(&[2], 4, Duration::from_secs(1));
+        let a = Admission::new(&[2], 4);
         // Before the request was sent: nothing is at the backend, the slot is free at once.
         let ex = admitted(&a).await;
         let hook = tokio::spawn(async move {

@@ -449,8 +449,15 @@ impl ProxyHttp for Sluice {
         // The whole request has been received, so any readable event on the socket means the
         // client hung up (or broke protocol): stop waiting for it.
         let gone = session.as_downstream_mut().read_body_or_idle(true);
-        let hold = settings.timeout_hold;
-        let (admitted, queue_wait) = Exchange::admit(&self.admission, arrived, hold, gone).await;
+        let deadline = Instant::now() + settings.queue_timeout;
+        let (admitted, queue_wait) = Exchange::admit(
+            &self.admission,
+            arrived,
+            deadline,
+            settings.timeout_hold,
+            gone,
+        )
+        .await;
         let exchange = match admitted {
             Ok(exchange) => exchange,
             Err(why) => return self.not_admitted(session, ctx, why, queue_wait).await,

@@ -312,6 +312,7 @@ mod tests {
     fn settings() -> Settings {
         Settings {
             upstreams: Vec::new(),
+            queue_timeout: Duration::from_secs(1),
             retry_after_secs: 1,
             client_write_timeout: Duration::from_secs(1),
             client_keepalive_secs: 1,
