@@ -10,6 +10,8 @@
 //!   backend CA file are checked, the admin token is read; the result is the [`Config`] the
 //!   proxy runs on.
 //!
+//! [`diff`] compares two configurations field by field, each field classified as applied in
+//! place by a reload or needing an upgrade; the reload builds its report from it.
 //! Every default value lives in [`defaults`].
 
 use std::fmt;
@@ -20,10 +22,12 @@ use std::time::Duration;
 pub use sluice_plugins::health::Expect;
 
 pub mod defaults;
+pub mod diff;
 pub mod file;
 pub mod resolve;
 pub mod validate;
 
+pub use diff::{diff, Change, Effect};
 pub use file::Reload;
 pub use resolve::{read_token, Io, System};
 pub use validate::Validated;
