@@ -17,7 +17,7 @@
 //! client read and write buffers, health-check settings, the backend CA file) is reported as needing an upgrade (`sluice run --upgrade`).
 //! An invalid file is refused with its error and the running configuration stays.
 //!
-//! Which is which is decided in one place, the typed diff of [`crate::config::diff`]: every
+//! Which is which is decided in one place, the typed diff of [`crate::config::diff()`]: every
 //! field of the configuration is classified there, and the report is built from it.
 
 use std::path::PathBuf;

@@ -3,11 +3,11 @@
 //! Unknown keys are rejected, durations are written as `"10s"` / `"250ms"`, and every key is
 //! optional here (defaults and ranges are the validation layer's business, [`super::validate`]).
 //!
-//! Each section is declared through [`section!`], which also lists the section's keys in
+//! Each section is declared through the `section!` macro, which also lists the section's keys in
 //! [`Section::KEYS`], each with what a reload does when it changes ([`Reload`]) and an example
 //! value. A key cannot be declared without saying how a reload treats it, and [`keys`] lists
 //! every key of the file; the reload test changes each one and checks the reload diff
-//! ([`super::diff`]) reports it as that class.
+//! ([`super::diff()`]) reports it as that class.
 
 use std::time::Duration;
 

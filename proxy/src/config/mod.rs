@@ -1,8 +1,9 @@
 //! Configuration: the TOML file format, its defaults, validation, and the final [`Config`].
 //!
 //! Three layers, each with one job:
-//! - [`file`]: serde structs that mirror the file exactly (unknown keys are rejected). Each
-//!   section also lists its keys and what a reload does when one changes ([`file::keys`]).
+//! - [`file`](mod@file): serde structs that mirror the file exactly (unknown keys are
+//!   rejected). Each section also lists its keys and what a reload does when one changes
+//!   ([`file::keys`]).
 //! - [`validate`]: the file with command-line [`Overrides`] applied, checked section by section
 //!   into a [`Validated`] configuration. Pure: no DNS, no file reads, so it is fuzzed whole. The
 //!   first problem comes back as a [`ConfigError`] naming the key, the value and the fix.
@@ -10,8 +11,8 @@
 //!   backend CA file are checked, the admin token is read; the result is the [`Config`] the
 //!   proxy runs on.
 //!
-//! [`diff`] compares two configurations field by field, each field classified as applied in
-//! place by a reload or needing an upgrade; the reload builds its report from it.
+//! [`diff`](mod@diff) compares two configurations field by field, each field classified as
+//! applied in place by a reload or needing an upgrade; the reload builds its report from it.
 //! Every default value lives in [`defaults`].
 
 use std::fmt;

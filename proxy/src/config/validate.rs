@@ -4,7 +4,7 @@
 //! Pure: nothing here looks a name up or reads a file (that is [`super::resolve`]), so any
 //! text can be validated, host names included, and the fuzzer does exactly that. Each section
 //! has one function (or `TryFrom`) that checks it; every integer range goes through
-//! [`ranged`], every duration that must not be zero through [`positive`]. The first problem is
+//! `ranged`, every duration that must not be zero through `positive`. The first problem is
 //! returned as a [`ConfigError`] naming the key, the value and the fix.
 
 use std::net::SocketAddr;
