@@ -389,6 +389,16 @@ mod tests {
                     key.reload
                 );
             }
+            for c in &changes {
+                if let Effect::Upgrade(label) = c.effect {
+                    // The report names the key itself, or its whole section.
+                    assert!(
+                        label == key.name || label == format!("[{}]", key.section),
+                        "{}: reported as needing an upgrade under {label:?}",
+                        key.name
+                    );
+                }
+            }
             in_place += usize::from(key.reload == Reload::InPlace);
             assert!(
                 diff(&new, &new).is_empty(),

@@ -638,6 +638,26 @@ mod tests {
     }
 
     #[test]
+    fn validation_takes_host_names_without_a_lookup_and_resolution_names_the_key() {
+        let text = "[admission]\nmax_inflight = 4\n[[backend]]\naddress = \"pos.invalid:80\"\n";
+        let v = Validated::parse(text, None, &Overrides::default()).expect("valid, no DNS");
+        assert_eq!(v.backends[0].address, "pos.invalid:80");
+        assert_eq!(v.backends[0].name, "pos.invalid:80");
+        // A missing or bad port is refused before any lookup, with the lookup's own message.
+        for bad in ["pos.invalid", "pos.invalid:http", "pos.invalid:70000"] {
+            let e = invalid(&text.replace("pos.invalid:80", bad));
+            assert_eq!(e.key, "backend[0].address", "{bad}");
+            assert!(e.fix.contains("not a usable host:port"), "{bad}: {e}");
+        }
+        // The lookup itself belongs to the resolution layer (`.invalid` never resolves).
+        let e = invalid(text);
+        assert_eq!(
+            (e.key.as_str(), e.value.as_str()),
+            ("backend[0].address", "\"pos.invalid:80\"")
+        );
+    }
+
+    #[test]
     fn minimal_file_gets_documented_defaults() {
         let c = parse(MINIMAL).expect("valid");
         assert_eq!(c.backends[0].max_inflight, 16);
