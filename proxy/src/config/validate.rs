@@ -1029,17 +1029,18 @@ fn cluster_settings(
         ));
     }
     let instances = match c.instances {
-        Some(n) if (1..=i64::from(defaults::CLUSTER_MAX_INSTANCES)).contains(&n) => n as u32,
-        Some(n) => {
-            return Err(ConfigError::new(
-                "cluster.instances",
-                n,
+        Some(n) => ranged(
+            "cluster.instances",
+            Some(n),
+            0,
+            (1, i64::from(defaults::CLUSTER_MAX_INSTANCES)),
+            || {
                 format!(
                     "must be between 1 and {}: how many sluice instances share the backends",
                     defaults::CLUSTER_MAX_INSTANCES
-                ),
-            ))
-        }
+                )
+            },
+        )?,
         None => {
             return Err(ConfigError::new(
                 "cluster.instances",
@@ -1050,14 +1051,9 @@ fn cluster_settings(
     };
     let min_cap = backends.iter().map(|b| b.max_inflight).min().unwrap_or(0);
     let safe_share = match c.safe_share {
-        Some(n) if n >= 0 && n <= i64::from(min_cap) => n as u32,
-        Some(n) => {
-            return Err(ConfigError::new(
-                "cluster.safe_share",
-                n,
-                format!("must be between 0 and the smallest backend cap ({min_cap}): what this instance uses of each backend when it holds no valid lease"),
-            ))
-        }
+        Some(n) => ranged("cluster.safe_share", Some(n), 0, (0, i64::from(min_cap)), || {
+            format!("must be between 0 and the smallest backend cap ({min_cap}): what this instance uses of each backend when it holds no valid lease")
+        })?,
         None => {
             return Err(ConfigError::new(
                 "cluster.safe_share",
@@ -1082,17 +1078,21 @@ fn cluster_settings(
             ),
         ));
     }
-    let step = match c.step {
-        None => None,
-        Some(n) if (1..=i64::from(defaults::MAX_INFLIGHT_CEILING)).contains(&n) => Some(n as u32),
-        Some(n) => {
-            return Err(ConfigError::new(
+    let step = c
+        .step
+        .map(|n| {
+            ranged(
                 "cluster.step",
-                n,
-                "must be at least 1: the largest change of a share per renewal (default: an eighth of the cap)",
-            ))
-        }
-    };
+                Some(n),
+                0,
+                (1, i64::from(defaults::MAX_INFLIGHT_CEILING)),
+                || {
+                    "must be at least 1: the largest change of a share per renewal (default: an eighth of the cap)"
+                        .into()
+                },
+            )
+        })
+        .transpose()?;
     Ok(ClusterSettings {
         redis,
         id,
