@@ -16,6 +16,9 @@
 //! What needs new sockets or threads (listen, TLS listen and admin addresses, `[server]`, the
 //! client read and write buffers, health-check settings, the backend CA file) is reported as needing an upgrade (`sluice run --upgrade`).
 //! An invalid file is refused with its error and the running configuration stays.
+//!
+//! Which is which is decided in one place, the typed diff of [`crate::config::diff()`]: every
+//! field of the configuration is classified there, and the report is built from it.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -23,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use serde::Serialize;
 
 use crate::admission::policy;
-use crate::config::{Config, LoadError, Overrides};
+use crate::config::{diff, Config, Effect, LoadError, Overrides};
 use crate::observe::access_log::AccessLog;
 use crate::shared::{upstream, Settings, Shared};
 
@@ -103,34 +106,15 @@ pub fn reload(shared: &Arc<Shared>) -> Result<ReloadReport, ReloadError> {
 
 fn apply(shared: &Shared, old: &Config, new: &Config) -> ReloadReport {
     let mut report = ReloadReport::default();
-    let mut needs = |what: &str, changed: bool| {
-        if changed {
-            report.needs_upgrade.push(what.to_string());
+    let changes = diff(old, new);
+    let changed = |effect: Effect| changes.iter().any(|c| c.effect == effect);
+    for c in &changes {
+        if let Effect::Upgrade(label) = c.effect {
+            if !report.needs_upgrade.iter().any(|u| u == label) {
+                report.needs_upgrade.push(label.to_string());
+            }
         }
-    };
-    needs("proxy.listen", old.listen != new.listen);
-    needs("admin.listen", old.admin_listen != new.admin_listen);
-    needs("admin.token_file", old.admin_token != new.admin_token);
-    needs("admin.metrics_open", old.metrics_open != new.metrics_open);
-    needs("[cluster]", old.cluster != new.cluster);
-    needs(
-        "proxy.client_read_buffer_bytes",
-        old.client_read_buffer_bytes != new.client_read_buffer_bytes,
-    );
-    needs(
-        "proxy.client_write_buffer_bytes",
-        old.client_write_buffer_bytes != new.client_write_buffer_bytes,
-    );
-    needs("[server]", old.server != new.server);
-    needs("[health]", old.health != new.health);
-    needs(
-        "tls.listen",
-        old.tls.as_ref().map(|t| t.listen) != new.tls.as_ref().map(|t| t.listen),
-    );
-    needs(
-        "upstream.ca_file",
-        old.upstream.ca_file != new.upstream.ca_file,
-    );
+    }
 
     let admission = &shared.admission;
     let settings = shared.settings();
@@ -192,7 +176,7 @@ fn apply(shared: &Shared, old: &Config, new: &Config) -> ReloadReport {
             ));
         }
     }
-    if old.max_queue != new.max_queue || old.queue_timeout != new.queue_timeout {
+    if changed(Effect::Queue) {
         admission.set_max_queue(new.max_queue);
         report.applied.push(format!(
             "queue: max {} waiting, timeout {}",
@@ -200,21 +184,7 @@ fn apply(shared: &Shared, old: &Config, new: &Config) -> ReloadReport {
             humantime::format_duration(new.queue_timeout)
         ));
     }
-    if old.retry_after != new.retry_after
-        || old.client_write_timeout != new.client_write_timeout
-        || old.client_keepalive_timeout != new.client_keepalive_timeout
-        || old.client_header_timeout != new.client_header_timeout
-        || old.client_body_timeout != new.client_body_timeout
-        || old.client_body_start_timeout != new.client_body_start_timeout
-        || old.client_body_min_rate != new.client_body_min_rate
-        || old.max_buffered_body_bytes != new.max_buffered_body_bytes
-        || old.request_timeout != new.request_timeout
-        || old.max_connections != new.max_connections
-        || old.max_connections_per_ip != new.max_connections_per_ip
-        || old.max_header_bytes != new.max_header_bytes
-        || old.max_body_bytes != new.max_body_bytes
-        || old.upstream != new.upstream
-    {
+    if changed(Effect::Settings) {
         report.applied.push(
             "retry_after, client timeouts and connection caps, size limits and upstream timeouts"
                 .into(),
@@ -240,7 +210,7 @@ fn apply(shared: &Shared, old: &Config, new: &Config) -> ReloadReport {
         }
     }
 
-    if old.access_log != new.access_log {
+    if changed(Effect::AccessLog) {
         match AccessLog::open(&new.access_log) {
             Ok(log) => {
                 *shared.access_log.write().unwrap_or_else(|p| p.into_inner()) = log;

@@ -6,6 +6,10 @@
 //! certificate is picked up without a restart or an upgrade); new handshakes get the new
 //! certificate, established connections keep theirs. A file that does not load leaves the
 //! current certificate in force.
+//!
+//! This module knows nothing of the configuration: it takes file paths and reports a bad file
+//! as a [`FileError`] (the key, the value and the fix, as the configuration words them), which
+//! the configuration turns into its own error.
 
 use std::fmt;
 use std::path::Path;
@@ -14,7 +18,35 @@ use std::sync::{Arc, RwLock};
 use pingora::tls::sign::CertifiedKey;
 use pingora::tls::{ClientHello, CryptoProvider, ResolvesServerCert};
 
-use crate::config::ConfigError;
+/// A certificate, key or CA file that cannot be used: which key names it, the value as
+/// written, and the fix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileError {
+    /// The configuration key naming the file (`tls.cert`, `tls.key`, `upstream.ca_file`).
+    pub key: String,
+    /// The path, quoted.
+    pub value: String,
+    /// What is wrong and how to fix it.
+    pub fix: String,
+}
+
+impl FileError {
+    fn new(key: &str, value: impl Into<String>, fix: impl Into<String>) -> Self {
+        FileError {
+            key: key.into(),
+            value: value.into(),
+            fix: fix.into(),
+        }
+    }
+}
+
+impl fmt::Display for FileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "`{} = {}`: {}", self.key, self.value, self.fix)
+    }
+}
+
+impl std::error::Error for FileError {}
 
 /// The certificate the TLS listener presents; replaced whole on reload.
 pub struct CertStore {
@@ -65,21 +97,21 @@ fn provider() -> &'static Arc<CryptoProvider> {
 /// error, not a hang.
 const MAX_PEM_BYTES: u64 = 1024 * 1024;
 
-fn read(key: &str, path: &Path) -> Result<String, ConfigError> {
+fn read(key: &str, path: &Path) -> Result<String, FileError> {
     use std::io::Read;
     let value = || format!("{:?}", path.display().to_string());
     let mut text = String::new();
     std::fs::File::open(path)
         .and_then(|f| f.take(MAX_PEM_BYTES + 1).read_to_string(&mut text))
         .map_err(|e| {
-            ConfigError::new(
+            FileError::new(
                 key,
                 value(),
                 format!("cannot read the file ({e}); give the path of a readable PEM file"),
             )
         })?;
     if text.len() as u64 > MAX_PEM_BYTES {
-        return Err(ConfigError::new(
+        return Err(FileError::new(
             key,
             value(),
             "is larger than 1 MiB; give the path of a PEM file",
@@ -89,7 +121,7 @@ fn read(key: &str, path: &Path) -> Result<String, ConfigError> {
 }
 
 /// Load a certificate chain and its private key (PEM files) and check that they match.
-pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, ConfigError> {
+pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, FileError> {
     let cert_text = read("tls.cert", cert)?;
     read("tls.key", key)?;
     let cert_value = format!("{:?}", cert.display().to_string());
@@ -99,7 +131,7 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, Confi
         &key.display().to_string(),
     )
     .map_err(|e| {
-        ConfigError::new(
+        FileError::new(
             "tls.cert",
             cert_value.clone(),
             format!("cannot be parsed as PEM ({e})"),
@@ -107,13 +139,13 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, Confi
     })?;
     let Some((certs, private_key)) = loaded else {
         return Err(if !cert_text.contains("-----BEGIN CERTIFICATE-----") {
-            ConfigError::new(
+            FileError::new(
                 "tls.cert",
                 cert_value,
                 "holds no PEM certificate; give the certificate chain, server certificate first",
             )
         } else {
-            ConfigError::new(
+            FileError::new(
                 "tls.key",
                 key_value,
                 "holds no PEM private key (PKCS#8, PKCS#1 or SEC1); give the certificate's key",
@@ -121,7 +153,7 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, Confi
         });
     };
     CertifiedKey::from_der(certs, private_key, provider()).map_err(|e| {
-        ConfigError::new(
+        FileError::new(
             "tls.key",
             key_value,
             format!("does not go with the certificate in tls.cert ({e}); give the matching key"),
@@ -130,10 +162,10 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, Confi
 }
 
 /// Check that a CA bundle holds at least one PEM certificate; returns its path.
-pub fn check_ca_file(key: &str, path: &str) -> Result<String, ConfigError> {
+pub fn check_ca_file(key: &str, path: &str) -> Result<String, FileError> {
     let text = read(key, Path::new(path))?;
     if !text.contains("-----BEGIN CERTIFICATE-----") {
-        return Err(ConfigError::new(
+        return Err(FileError::new(
             key,
             format!("{path:?}"),
             "holds no PEM certificate; give a file of CA certificates",
