@@ -429,8 +429,16 @@ impl<W> AdmissionPool<W> {
     }
 
     /// Feed what became of a request sent to `backend` to its ramp gate and learned limit;
-    /// returns the grants a grown limit made.
+    /// returns the grants a grown limit made. Like every call that admits, it first brings
+    /// every backend to `now`, so time's raise of another backend's limit is used too.
     pub fn record(&mut self, backend: BackendId, sample: Sample, now: Instant) -> Vec<Grant<W>> {
+        if backend.0 >= self.slots.len() {
+            return Vec::new();
+        }
+        // The first answer after a stall reveals it, should the answer come before the timer's
+        // next look: the tick collapses the limit before this answer (and the slots it frees)
+        // can be given back to the backend at the old limit.
+        self.tick(now);
         let Some(slot) = self.slots.get_mut(backend.0) else {
             return Vec::new();
         };
@@ -442,10 +450,6 @@ impl<W> AdmissionPool<W> {
             }
         }
         if let Some(l) = slot.learner.as_mut() {
-            // The first answer after a stall reveals it, should the answer come before the
-            // timer's next look: the stall collapses the limit before this answer (and the
-            // slots it frees) can be given back to the backend at the old limit.
-            l.tick(slot.inflight, now);
             l.record(sample, now);
             slot.learned = l.limit(now);
         }
@@ -1168,6 +1172,32 @@ mod tests {
         assert!(
             !pool.acquire_probe(BackendId(0), now),
             "never beyond the cap"
+        );
+    }
+
+    #[test]
+    fn an_outcome_brings_every_backend_to_now_before_admitting() {
+        // Found by the shared model: `record` brought only the backend it was about to `now`,
+        // so a waiter stayed queued although time had raised another backend's learned limit.
+        let now = t0();
+        let mut learning = BackendPolicy::limit(4);
+        learning.learn = Some(LatencyLimitConfig {
+            initial: 1,
+            duration: Duration::from_secs(2),
+            stall: Duration::from_secs(10),
+            ..LatencyLimitConfig::new(4)
+        });
+        let policies = [BackendPolicy::limit(0), learning];
+        let mut pool: AdmissionPool<u32> = AdmissionPool::with_policies(&policies, 10, now);
+        let d = now + Duration::from_secs(60);
+        assert_eq!(pool.acquire(now, d, 0), Acquire::Admitted(BackendId(1)));
+        assert!(matches!(pool.acquire(now, d, 1), Acquire::Queued(_)));
+        let later = now + Duration::from_secs(2);
+        let grants = pool.record(BackendId(0), Sample::Ok(Duration::from_millis(1)), later);
+        assert_eq!(
+            grants.iter().map(|g| (g.waiter, g.backend)).collect::<Vec<_>>(),
+            vec![(1, BackendId(1))],
+            "the clock ramp reached the full limit"
         );
     }
 
