@@ -17,26 +17,30 @@
 //!   the order they were requeued, then the others in arrival order), under the ticket it was
 //!   queued with, each exactly once, never after leaving or expiring; an arrival is admitted at
 //!   once only when nobody waits;
+//! - **choice**: an arrival or a requeue is admitted exactly when nobody waits and some backend
+//!   can take it (up, a slot free under its effective limit, a token), and then to the one with
+//!   the most free slots, the lowest index on a tie (the model reads effective limits and tokens
+//!   from the pool's snapshot, taken at the same instant just before the call);
 //! - **state**: no request (as opposed to a probe) is admitted to a backend that is not up; a
-//!   probe on a backend that is down or draining is taken exactly when a slot is free under its
-//!   capacity;
+//!   probe is taken exactly when a slot is free under the backend's effective limit while it is
+//!   up, under its capacity while it is down or draining;
+//! - **work conservation**: right after the pool admitted what it could, no backend could take
+//!   the head of a non-empty queue, and the next wake-up is not in the past;
 //! - **queue bound**: an arrival is queued only while fewer than `max_queue` wait and rejected
 //!   only when at least that many do; requeues are never rejected; normal waiters never
 //!   outnumber the bound (waiters beyond a lowered bound only drain);
 //! - **tickets**: never issued twice; cancelling one no longer queued returns nothing;
 //! - **deadlines**: expiry removes exactly the waiters due, in serving order;
-//!   `next_deadline` is the earliest one left; `next_wakeup` is never in the past and is `None`
-//!   when nobody waits;
+//!   `next_deadline` is the earliest one left; `next_wakeup` is `None` when nobody waits;
 //! - **rate**: a backend with a rate never admits more than `burst + rate × elapsed`;
 //! - **hand-over**: `shrink_capacity` returns the smaller of the capacity and the work in flight
 //!   plus the extra, and leaves exactly that capacity;
 //! - **snapshot**: the pool's snapshot agrees with the model (limits, shares, reserved slots,
 //!   states, counts), and no effective limit exceeds the capacity;
 //! - **plain backends** (no rate, ramp or learned limit), whose admission the model predicts
-//!   exactly: the pool is work-conserving (nobody waits while a plain backend that is up has a
-//!   free slot, and no wake-up is due), and in a pool of plain backends only, every admission
-//!   goes to the backend with the most free slots (lowest index on a tie) and an up backend's
-//!   probe is taken exactly when a slot is free.
+//!   from its own counts: nobody waits while a plain backend that is up has a free slot, their
+//!   effective limit is their capacity, and in a pool of plain backends only, every grant from the
+//!   queue goes to the backend with the most free slots and no wake-up is ever due.
 //!
 //! At the end every waiter leaves and every request and probe completes: the pool is empty.
 //!
@@ -460,6 +464,22 @@ impl Driver {
         best.map(|(b, _)| BackendId(b))
     }
 
+    /// Where the pool must admit one request at `now`, read from its snapshot (which brings
+    /// ramps and learned limits to `now` as the call will): among the backends that are up, have
+    /// a slot free under their effective limit and a token, the one with the most free slots
+    /// (the lowest index on a tie).
+    fn snapshot_pick(&self) -> Option<BackendId> {
+        let mut best: Option<(usize, u32)> = None;
+        for (b, s) in self.pool.snapshot(self.now).backends.iter().enumerate() {
+            let free = s.effective_limit.saturating_sub(s.inflight);
+            let ready = s.state == BackendState::Up && free > 0 && s.tokens.is_none_or(|t| t > 0);
+            if ready && best.is_none_or(|(_, f)| free > f) {
+                best = Some((b, free));
+            }
+        }
+        best.map(|(b, _)| BackendId(b))
+    }
+
     /// Checks on a request admitted to `b` (directly or from the queue), then counts it.
     fn admitted_to(&mut self, b: BackendId) {
         let at = self.at();
@@ -637,7 +657,19 @@ impl Driver {
         let id = self.next_id;
         self.next_id += 1;
         let deadline = self.now + QUEUE_TIMEOUT;
-        match self.pool.acquire(self.now, deadline, id) {
+        let expected = self.snapshot_pick().filter(|_| self.waiting.is_empty());
+        let got = self.pool.acquire(self.now, deadline, id);
+        let admitted = match got {
+            Acquire::Admitted(b) => Some(b),
+            _ => None,
+        };
+        assert_eq!(
+            admitted,
+            expected,
+            "{}: admitted elsewhere than to the backend with the most free slots",
+            self.at()
+        );
+        match got {
             Acquire::Admitted(b) => {
                 assert!(
                     self.waiting.is_empty(),
@@ -685,7 +717,19 @@ impl Driver {
         let r = self.running.remove(usize::from(i) % self.running.len());
         let g = self.pool.release(r.backend, self.now);
         self.grants(g);
-        match self.pool.requeue(self.now, r.deadline, r.id) {
+        let expected = self.snapshot_pick().filter(|_| self.waiting.is_empty());
+        let got = self.pool.requeue(self.now, r.deadline, r.id);
+        let admitted = match got {
+            Acquire::Admitted(b) => Some(b),
+            _ => None,
+        };
+        assert_eq!(
+            admitted,
+            expected,
+            "{}: requeue admitted elsewhere than to the backend with the most free slots",
+            self.at()
+        );
+        match got {
             Acquire::Admitted(b) => {
                 assert!(
                     self.waiting.is_empty(),
@@ -763,21 +807,26 @@ impl Driver {
 
     fn probe(&mut self, b: u8) {
         let Some(b) = self.backend(b) else { return };
-        let room = self.inflight(b.0) < self.capacity(b.0);
+        let bound = match self.states[b.0] {
+            BackendState::Up => self
+                .pool
+                .snapshot(self.now)
+                .backends
+                .get(b.0)
+                .map_or(0, |s| s.effective_limit),
+            BackendState::Down | BackendState::Draining => self.capacity(b.0),
+        };
+        let room = self.inflight(b.0) < bound;
         let taken = self.pool.acquire_probe(b, self.now);
-        let exact = self.states[b.0] != BackendState::Up || self.shapes[b.0].is_plain();
-        if exact {
-            assert_eq!(
-                taken,
-                room,
-                "{}: probe of backend {} ({:?}) with {} in flight, capacity {}",
-                self.at(),
-                b.0,
-                self.states[b.0],
-                self.inflight(b.0),
-                self.capacity(b.0)
-            );
-        }
+        assert_eq!(
+            taken,
+            room,
+            "{}: probe of backend {} ({:?}) with {} in flight, bound {bound}",
+            self.at(),
+            b.0,
+            self.states[b.0],
+            self.inflight(b.0),
+        );
         if taken {
             self.probes.push(b);
         }
@@ -885,6 +934,14 @@ impl Driver {
             }
             if self.all_plain() {
                 assert_eq!(wakeup, None, "{at}: a wake-up for plain backends");
+            }
+            if self.dispatched {
+                assert_eq!(
+                    self.snapshot_pick(),
+                    None,
+                    "{at}: a backend can take a request while {} wait",
+                    self.waiting.len()
+                );
             }
         }
     }
