@@ -1195,7 +1195,10 @@ mod tests {
         let later = now + Duration::from_secs(2);
         let grants = pool.record(BackendId(0), Sample::Ok(Duration::from_millis(1)), later);
         assert_eq!(
-            grants.iter().map(|g| (g.waiter, g.backend)).collect::<Vec<_>>(),
+            grants
+                .iter()
+                .map(|g| (g.waiter, g.backend))
+                .collect::<Vec<_>>(),
             vec![(1, BackendId(1))],
             "the clock ramp reached the full limit"
         );
