@@ -4,7 +4,8 @@
 //! A [`Scenario`] is a few backends ([`Shape`]s), a queue bound and a sequence of [`Op`]s: every
 //! call the proxy makes on an [`AdmissionPool`] (arrivals, completions, requeues, waiters leaving
 //! or cancelling too late, time passing, expiry, timer polls, limit, state, share and reserved
-//! changes, capacity hand-over, queue bound changes, health probes, outcomes, ramp restarts).
+//! changes, capacity hand-over, queue bound changes, health probes, outcomes, ramp restarts;
+//! not yet the hot-reload calls `set_policy` and `add_backend`).
 //! [`run`] applies them one by one to a real pool and to a simple reference model of it (who
 //! holds a slot, who waits in which order, each backend's limit, share, reserved slots and
 //! state), and checks after every step:

@@ -4,7 +4,8 @@
 //! slow-start ramp and learned limit), a queue bound, and up to 512 operations: every call the
 //! proxy makes on the pool (arrivals, completions, requeues, waiters leaving, time passing,
 //! expiry, timer polls, limit, state, share and reserved changes, capacity hand-over, queue
-//! bound changes, health probes, outcomes, ramp restarts). [`model::run`] applies them to a real
+//! bound changes, health probes, outcomes, ramp restarts; not yet the hot-reload calls
+//! `set_policy` and `add_backend`). [`model::run`] applies them to a real
 //! pool and to the reference model in `sluice_plugins::pool::model`, the one the property tests
 //! run too, and panics on the first broken invariant; its documentation lists them.
 #![no_main]
