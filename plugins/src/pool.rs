@@ -26,10 +26,10 @@
 //! its head for lack of a token or of ramp progress, [`next_wakeup`](AdmissionPool::next_wakeup)
 //! says when that changes, and [`poll`](AdmissionPool::poll) then admits.
 //!
-//! Invariant (checked by the property tests at the bottom of this file): after every operation,
-//! each backend's in-flight count is at most its limit, unless the limit was lowered below the
-//! work already in flight, in which case nothing more is admitted until it drains below the new
-//! limit.
+//! Invariant (checked by the shared model in [`model`], run by the property tests at the bottom
+//! of this file and by the `pool_ops` fuzz target): after every operation, each backend's
+//! in-flight count is at most its limit, unless the limit was lowered below the work already in
+//! flight, in which case nothing more is admitted until it drains below the new limit.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -37,6 +37,9 @@ use std::time::{Duration, Instant};
 use crate::adaptive::{LatencyLimit, LatencyLimitConfig, Phase, Sample};
 use crate::slow_start::{SlowStart, SlowStartConfig};
 use crate::token_bucket::{RateLimit, TokenBucket};
+
+#[cfg(any(test, feature = "model"))]
+pub mod model;
 
 /// Admission policy of one backend.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -426,8 +429,16 @@ impl<W> AdmissionPool<W> {
     }
 
     /// Feed what became of a request sent to `backend` to its ramp gate and learned limit;
-    /// returns the grants a grown limit made.
+    /// returns the grants a grown limit made. Like every call that admits, it first brings
+    /// every backend to `now`, so time's raise of another backend's limit is used too.
     pub fn record(&mut self, backend: BackendId, sample: Sample, now: Instant) -> Vec<Grant<W>> {
+        if backend.0 >= self.slots.len() {
+            return Vec::new();
+        }
+        // The first answer after a stall reveals it, should the answer come before the timer's
+        // next look: the tick collapses the limit before this answer (and the slots it frees)
+        // can be given back to the backend at the old limit.
+        self.tick(now);
         let Some(slot) = self.slots.get_mut(backend.0) else {
             return Vec::new();
         };
@@ -439,10 +450,6 @@ impl<W> AdmissionPool<W> {
             }
         }
         if let Some(l) = slot.learner.as_mut() {
-            // The first answer after a stall reveals it, should the answer come before the
-            // timer's next look: the stall collapses the limit before this answer (and the
-            // slots it frees) can be given back to the backend at the old limit.
-            l.tick(slot.inflight, now);
             l.record(sample, now);
             slot.learned = l.limit(now);
         }
@@ -1168,160 +1175,56 @@ mod tests {
         );
     }
 
+    #[test]
+    fn an_outcome_brings_every_backend_to_now_before_admitting() {
+        // Found by the shared model: `record` brought only the backend it was about to `now`,
+        // so a waiter stayed queued although time had raised another backend's learned limit.
+        let now = t0();
+        let mut learning = BackendPolicy::limit(4);
+        learning.learn = Some(LatencyLimitConfig {
+            initial: 1,
+            duration: Duration::from_secs(2),
+            stall: Duration::from_secs(10),
+            ..LatencyLimitConfig::new(4)
+        });
+        let policies = [BackendPolicy::limit(0), learning];
+        let mut pool: AdmissionPool<u32> = AdmissionPool::with_policies(&policies, 10, now);
+        let d = now + Duration::from_secs(60);
+        assert_eq!(pool.acquire(now, d, 0), Acquire::Admitted(BackendId(1)));
+        assert!(matches!(pool.acquire(now, d, 1), Acquire::Queued(_)));
+        let later = now + Duration::from_secs(2);
+        let grants = pool.record(BackendId(0), Sample::Ok(Duration::from_millis(1)), later);
+        assert_eq!(
+            grants
+                .iter()
+                .map(|g| (g.waiter, g.backend))
+                .collect::<Vec<_>>(),
+            vec![(1, BackendId(1))],
+            "the clock ramp reached the full limit"
+        );
+    }
+
     mod properties {
-        use super::*;
+        //! Property tests: random scenarios run through the shared model ([`crate::pool::model`]),
+        //! the same one the fuzz target runs.
+        use crate::pool::model::{self, strategy, Scenario};
         use proptest::prelude::*;
 
-        #[derive(Debug, Clone)]
-        enum Op {
-            Arrive,
-            Complete(usize),
-            Abort(usize),
-            Tick(u64),
-            SetLimit(usize, u32),
-            SetState(usize, u8),
-            SetShare(usize, Option<u32>),
-        }
-
-        fn op() -> impl Strategy<Value = Op> {
-            prop_oneof![
-                4 => Just(Op::Arrive),
-                3 => any::<usize>().prop_map(Op::Complete),
-                2 => any::<usize>().prop_map(Op::Abort),
-                1 => (0u64..200).prop_map(Op::Tick),
-                1 => (any::<usize>(), 0u32..6).prop_map(|(b, l)| Op::SetLimit(b, l)),
-                1 => (any::<usize>(), 0u8..3).prop_map(|(b, s)| Op::SetState(b, s)),
-                1 => (any::<usize>(), proptest::option::of(0u32..6)).prop_map(|(b, s)| Op::SetShare(b, s)),
-            ]
-        }
-
         proptest! {
-            /// Random arrive / complete / abort / timeout / limit / state sequences: no backend
-            /// ever gets more new work than its limit, every slot is released exactly once, and
-            /// waiters are admitted strictly in arrival order.
+            /// Random sequences of every operation on random backends: the pool agrees with the
+            /// reference model after every step (counts, cap, order, queue bound, tickets,
+            /// deadlines, rate, snapshot; see the model's documentation).
             #[test]
-            fn cap_fifo_and_no_leaks(
-                shapes in proptest::collection::vec(
-                    (0u32..5, proptest::option::of((1u32..50, 1u32..4)), proptest::option::of((1u32..4, 1u64..3))),
-                    1..4,
-                ),
-                max_queue in 0usize..8,
-                ops in proptest::collection::vec(op(), 1..300),
+            fn pool_agrees_with_the_model(scenario in strategy::scenario(300)) {
+                model::run(&scenario, std::time::Instant::now());
+            }
+
+            /// Any bytes, decoded as the fuzz target decodes its input, run clean.
+            #[test]
+            fn decoded_bytes_agree_with_the_model(
+                bytes in proptest::collection::vec(any::<u8>(), 0..1500),
             ) {
-                let start = Instant::now();
-                let mut now = start;
-                let policies: Vec<BackendPolicy> = shapes
-                    .iter()
-                    .map(|&(l, rate, ramp)| policy(l, rate.map(|(r, b)| (f64::from(r), b)), ramp))
-                    .collect();
-                let mut pool: AdmissionPool<u64> = AdmissionPool::with_policies(&policies, max_queue, now);
-                let mut limits: Vec<u32> = shapes.iter().map(|s| s.0).collect();
-                let mut shares: Vec<Option<u32>> = vec![None; limits.len()];
-                let mut admitted_to = vec![0u64; limits.len()];
-                // Requests holding a slot: (id, backend).
-                let mut running: Vec<(u64, BackendId)> = Vec::new();
-                // Queued requests: (id, ticket).
-                let mut waiting: Vec<(u64, Ticket)> = Vec::new();
-                let mut last_admitted_waiter: Option<u64> = None;
-                let mut next_id = 0u64;
-                let timeout = std::time::Duration::from_millis(100);
-
-                let admit_grants = |grants: Vec<Grant<u64>>,
-                                        running: &mut Vec<(u64, BackendId)>,
-                                        waiting: &mut Vec<(u64, Ticket)>,
-                                        last: &mut Option<u64>,
-                                        admitted: &mut Vec<u64>|
-                 -> Result<(), TestCaseError> {
-                    for g in grants {
-                        admitted[g.backend.0] += 1;
-                        prop_assert!(last.is_none_or(|l| g.waiter > l), "FIFO violated");
-                        *last = Some(g.waiter);
-                        waiting.retain(|(id, _)| *id != g.waiter);
-                        running.push((g.waiter, g.backend));
-                    }
-                    Ok(())
-                };
-
-                for op in ops {
-                    let before: Vec<u32> =
-                        (0..pool.backends()).map(|b| pool.inflight(BackendId(b))).collect();
-                    match op {
-                        Op::Arrive => {
-                            let id = next_id;
-                            next_id += 1;
-                            match pool.acquire(now, now + timeout, id) {
-                                Acquire::Admitted(b) => {
-                                    prop_assert!(waiting.is_empty(), "overtook a waiter");
-                                    admitted_to[b.0] += 1;
-                                    running.push((id, b));
-                                }
-                                Acquire::Queued(t) => waiting.push((id, t)),
-                                Acquire::Rejected(QueueFull) => {
-                                    prop_assert_eq!(waiting.len(), max_queue);
-                                }
-                            }
-                        }
-                        Op::Complete(i) if !running.is_empty() => {
-                            let (_, b) = running.remove(i % running.len());
-                            let g = pool.release(b, now);
-                            admit_grants(g, &mut running, &mut waiting, &mut last_admitted_waiter, &mut admitted_to)?;
-                        }
-                        Op::Abort(i) if !waiting.is_empty() => {
-                            let (id, t) = waiting.remove(i % waiting.len());
-                            prop_assert_eq!(pool.cancel(t), Some(id));
-                        }
-                        Op::Tick(ms) => {
-                            now += std::time::Duration::from_millis(ms);
-                            for (_, id) in pool.expire(now) {
-                                prop_assert!(waiting.iter().any(|(w, _)| *w == id));
-                                waiting.retain(|(w, _)| *w != id);
-                            }
-                            let g = pool.poll(now);
-                            admit_grants(g, &mut running, &mut waiting, &mut last_admitted_waiter, &mut admitted_to)?;
-                        }
-                        Op::SetLimit(b, l) => {
-                            let b = b % limits.len();
-                            limits[b] = l;
-                            let g = pool.set_limit(BackendId(b), l, now);
-                            admit_grants(g, &mut running, &mut waiting, &mut last_admitted_waiter, &mut admitted_to)?;
-                        }
-                        Op::SetState(b, s) => {
-                            let b = b % limits.len();
-                            let state = [BackendState::Up, BackendState::Down, BackendState::Draining][s as usize];
-                            let g = pool.set_state(BackendId(b), state, now);
-                            admit_grants(g, &mut running, &mut waiting, &mut last_admitted_waiter, &mut admitted_to)?;
-                        }
-                        Op::SetShare(b, share) => {
-                            let b = b % limits.len();
-                            shares[b] = share;
-                            let g = pool.set_share(BackendId(b), share, now);
-                            admit_grants(g, &mut running, &mut waiting, &mut last_admitted_waiter, &mut admitted_to)?;
-                        }
-                        _ => {}
-                    }
-                    // The pool's counts match the model exactly (no leaked or double-freed slot).
-                    for (b, &limit) in limits.iter().enumerate() {
-                        let model = running.iter().filter(|(_, rb)| rb.0 == b).count() as u32;
-                        let inflight = pool.inflight(BackendId(b));
-                        prop_assert_eq!(inflight, model);
-                        // A backend only grows while it is within its limit.
-                        if inflight > before[b] {
-                            prop_assert!(inflight <= limit, "backend {} above its limit", b);
-                            prop_assert!(shares[b].is_none_or(|s| inflight <= s), "backend {} above its share", b);
-                        }
-                    }
-                    prop_assert_eq!(pool.queued(), waiting.len());
-                    prop_assert!(pool.queued() <= max_queue.max(waiting.len()));
-                    // Never more admissions than the token bucket allows.
-                    for (b, &(_, rate, _)) in shapes.iter().enumerate() {
-                        if let Some((r, burst)) = rate {
-                            let elapsed = now.duration_since(start).as_secs_f64();
-                            let bound = f64::from(burst) + f64::from(r) * elapsed;
-                            prop_assert!(admitted_to[b] as f64 <= bound + 1e-9,
-                                "backend {} admitted {} > {}", b, admitted_to[b], bound);
-                        }
-                    }
-                }
+                model::run(&Scenario::decode(&bytes), std::time::Instant::now());
             }
         }
     }
