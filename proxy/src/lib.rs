@@ -9,7 +9,7 @@
 //! - the backend connection: sluice's dialer and its registry of connections ([`ghost`]);
 //! - configuration ([`config`]) and the state the running parts share ([`shared`]);
 //! - operations: the admin API, health checks, reload, the upgrade hand-over, and the budget
-//!   several instances share through Redis ([`ops`], [`reload`]);
+//!   several instances share through Redis ([`ops`]);
 //! - observation: metrics, the access log, logging ([`observe`]);
 //! - the command line ([`cli`]), the in-process runner used by the demo and the end-to-end tests
 //!   ([`run`]), the demo backend ([`demo`]), and `sluice calibrate`, which measures a backend's
@@ -28,7 +28,6 @@ pub mod demo;
 pub mod ghost;
 pub mod observe;
 pub mod ops;
-pub mod reload;
 pub mod run;
 pub mod service;
 pub mod shared;

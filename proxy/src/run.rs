@@ -33,7 +33,7 @@ use crate::observe::metrics::Metrics;
 use crate::ops::admin::AdminApp;
 use crate::ops::handoff;
 use crate::ops::health::{probe_secret, AdmissionTimer, HealthChecker};
-use crate::reload::{Reloader, SighupReload};
+use crate::ops::reload::SighupReload;
 use crate::service::Sluice;
 use crate::shared::{Settings, Shared};
 use std::path::PathBuf;
@@ -117,7 +117,8 @@ pub fn build_server_from(
         metrics,
         access_log: RwLock::new(access_log),
         tls: tls_store(cfg),
-        reload: Reloader::new(path, overrides, cfg.clone()),
+        source: crate::config::Source { path, overrides },
+        reloading: Default::default(),
         upstream,
     });
 

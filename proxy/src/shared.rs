@@ -27,9 +27,12 @@ pub struct Upstream {
     pub host: Option<String>,
 }
 
-/// The parts of the configuration the request path reads; swapped whole on reload.
+/// The running configuration, one snapshot swapped whole on reload: the validated config in
+/// force, and what the request path reads, prepared from it.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// The validated configuration in force (a reload diffs the new file against it).
+    pub config: Arc<Config>,
     /// Backends by index (an index never changes meaning while the process runs).
     pub upstreams: Vec<Upstream>,
     /// Longest wait in the queue.
@@ -104,6 +107,7 @@ impl Settings {
     /// dialed through `dialed`.
     pub fn new(cfg: &Config, dialed: &Arc<crate::ghost::Conns>) -> Self {
         Settings {
+            config: Arc::new(cfg.clone()),
             upstreams: cfg
                 .backends
                 .iter()
@@ -146,7 +150,9 @@ pub struct Shared {
     /// The TLS listener's certificate, if there is one (replaced on reload).
     pub tls: Option<Arc<crate::tls::CertStore>>,
     /// Where a reload reads the configuration from.
-    pub reload: crate::reload::Reloader,
+    pub source: crate::config::Source,
+    /// Held by the reload in progress: one at a time.
+    pub reloading: std::sync::Mutex<()>,
     /// Request body bytes buffered before admission, all requests together.
     pub body_budget: Arc<crate::service::body::BodyBudget>,
     /// Backend connections held open, counted during an upgrade's hand-over.

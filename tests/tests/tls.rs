@@ -243,7 +243,7 @@ async fn tls_listener_keeps_the_cap_and_picks_up_a_renewed_certificate() {
     let (second_der, cert, key) = pki.leaf();
     write(&d.join("cert.pem"), &cert);
     write(&d.join("key.pem"), &key);
-    let report = sluice::reload::reload(proxy.shared()).expect("reload");
+    let report = sluice::ops::reload::reload(proxy.shared()).expect("reload");
     assert!(
         report.applied.iter().any(|a| a.contains("TLS certificate")),
         "{report:?}"
@@ -256,7 +256,7 @@ async fn tls_listener_keeps_the_cap_and_picks_up_a_renewed_certificate() {
 
     // A broken certificate file: the reload is refused, naming the key; TLS goes on.
     write(&d.join("cert.pem"), "not a certificate\n");
-    let err = sluice::reload::reload(proxy.shared()).expect_err("a broken certificate");
+    let err = sluice::ops::reload::reload(proxy.shared()).expect_err("a broken certificate");
     assert!(err.to_string().contains("tls.cert"), "{err}");
     let mut still = tls_connect(&pki, tls_addr).await;
     assert_eq!(presented(&still), second_der);

@@ -70,6 +70,16 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// Where the running configuration comes from: the file it was started with (if any) and the
+/// command-line flags that override it. A reload reads the same file with the same flags.
+#[derive(Debug, Clone, Default)]
+pub struct Source {
+    /// The file, if the process was started with one.
+    pub path: Option<PathBuf>,
+    /// Flags that override the file.
+    pub overrides: Overrides,
+}
+
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {

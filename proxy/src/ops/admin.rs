@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | GET | `/metrics` | Prometheus metrics ([`crate::observe::metrics`]) |
 //! | GET | `/status` | backends (state, health, limits, in-flight, ramp, tokens, health transitions and the last one's reason) and the queue |
-//! | POST | `/reload` | re-read the config file ([`crate::reload`]) |
+//! | POST | `/reload` | re-read the config file ([`crate::ops::reload`]) |
 //! | POST | `/backends/NAME/drain` | no new requests to NAME; in-flight ones finish |
 //! | POST | `/backends/NAME/ready` | NAME takes requests again, ramping up with slow start |
 //! | POST | `/backends/NAME/slow-start` | restart NAME's slow-start ramp |
@@ -162,7 +162,7 @@ impl AdminApp {
                 }
                 (200, self.shared.metrics.render(&self.admission))
             }
-            ("POST", ["reload"]) => match crate::reload::reload(&self.shared) {
+            ("POST", ["reload"]) => match crate::ops::reload::reload(&self.shared) {
                 Ok(report) => match serde_json::to_string_pretty(&report) {
                     Ok(json) => (200, json + "\n"),
                     Err(e) => (500, json_error(&e.to_string())),

@@ -307,30 +307,15 @@ pub fn rewrite_upstream(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
+    /// The settings of a minimal config, with a 2,048-byte header and a 100-byte body limit.
     fn settings() -> Settings {
-        Settings {
-            upstreams: Vec::new(),
-            queue_timeout: Duration::from_secs(1),
-            retry_after_secs: 1,
-            client_write_timeout: Duration::from_secs(1),
-            client_keepalive_secs: 1,
-            max_header_bytes: 2048,
-            max_body_bytes: 100,
-            max_connections: 10,
-            max_connections_per_ip: 0,
-            client_keepalive_timeout: Duration::from_secs(1),
-            client_header_timeout: Duration::from_secs(1),
-            body_pace: sluice_plugins::body_pace::BodyPace {
-                start: Duration::from_secs(1),
-                min_rate: 240,
-                total: Duration::from_secs(1),
-            },
-            max_buffered_body_bytes: 1000,
-            request_timeout: Duration::from_secs(1),
-            timeout_hold: Duration::from_secs(1),
-        }
+        let text = "[admission]\nmax_inflight = 1\n[[backend]]\naddress = \"127.0.0.1:9\"\n";
+        let cfg = crate::config::Config::parse(text, None, &Default::default()).expect("valid");
+        let mut s = Settings::new(&cfg, &crate::ghost::Conns::new());
+        s.max_header_bytes = 2048;
+        s.max_body_bytes = 100;
+        s
     }
 
     fn req(headers: &[(&str, &str)]) -> RequestHeader {

@@ -20,23 +20,14 @@
 //! Which is which is decided in one place, the typed diff of [`crate::config::diff()`]: every
 //! field of the configuration is classified there, and the report is built from it.
 
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use serde::Serialize;
 
 use crate::admission::policy;
-use crate::config::{diff, Config, Effect, LoadError, Overrides};
+use crate::config::{diff, Config, Effect, LoadError};
 use crate::observe::access_log::AccessLog;
 use crate::shared::{upstream, Settings, Shared};
-
-/// The configuration source and the configuration in force.
-#[derive(Debug)]
-pub struct Reloader {
-    path: Option<PathBuf>,
-    overrides: Overrides,
-    current: Mutex<Config>,
-}
 
 /// What a reload did.
 #[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
@@ -58,31 +49,14 @@ pub enum ReloadError {
     Invalid(#[from] LoadError),
 }
 
-impl Reloader {
-    /// A reloader for a process started from `path` (if any) with these flag overrides.
-    pub fn new(path: Option<PathBuf>, overrides: Overrides, current: Config) -> Self {
-        Reloader {
-            path,
-            overrides,
-            current: Mutex::new(current),
-        }
-    }
-
-    /// The configuration in force.
-    pub fn current(&self) -> Config {
-        self.current
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-}
-
 /// Re-read the file and apply it. Serialised: one reload at a time.
 pub fn reload(shared: &Arc<Shared>) -> Result<ReloadReport, ReloadError> {
-    let r = &shared.reload;
-    let path = r.path.as_ref().ok_or(ReloadError::NoFile)?;
-    let mut current = r.current.lock().unwrap_or_else(|p| p.into_inner());
-    let new = match Config::load(path, &r.overrides) {
+    let source = &shared.source;
+    let path = source.path.as_ref().ok_or(ReloadError::NoFile)?;
+    let _one_at_a_time = shared.reloading.lock().unwrap_or_else(|p| p.into_inner());
+    // The configuration in force: the one the current settings snapshot was built from.
+    let current = shared.settings().config.clone();
+    let new = match Config::load(path, &source.overrides) {
         Ok(c) => c,
         Err(e) => {
             shared.metrics.reload(false);
@@ -91,7 +65,6 @@ pub fn reload(shared: &Arc<Shared>) -> Result<ReloadReport, ReloadError> {
         }
     };
     let report = apply(shared, &current, &new);
-    *current = new;
     shared.metrics.reload(true);
     for a in &report.applied {
         log::warn!("reload: {a}");
