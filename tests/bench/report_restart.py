@@ -439,6 +439,10 @@ def section(res, p):
                 if rp["rate_source"] == "ceiling" else
                 f"**{rp['rate']:,} tx/s**, set with `BENCH_RESTART_RATE` (measured ceiling "
                 f"{rp['ceiling']:,} ok/s)")
+    before_bullet = ""
+    if "sluice-before" in targets:
+        before_bullet = ("  - *sluice-before* (`BENCH_SLUICE_BEFORE`): the *sluice* target exactly (same flags\n"
+                         "    and config file), run with the earlier build's binary.\n")
     scenario = f"""### Restart
 
 - **Backend**: `legacy-emu --workers {p['workers']} --service-time {p['service_time']}
@@ -484,9 +488,7 @@ def section(res, p):
     fall={rp['fall']} passive_failures=1`, `[slow_start] duration="{rp['slow_start']}"
     initial={rp['slow_start_initial']}`, admin on a free port, access log off). sluice's health
     probes travel through its own admission, inside the cap.
-  - *sluice-before* (only with `BENCH_SLUICE_BEFORE`): the *sluice* target exactly (same flags
-    and config file), run with the earlier build's binary.
-  - *haproxy*: `server … maxconn {p['max_inflight']} maxqueue {p['max_queue']} check inter
+{before_bullet}  - *haproxy*: `server … maxconn {p['max_inflight']} maxqueue {p['max_queue']} check inter
     {rp['health_interval']} fall {rp['fall']} rise {rp['rise']} slowstart {rp['slow_start']}`,
     `option httpchk GET /`, `http-check expect status 200-499`, `timeout check {rp['health_timeout']}`, `timeout queue
     {p['queue_timeout']}`, `http-reuse always`, `option http-keep-alive`, **`option redispatch`**
