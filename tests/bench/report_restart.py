@@ -22,9 +22,12 @@ terminals start at once: lock-step bursts):
 import json
 import os
 import re
+import statistics
 from collections import Counter
 
-TARGETS = ["direct", "sluice", "haproxy", "haproxy-noredispatch"]
+# sluice-before: the sluice target run with an earlier build's binary (BENCH_SLUICE_BEFORE).
+TARGETS = ["direct", "sluice", "sluice-before", "haproxy", "haproxy-noredispatch"]
+SLUICES = ("sluice", "sluice-before")
 LABEL = {"haproxy-noredispatch": "haproxy, no redispatch"}
 # Seconds on the clock shown in the per-second throughput table.
 FIRST_SECOND, LAST_SECOND = 9, 26
@@ -70,6 +73,31 @@ def statuses(by_status):
     if not by_status:
         return "–"
     return " ".join(f"{k}: {v:,}" for k, v in sorted(by_status.items(), key=lambda kv: int(kv[0])))
+
+
+def before_after_rows(runs, specs, label=str, median_of=None):
+    """Rows of "sluice / sluice-before" ratios: one per run, each cell `ratio× (after vs before)`
+    for one spec (value_of(run, target), format of the values); then, over the runs in median_of
+    (default: all) if there are several, a row of the median ratios."""
+    rows, ratios = [], [[] for _ in specs]
+    for r in runs:
+        row = [label(r)]
+        for i, (value_of, f) in enumerate(specs):
+            a, b = value_of(r, "sluice"), value_of(r, "sluice-before")
+            if a is None and b is None:
+                row.append("–")
+                continue
+            q = a / b if a is not None and b else None
+            if q is not None and (median_of is None or r in median_of):
+                ratios[i].append(q)
+            row.append(f"{q:.2f}× ({fmt(a, f)} vs {fmt(b, f)})" if q is not None
+                       else f"– ({fmt(a, f)} vs {fmt(b, f)})")
+        rows.append(row)
+    n = len(runs if median_of is None else median_of)
+    if n > 1:
+        rows.append(["**median**"] + [f"**{statistics.median(q):.2f}×**" if q else "–"
+                                      for q in ratios])
+    return rows
 
 
 def per_second(samples):
@@ -183,7 +211,7 @@ def collect(res, key, t, rate):
         d["probe_errors"] = sum(1 for x in probe if "error" in x)
     d["proxy"] = load(pre + ".proxy.json")
     err = read(pre + ".proxy.err")
-    if t == "sluice":
+    if t in SLUICES:
         d["log_kinds"], d["log_notes"] = classify_sluice_log(err)
     elif t.startswith("haproxy"):
         d["log_lines"] = classify_haproxy_log(err)
@@ -307,7 +335,7 @@ def section(res, p):
             if not d or t == "direct":
                 continue
             px = d.get("proxy") or {}
-            if t == "sluice":
+            if t in SLUICES:
                 m = px.get("metrics", {})
                 outc = {re.search(r'outcome="(\w+)"', k).group(1): int(v) for k, v in m.items()
                         if k.startswith("sluice_requests_total")}
@@ -316,7 +344,7 @@ def section(res, p):
                 kinds = "; ".join(f"{n} × {w}: {e} → {o}" for (w, e, o), n in
                                   sorted(d.get("log_kinds", {}).items(), key=lambda kv: -kv[1]))
                 notes = "; ".join(f"{n} × “{l}”" for l, n in Counter(d.get("log_notes", [])).items())
-                why.append(f"- run {label_of[r]}, **sluice**: outcomes (`sluice_requests_total`): "
+                why.append(f"- run {label_of[r]}, **{t}**: outcomes (`sluice_requests_total`): "
                            + ", ".join(f"{k} {v:,}" for k, v in sorted(outc.items()))
                            + f"; upstream connections opened {conns.get('false', 0)}, reused "
                            f"{conns.get('true', 0):,}. Its log: {kinds or 'no proxy errors'}"
@@ -359,6 +387,36 @@ def section(res, p):
                       ", ".join(f"{v:.2f} %" for v in failed), "–"])
     target_table = table(["target", "measured (per run)", "verdict"], trows)
 
+    # ---- this build against the earlier one (BENCH_SLUICE_BEFORE), run by run
+    before_md = []
+    if "sluice" in targets and "sluice-before" in targets:
+        def v(f):
+            def value_of(r, t):
+                d = data.get((r, t))
+                return f(d) if d else None
+            return value_of
+
+        def since_up(d, at):
+            ev = d["events"]
+            return at - ev["up"]["t_ms"] / 1000.0 if at is not None and "up" in ev else None
+
+        before_md = [
+            "### sluice / sluice-before (this build ÷ the earlier one, same run)",
+            table(["run", "failed", "p99 ms", "max ms", "completed during the cold ramp",
+                   "back at ≥ 90 % of offered, s after the restart",
+                   "marked up again, s after the restart"],
+                  before_after_rows(runs, [
+                      (v(lambda d: d["failed"]), "{:,}"),
+                      (v(lambda d: d["t"]["latency_ok"]["p99_ms"]), "{:,.0f}"),
+                      (v(lambda d: d["t"]["latency_ok"]["max_ms"]), "{:,.0f}"),
+                      (v(lambda d: d.get("ramp_done")), "{:,}"),
+                      (v(lambda d: since_up(d, d.get("back_at"))), "{:.1f}"),
+                      (v(lambda d: since_up(d, (d.get("probe_up") or [None])[0])), "{:.2f}"),
+                  ], label=lambda r: label_of[r], median_of=[r for r in runs if r.startswith("r")])),
+            "The median is over the steady-arrival runs. \"back at ≥ 90 %\" ends a whole second "
+            "of the emulator's clock, so it moves in steps of 1 s.",
+        ]
+
     tables = "\n\n".join([
         "## Results: restart",
         f"### Restart: {rp['terminals']} keep-alive terminals at {rp['rate']:,} tx/s, backend crash "
@@ -373,6 +431,7 @@ def section(res, p):
         "\n".join(why) if why else "(no proxy targets)",
         "### Targets for sluice (restart)",
         target_table,
+        *before_md,
     ])
 
     rate_how = (f"0.9 × the measured ceiling ({rp['ceiling']:,} ok/s, the mean of this script "
@@ -380,6 +439,10 @@ def section(res, p):
                 if rp["rate_source"] == "ceiling" else
                 f"**{rp['rate']:,} tx/s**, set with `BENCH_RESTART_RATE` (measured ceiling "
                 f"{rp['ceiling']:,} ok/s)")
+    before_bullet = ""
+    if "sluice-before" in targets:
+        before_bullet = ("  - *sluice-before* (`BENCH_SLUICE_BEFORE`): the *sluice* target exactly (same flags\n"
+                         "    and config file), run with the earlier build's binary.\n")
     scenario = f"""### Restart
 
 - **Backend**: `legacy-emu --workers {p['workers']} --service-time {p['service_time']}
@@ -425,7 +488,7 @@ def section(res, p):
     fall={rp['fall']} passive_failures=1`, `[slow_start] duration="{rp['slow_start']}"
     initial={rp['slow_start_initial']}`, admin on a free port, access log off). sluice's health
     probes travel through its own admission, inside the cap.
-  - *haproxy*: `server … maxconn {p['max_inflight']} maxqueue {p['max_queue']} check inter
+{before_bullet}  - *haproxy*: `server … maxconn {p['max_inflight']} maxqueue {p['max_queue']} check inter
     {rp['health_interval']} fall {rp['fall']} rise {rp['rise']} slowstart {rp['slow_start']}`,
     `option httpchk GET /`, `http-check expect status 200-499`, `timeout check {rp['health_timeout']}`, `timeout queue
     {p['queue_timeout']}`, `http-reuse always`, `option http-keep-alive`, **`option redispatch`**
@@ -481,7 +544,8 @@ def section(res, p):
 """
     configs = []
     for name, lang in [("restart-sluice.command.txt", "sh"), ("restart-sluice.toml", "toml"),
-                       ("restart-sluice.check.txt", "text"), ("restart-haproxy.cfg", "")]:
+                       ("restart-sluice.check.txt", "text"),
+                       ("restart-sluice-before.check.txt", "text"), ("restart-haproxy.cfg", "")]:
         text = read(os.path.join(res, name))
         if text is not None:
             configs.append(f"`{name}` (restart scenario, run 1; ports differ per run):\n\n"

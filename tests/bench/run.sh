@@ -29,25 +29,38 @@
 #   BENCH_RESTART_BURST_RUNS [1]  repetitions with all terminals starting at once (lock-step bursts)
 #   BENCH_RESTART_RATE [0.9 x measured ceiling]  offered tx/s in the restart scenario
 #   BENCH_OUT [tests/bench/RESULTS.md]
-#   BENCH_SKIP_BUILD [0]     1 = use the binaries already in target/release
+#   BENCH_BIN [target/release]  directory of the release sluice, legacy-emu and terminals
+#   BENCH_SKIP_BUILD [0]     1 = use the binaries already in BENCH_BIN (no cargo build)
+#   BENCH_SLUICE_BEFORE [unset]  a directory holding an earlier release sluice binary (e.g. a
+#                            copy of target/release from before a change): adds the target
+#                            sluice-before, the sluice target (same flags, config, fresh
+#                            emulator) run with that binary, to the surge targets, the memory
+#                            measurement and the restart targets (after sluice in the default
+#                            lists; an explicit BENCH_TARGETS / BENCH_RESTART_TARGETS is taken as
+#                            given), so a change is measured before and after in one run; the
+#                            report adds "sluice / sluice-before" ratios
 #   BENCH_KEEP_TMP [0]       1 = keep the work directory (configs, logs, raw JSON)
 set -euo pipefail
 export PATH=$PATH:/usr/sbin:/sbin # haproxy and nginx live in /usr/sbin
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$BENCH_DIR/../.." && pwd)
-BIN=$ROOT/target/release
+BENCH_BIN=${BENCH_BIN:-$ROOT/target/release}
+BIN=$BENCH_BIN
+BENCH_SLUICE_BEFORE=${BENCH_SLUICE_BEFORE:-}
 
 BENCH_SCENARIOS=${BENCH_SCENARIOS:-surge,restart}
 BENCH_SCENARIOS=${BENCH_SCENARIOS//,/ }
 BENCH_SECONDS=${BENCH_SECONDS:-20}
 BENCH_RUNS=${BENCH_RUNS:-2}
-BENCH_TARGETS=${BENCH_TARGETS:-"direct sluice sluice-noramp haproxy nginx"}
+# With BENCH_SLUICE_BEFORE, the default lists run sluice-before right after sluice.
+BEFORE_DEFAULT=${BENCH_SLUICE_BEFORE:+" sluice-before"}
+BENCH_TARGETS=${BENCH_TARGETS:-"direct sluice$BEFORE_DEFAULT sluice-noramp haproxy nginx"}
 BENCH_IDLE_CONNS=${BENCH_IDLE_CONNS:-2000}
 BENCH_OUT=${BENCH_OUT:-$BENCH_DIR/RESULTS.md}
 BENCH_SKIP_BUILD=${BENCH_SKIP_BUILD:-0}
 BENCH_KEEP_TMP=${BENCH_KEEP_TMP:-0}
-BENCH_RESTART_TARGETS=${BENCH_RESTART_TARGETS:-"sluice haproxy"}
+BENCH_RESTART_TARGETS=${BENCH_RESTART_TARGETS:-"sluice$BEFORE_DEFAULT haproxy"}
 BENCH_RESTART_RUNS=${BENCH_RESTART_RUNS:-$BENCH_RUNS}
 BENCH_RESTART_RATE=${BENCH_RESTART_RATE:-}
 BENCH_RESTART_BURST_RUNS=${BENCH_RESTART_BURST_RUNS:-1}
@@ -115,11 +128,17 @@ for v in BENCH_SECONDS BENCH_RUNS BENCH_IDLE_CONNS BENCH_RESTART_RUNS BENCH_REST
 done
 ((BENCH_SECONDS >= 1 && BENCH_RUNS >= 1)) || { echo "run.sh: BENCH_SECONDS and BENCH_RUNS must be >= 1" >&2; exit 2; }
 for t in $BENCH_TARGETS; do
-    case $t in direct | sluice | sluice-noramp | haproxy | nginx) ;; *) echo "run.sh: unknown target '$t'" >&2; exit 2 ;; esac
+    case $t in direct | sluice | sluice-before | sluice-noramp | haproxy | nginx) ;; *) echo "run.sh: unknown target '$t'" >&2; exit 2 ;; esac
 done
 for t in $BENCH_RESTART_TARGETS; do
-    case $t in direct | sluice | haproxy | haproxy-noredispatch) ;; *) echo "run.sh: unknown restart target '$t' (direct, sluice, haproxy, haproxy-noredispatch)" >&2; exit 2 ;; esac
+    case $t in direct | sluice | sluice-before | haproxy | haproxy-noredispatch) ;; *) echo "run.sh: unknown restart target '$t' (direct, sluice, sluice-before, haproxy, haproxy-noredispatch)" >&2; exit 2 ;; esac
 done
+if [[ -z $BENCH_SLUICE_BEFORE && " $BENCH_TARGETS $BENCH_RESTART_TARGETS " == *" sluice-before "* ]]; then
+    echo "run.sh: target sluice-before needs BENCH_SLUICE_BEFORE=DIR (a directory holding the earlier sluice binary)" >&2; exit 2
+fi
+if [[ -n $BENCH_SLUICE_BEFORE && ! -x $BENCH_SLUICE_BEFORE/sluice ]]; then
+    echo "run.sh: BENCH_SLUICE_BEFORE=$BENCH_SLUICE_BEFORE holds no executable sluice" >&2; exit 2
+fi
 for t in $BENCH_SLOWDOWN_TARGETS; do
     case $t in sluice | sluice-adaptive | haproxy) ;; *) echo "run.sh: unknown slowdown target '$t' (sluice, sluice-adaptive, haproxy)" >&2; exit 2 ;; esac
 done
@@ -284,9 +303,16 @@ EOF
     start_bg "$name" haproxy -db -f "$dir/haproxy.cfg"
 }
 
-# start_proxy KIND NAME BACKEND_ADDR: fresh proxy on a free port. Sets PROXY_PID, PROXY_ADDR, PROXY_STOP_SIG.
+# sluice_bin TARGET: the sluice binary a target runs: the earlier build's for sluice-before
+# (BENCH_SLUICE_BEFORE), else this one's.
+sluice_bin() {
+    if [[ $1 == sluice-before ]]; then echo "$BIN_BEFORE/sluice"; else echo "$BIN/sluice"; fi
+}
+
+# start_proxy KIND NAME BACKEND_ADDR [SLUICE_BIN]: fresh proxy on a free port; a sluice KIND runs
+# SLUICE_BIN (default $BIN/sluice). Sets PROXY_PID, PROXY_ADDR, PROXY_STOP_SIG.
 start_proxy() {
-    local kind=$1 name=$2 backend=$3 port dir
+    local kind=$1 name=$2 backend=$3 sluice=${4:-$BIN/sluice} port dir
     port=$(free_port)
     dir=$WORK/$name
     mkdir -p "$dir"
@@ -316,10 +342,10 @@ EOF
         # runs never collide with anything else on the machine.
         ((SLUICE_HAS_ADMIN)) && extra+=(--admin-listen "127.0.0.1:$(free_port)")
         [[ $kind == sluice-noramp ]] && extra+=(--slow-start 0s)
-        start_bg "$name" "$BIN/sluice" run --config "$dir/sluice.toml" --listen "127.0.0.1:$port" \
+        start_bg "$name" "$sluice" run --config "$dir/sluice.toml" --listen "127.0.0.1:$port" \
             --backend "$backend" --max-inflight "$MAX_INFLIGHT" --max-queue "$MAX_QUEUE" \
             --queue-timeout "$QUEUE_TIMEOUT" --threads "$PROXY_THREADS" "${extra[@]}"
-        "$BIN/sluice" check --config "$dir/sluice.toml" --listen "127.0.0.1:$port" --backend "$backend" \
+        "$sluice" check --config "$dir/sluice.toml" --listen "127.0.0.1:$port" --backend "$backend" \
             --max-inflight "$MAX_INFLIGHT" --max-queue "$MAX_QUEUE" --queue-timeout "$QUEUE_TIMEOUT" \
             --threads "$PROXY_THREADS" "${extra[@]}" >"$dir/check.txt" 2>&1 ||
             { cat "$dir/check.txt" >&2; die "sluice check failed"; }
@@ -414,7 +440,7 @@ run_surge() {
     if [[ $target == direct ]]; then
         addr=$EMU_ADDR
     else
-        start_proxy "$target" "$tag" "$EMU_ADDR"
+        start_proxy "${target%-before}" "$tag" "$EMU_ADDR" "$(sluice_bin "$target")"
         addr=$PROXY_ADDR
         proxy_pid=$PROXY_PID
     fi
@@ -474,7 +500,7 @@ run_memory() {
     local run=$1 kind=$2 tag=r$1-mem-$2 n=$BENCH_IDLE_CONNS before after settled warm idle_pid idle2_pid ready ready2
     log "run $run: memory per idle client connection, $kind, $n connections"
     start_emu "emu-$tag"
-    start_proxy "$kind" "$tag" "$EMU_ADDR"
+    start_proxy "${kind%-before}" "$tag" "$EMU_ADDR" "$(sluice_bin "$kind")"
     # Warm-up: a few connections and requests, closed again, so pools, threads and the upstream
     # connections exist before the baseline is taken.
     timeout 60 python3 "$BENCH_DIR/idle_conns.py" --target "$PROXY_ADDR" -n 64 --concurrency 16 --no-hold \
@@ -510,11 +536,12 @@ EOF2
 
 # ---------------------------------------------------------------- restart scenario
 
-# start_restart_proxy KIND NAME BACKEND_ADDR: a proxy tuned for the restart scenario (fast health
-# checks, slow start on recovery), on free ports. Sets PROXY_PID, PROXY_ADDR, PROXY_STOP_SIG and
-# PROBE_WHERE (sluice's admin address or HAProxy's stats socket).
+# start_restart_proxy KIND NAME BACKEND_ADDR [SLUICE_BIN]: a proxy tuned for the restart scenario
+# (fast health checks, slow start on recovery), on free ports; sluice runs SLUICE_BIN (default
+# $BIN/sluice). Sets PROXY_PID, PROXY_ADDR, PROXY_STOP_SIG and PROBE_WHERE (sluice's admin address
+# or HAProxy's stats socket).
 start_restart_proxy() {
-    local kind=$1 name=$2 backend=$3 port aport dir
+    local kind=$1 name=$2 backend=$3 sluice=${4:-$BIN/sluice} port aport dir
     port=$(free_port)
     dir=$WORK/$name
     mkdir -p "$dir"
@@ -560,10 +587,10 @@ upgrade_sock = "$dir/sluice_upgrade.sock"
 EOF
         local args=(--config "$dir/sluice.toml" --max-inflight "$MAX_INFLIGHT" --max-queue "$MAX_QUEUE"
             --queue-timeout "$QUEUE_TIMEOUT" --threads "$PROXY_THREADS")
-        "$BIN/sluice" check "${args[@]}" >"$dir/check.txt" 2>&1 ||
+        "$sluice" check "${args[@]}" >"$dir/check.txt" 2>&1 ||
             { cat "$dir/check.txt" >&2; die "sluice check failed"; }
         echo "sluice run --config sluice.toml ${args[*]:2}" >"$dir/command.txt"
-        start_bg "$name" "$BIN/sluice" run "${args[@]}"
+        start_bg "$name" "$sluice" run "${args[@]}"
         PROXY_STOP_SIG=INT
         PROBE_WHERE=127.0.0.1:$aport
         ;;
@@ -658,7 +685,10 @@ EOF
 # run_restart KEY TARGET: KEY is r<n> (steady arrivals: terminal starts spread over one firing
 # interval) or b<n> (all terminals start at once: lock-step bursts).
 run_restart() {
-    local key=$1 target=$2 tag=restart-$1-$2 addr proxy_pid= probe_pid= ramp=() shape="all at once"
+    local key=$1 target=$2 tag=restart-$1-$2 addr proxy_pid= probe_pid= ramp=() shape="all at once" kind
+    # What kind of proxy the probes talk to: sluice-before is a sluice, haproxy-noredispatch a HAProxy.
+    kind=${target%-noredispatch}
+    kind=${kind%-before}
     if [[ $key == r* ]]; then
         ramp=(--ramp "${RS_RAMP_MS}ms")
         shape="starts spread over ${RS_RAMP_MS} ms"
@@ -671,11 +701,11 @@ run_restart() {
         addr=$EMU_ADDR
         wait_warm "$EMU_ADDR" direct -
     else
-        start_restart_proxy "$target" "$tag" "$EMU_ADDR"
+        start_restart_proxy "${target%-before}" "$tag" "$EMU_ADDR" "$(sluice_bin "$target")"
         addr=$PROXY_ADDR
         proxy_pid=$PROXY_PID
-        wait_warm "$EMU_ADDR" "${target%-noredispatch}" "$PROBE_WHERE"
-        start_bg "probe-$tag" python3 "$BENCH_DIR/proxy_probe.py" "${target%-noredispatch}" "$PROBE_WHERE" "$RES/$tag.probe.jsonl"
+        wait_warm "$EMU_ADDR" "$kind" "$PROBE_WHERE"
+        start_bg "probe-$tag" python3 "$BENCH_DIR/proxy_probe.py" "$kind" "$PROBE_WHERE" "$RES/$tag.probe.jsonl"
         probe_pid=$BG_PID
     fi
     http "$EMU_ADDR" POST /__emu/reset >/dev/null
@@ -686,7 +716,7 @@ run_restart() {
         --duration "${RS_SECONDS}s" --timeout "$RS_CLIENT_TIMEOUT" --record-ids "${ramp[@]}"
     http "$EMU_ADDR" GET /__emu/stats >"$RES/$tag.emu.json"
     if [[ -n $proxy_pid ]]; then
-        python3 "$BENCH_DIR/proxy_probe.py" "${target%-noredispatch}" "$PROBE_WHERE" - --once >"$RES/$tag.proxy.json" ||
+        python3 "$BENCH_DIR/proxy_probe.py" "$kind" "$PROBE_WHERE" - --once >"$RES/$tag.proxy.json" ||
             log "warning: could not read $target's counters"
         stop_pid "$probe_pid" TERM 5
         stop_pid "$proxy_pid" "$PROXY_STOP_SIG"
@@ -862,6 +892,7 @@ fi
 command -v python3 >/dev/null || die "python3 is required"
 
 if [[ $BENCH_SKIP_BUILD != 1 ]]; then
+    [[ $BIN -ef $ROOT/target/release ]] || log "warning: building into $ROOT/target/release, but BENCH_BIN=$BIN"
     log "building release binaries (cargo build --release -p sluice -p sluice-tests)"
     (cd "$ROOT" && timeout 3600 cargo build --release -p sluice -p sluice-tests) >"$WORK/build.log" 2>&1 ||
         { tail -30 "$WORK/build.log" >&2; die "build failed"; }
@@ -871,9 +902,17 @@ fi
 mkdir -p "$WORK/bin"
 for b in sluice legacy-emu terminals; do
     [[ -x $BIN/$b ]] || die "$BIN/$b missing"
-    cp "$BIN/$b" "$WORK/bin/$b"
+    cp -p "$BIN/$b" "$WORK/bin/$b" # -p: keeps the build time shown in the report
 done
 BIN=$WORK/bin
+BIN_BEFORE=
+if [[ -n $BENCH_SLUICE_BEFORE ]]; then
+    mkdir -p "$WORK/bin-before"
+    cp -p "$BENCH_SLUICE_BEFORE/sluice" "$WORK/bin-before/sluice"
+    BIN_BEFORE=$WORK/bin-before
+    cmp -s "$BIN/sluice" "$BIN_BEFORE/sluice" &&
+        log "warning: BENCH_SLUICE_BEFORE's sluice is the same binary as $BENCH_BIN/sluice"
+fi
 SLUICE_HELP=$("$BIN/sluice" run --help 2>&1 || true)
 SLUICE_HAS_ADMIN=0
 grep -q -- '--admin-listen' <<<"$SLUICE_HELP" && SLUICE_HAS_ADMIN=1
@@ -982,14 +1021,20 @@ END_TS=$(date +%s)
 LOAD_AT_END=$(cut -d' ' -f1-3 /proc/loadavg)
 
 first_line() { "$@" 2>&1 | head -1 || true; }
-export P_DATE P_NPROC P_CPU P_KERNEL P_HAPROXY P_NGINX P_SLUICE P_RUSTC
+export P_DATE P_NPROC P_CPU P_KERNEL P_HAPROXY P_NGINX P_SLUICE P_SLUICE_BEFORE P_RUSTC
 P_DATE=$(date -u '+%Y-%m-%d %H:%M:%S UTC')
 P_NPROC=$(nproc)
 P_CPU=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1 || true)
 P_KERNEL=$(uname -srm)
 P_HAPROXY=$(first_line haproxy -v)
 P_NGINX=$(first_line nginx -v)
-P_SLUICE="$(first_line "$BIN/sluice" --version) (binary sha256 $(sha256sum "$BIN/sluice" | cut -c1-12), built $(date -u -r "$BIN/sluice" '+%Y-%m-%d %H:%M UTC'))"
+# describe_sluice BINARY: its version, checksum and build time.
+describe_sluice() {
+    echo "$(first_line "$1" --version) (binary sha256 $(sha256sum "$1" | cut -c1-12), built $(date -u -r "$1" '+%Y-%m-%d %H:%M UTC'))"
+}
+P_SLUICE=$(describe_sluice "$BIN/sluice")
+P_SLUICE_BEFORE=
+[[ -n $BIN_BEFORE ]] && P_SLUICE_BEFORE="$(describe_sluice "$BIN_BEFORE/sluice"), from $BENCH_SLUICE_BEFORE"
 P_RUSTC=$(first_line rustc --version)
 python3 - "$RES/params.json" <<EOF
 import json, os, sys
@@ -998,6 +1043,7 @@ p = {
     "date": e["P_DATE"], "nproc": e["P_NPROC"], "cpu": e["P_CPU"], "kernel": e["P_KERNEL"],
     "haproxy": e["P_HAPROXY"] or "n/a", "nginx": e["P_NGINX"] or "n/a",
     "sluice": e["P_SLUICE"] or "n/a", "rustc": e["P_RUSTC"] or "n/a",
+    "sluice_before": e["P_SLUICE_BEFORE"] or None,
     "load_at_start": "$LOAD_AT_START",
     "load_at_end": "$LOAD_AT_END",
     "wall_seconds": $((END_TS - START_TS)),
@@ -1071,7 +1117,7 @@ EOF
 for f in "$WORK"/r1-sluice/sluice.toml "$WORK"/r1-haproxy/haproxy.cfg "$WORK"/r1-nginx/nginx.conf; do
     if [[ -f $f ]]; then cp "$f" "$RES/"; fi
 done
-for t in sluice sluice-noramp; do
+for t in sluice sluice-noramp sluice-before; do
     if [[ -f $WORK/r1-$t/command.txt ]]; then cp "$WORK/r1-$t/command.txt" "$RES/$t.command.txt"; fi
     if [[ -f $WORK/r1-$t/check.txt ]]; then cp "$WORK/r1-$t/check.txt" "$RES/$t.check.txt"; fi
 done
@@ -1083,6 +1129,9 @@ for d in "$WORK"/restart-r1-sluice "$WORK"/restart-b1-sluice; do
         cp "$d/check.txt" "$RES/restart-sluice.check.txt"
         break
     fi
+done
+for d in "$WORK"/restart-r1-sluice-before "$WORK"/restart-b1-sluice-before; do
+    if [[ -f $d/check.txt ]]; then cp "$d/check.txt" "$RES/restart-sluice-before.check.txt" && break; fi
 done
 for d in "$WORK"/restart-r1-haproxy "$WORK"/restart-b1-haproxy; do
     if [[ -f $d/haproxy.cfg ]]; then cp "$d/haproxy.cfg" "$RES/restart-haproxy.cfg" && break; fi
