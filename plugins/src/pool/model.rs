@@ -654,30 +654,39 @@ impl Driver {
         self.check(&before);
     }
 
+    /// An arrival or a requeue (`what`) was admitted exactly as `expected` (when nobody waits,
+    /// to the backend with the most free slots), overtook no waiter, and is counted on its
+    /// backend.
+    fn check_choice(&mut self, got: &Acquire, expected: Option<BackendId>, what: &str) {
+        let admitted = match got {
+            Acquire::Admitted(b) => Some(*b),
+            _ => None,
+        };
+        assert_eq!(
+            admitted,
+            expected,
+            "{}: {what} admitted elsewhere than to the backend with the most free slots",
+            self.at()
+        );
+        if let Some(b) = admitted {
+            assert!(
+                self.waiting.is_empty(),
+                "{}: {what} overtook a waiter",
+                self.at()
+            );
+            self.admitted_to(b);
+        }
+    }
+
     fn arrive(&mut self) {
         let id = self.next_id;
         self.next_id += 1;
         let deadline = self.now + QUEUE_TIMEOUT;
         let expected = self.snapshot_pick().filter(|_| self.waiting.is_empty());
         let got = self.pool.acquire(self.now, deadline, id);
-        let admitted = match got {
-            Acquire::Admitted(b) => Some(b),
-            _ => None,
-        };
-        assert_eq!(
-            admitted,
-            expected,
-            "{}: admitted elsewhere than to the backend with the most free slots",
-            self.at()
-        );
+        self.check_choice(&got, expected, "an arrival");
         match got {
             Acquire::Admitted(b) => {
-                assert!(
-                    self.waiting.is_empty(),
-                    "{}: an arrival overtook a waiter",
-                    self.at()
-                );
-                self.admitted_to(b);
                 self.running.push(Running {
                     id,
                     backend: b,
@@ -720,24 +729,9 @@ impl Driver {
         self.grants(g);
         let expected = self.snapshot_pick().filter(|_| self.waiting.is_empty());
         let got = self.pool.requeue(self.now, r.deadline, r.id);
-        let admitted = match got {
-            Acquire::Admitted(b) => Some(b),
-            _ => None,
-        };
-        assert_eq!(
-            admitted,
-            expected,
-            "{}: requeue admitted elsewhere than to the backend with the most free slots",
-            self.at()
-        );
+        self.check_choice(&got, expected, "a requeue");
         match got {
             Acquire::Admitted(b) => {
-                assert!(
-                    self.waiting.is_empty(),
-                    "{}: a requeue overtook a waiter",
-                    self.at()
-                );
-                self.admitted_to(b);
                 self.running.push(Running { backend: b, ..r });
             }
             Acquire::Queued(ticket) => {
