@@ -487,6 +487,23 @@ mod tests {
         ex.expect("admitted")
     }
 
+    /// A request waiting for admission on a task of its own; `gone` completes when its client
+    /// hangs up.
+    fn spawn_admit<G>(
+        a: &Arc<Admission>,
+        gone: G,
+    ) -> tokio::task::JoinHandle<Result<Exchange, NotAdmitted>>
+    where
+        G: Future + Send + 'static,
+    {
+        let a = a.clone();
+        tokio::spawn(async move {
+            Exchange::admit(&a, Instant::now(), Instant::now() + QUEUE, HOLD, gone)
+                .await
+                .0
+        })
+    }
+
     #[tokio::test(start_paused = true)]
     async fn an_answer_releases_the_slot_at_once() {
         let a = Admission::new(&[1], 4);
@@ -591,18 +608,7 @@ mod tests {
         assert_eq!(inflight(&a), 1);
         // The cap is full: a request waits, and a second probe is turned away.
         assert!(Exchange::probe(&a, BackendId(0)).is_none());
-        let a2 = a.clone();
-        let waiter = tokio::spawn(async move {
-            let (ex, _) = Exchange::admit(
-                &a2,
-                Instant::now(),
-                Instant::now() + QUEUE,
-                HOLD,
-                std::future::pending::<()>(),
-            )
-            .await;
-            ex.map(|ex| ex.backend())
-        });
+        let waiter = spawn_admit(&a, std::future::pending::<()>());
         tokio::task::yield_now().await;
         assert_eq!(a.snapshot().queued, 1);
         // A probe that timed out is not held: the checker's request is not a payment.
@@ -611,7 +617,8 @@ mod tests {
             probe.finish(Outcome::UpstreamTimeout { reading: true }),
             Finished::Released(_)
         ));
-        assert_eq!(waiter.await.expect("join"), Ok(BackendId(0)));
+        let admitted = waiter.await.expect("join").map(|ex| ex.backend());
+        assert_eq!(admitted, Ok(BackendId(0)));
     }
 
     #[tokio::test(start_paused = true)]
@@ -619,17 +626,14 @@ mod tests {
         let a = Admission::new(&[1], 4);
         let first = admitted(&a).await;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let a2 = a.clone();
-        let queued = tokio::spawn(async move {
-            Exchange::admit(&a2, Instant::now(), Instant::now() + QUEUE, HOLD, rx)
-                .await
-                .0
-                .err()
-        });
+        let queued = spawn_admit(&a, rx);
         tokio::task::yield_now().await;
         assert_eq!(a.snapshot().queued, 1);
         tx.send(()).expect("send");
-        assert_eq!(queued.await.expect("join"), Some(NotAdmitted::ClientGone));
+        assert_eq!(
+            queued.await.expect("join").err(),
+            Some(NotAdmitted::ClientGone)
+        );
         assert_eq!(a.snapshot().queued, 0);
         drop(first);
         assert_eq!(inflight(&a), 0);
@@ -637,17 +641,14 @@ mod tests {
         // Granted in the very instant the client hung up: the slot is given back, not used.
         let first = admitted(&a).await;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let a2 = a.clone();
-        let queued = tokio::spawn(async move {
-            Exchange::admit(&a2, Instant::now(), Instant::now() + QUEUE, HOLD, rx)
-                .await
-                .0
-                .err()
-        });
+        let queued = spawn_admit(&a, rx);
         tokio::task::yield_now().await;
         drop(first); // grants the slot to the waiter ...
         tx.send(()).expect("send"); // ... as its client hangs up
-        assert_eq!(queued.await.expect("join"), Some(NotAdmitted::ClientGone));
+        assert_eq!(
+            queued.await.expect("join").err(),
+            Some(NotAdmitted::ClientGone)
+        );
         assert_eq!(inflight(&a), 0);
         assert_eq!(a.snapshot().queued, 0);
     }
