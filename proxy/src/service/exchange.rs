@@ -365,11 +365,6 @@ impl Exchange {
         self.answer = Some(Answer { status, latency });
     }
 
-    /// The answer header arrived.
-    pub fn answer_started(&self) -> bool {
-        self.answer.is_some()
-    }
-
     /// A connection parked after a late answer counts as a pooled one, whatever pingora saw.
     pub fn reused(&self) -> bool {
         self.reused || self.conn.as_ref().is_some_and(Claim::recycled)
