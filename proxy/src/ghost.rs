@@ -19,6 +19,14 @@
 //! ghost closes with it. So no connection outlives pingora's use of it by more than the end of
 //! its request.
 //!
+//! A backend counts a connection as open until it has read the close and closed its own side,
+//! which is later than sluice's close. So sluice closes a connection by sending its FIN
+//! (`shutdown(Write)`) and keeps counting it as *closing* until the backend's own FIN arrives,
+//! [`CLOSING_WAIT`] at most. A dial to that backend waits for its closing connections like
+//! for an unheld one (below), and an old process handing its slots over during an upgrade
+//! keeps a slot while its connection is closing ([`Conns::closing`]). So a connection that
+//! replaces a closed one never reaches the backend while the backend still counts the old one.
+//!
 //! The registry also keeps pingora's pool within the cap. pingora 0.9 can lose a pooled
 //! connection to a race with the connection's own idle poller
 //! ([pingora#998](https://github.com/cloudflare/pingora/issues/998)): the request that wanted
@@ -57,6 +65,11 @@ const MAX_PARKED_IDLE: Duration = Duration::from_secs(60);
 /// microseconds; the bound only matters if an idle connection is somehow never handed out.
 pub const RELEASE_WAIT: Duration = Duration::from_millis(50);
 
+/// How long a connection sluice closed counts as open, at most, while the backend has not
+/// closed its side (see the module docs). A backend closes on reading the close, within
+/// moments; the bound only matters for one that keeps a half-closed connection open.
+pub const CLOSING_WAIT: Duration = Duration::from_secs(1);
+
 /// The sockets sluice dialed and still holds a spare descriptor of, and the connections parked
 /// after a ghost answer. One per process.
 #[derive(Debug, Default)]
@@ -73,6 +86,10 @@ pub struct Conns {
     changed: tokio::sync::Notify,
     /// Dials that waited [`RELEASE_WAIT`] in vain for a connection no request held.
     waits_expired: std::sync::atomic::AtomicU64,
+    /// Connections closed by sluice that the backend has not closed yet, by backend address.
+    closing: Mutex<HashMap<SocketAddr, u32>>,
+    /// Dials that waited [`CLOSING_WAIT`] in vain for the backend to close a connection.
+    closing_expired: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug)]
@@ -118,7 +135,7 @@ impl Conns {
 
     /// The connection pingora hands a request (by its descriptor, from
     /// `connected_to_upstream`), if sluice dialed it.
-    pub fn claim(&self, fd: RawFd) -> Option<Claim> {
+    pub fn claim(self: &Arc<Self>, fd: RawFd) -> Option<Claim> {
         let conn = lock(&self.by_fd).get(&fd)?.clone();
         {
             let mut st = lock(&conn.state);
@@ -126,7 +143,43 @@ impl Conns {
             st.used = true;
         }
         self.changed.notify_waiters();
-        Some(Claim(conn))
+        Some(Claim {
+            conn,
+            conns: self.clone(),
+        })
+    }
+
+    /// Connections to `addr` that sluice closed and the backend has not closed yet.
+    pub fn closing(&self, addr: SocketAddr) -> u32 {
+        lock(&self.closing).get(&addr).copied().unwrap_or(0)
+    }
+
+    /// Close a connection the way the backend can count: send the close, and count the
+    /// connection as closing until the backend closes its side too (or [`CLOSING_WAIT`]).
+    fn close(self: &Arc<Self>, addr: SocketAddr, sock: std::net::TcpStream) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return; // no runtime (the process is ending): just close
+        };
+        if sock.shutdown(std::net::Shutdown::Write).is_err() {
+            return; // already broken: closing it now is all there is to do
+        }
+        *lock(&self.closing).entry(addr).or_insert(0) += 1;
+        let closed = Closed {
+            conns: self.clone(),
+            addr,
+        };
+        runtime.spawn(async move {
+            let _closed = closed;
+            let Ok(mut tcp) = tokio::net::TcpStream::from_std(sock) else {
+                return;
+            };
+            let mut sink = [0u8; 256];
+            let drain = async {
+                // Whatever the backend still sends is dropped; its FIN (or a reset) ends it.
+                while matches!(tcp.read(&mut sink).await, Ok(n) if n > 0) {}
+            };
+            let _ = tokio::time::timeout(CLOSING_WAIT, drain).await;
+        });
     }
 
     /// An open connection to `addr` that no request holds: idle in pingora's pool, or lost to
@@ -140,22 +193,38 @@ impl Conns {
         })
     }
 
-    /// Wait until no open connection to `addr` is left unheld, for [`RELEASE_WAIT`] at most.
-    async fn wait_for_unheld(&self, addr: SocketAddr) {
-        let deadline = tokio::time::Instant::now() + RELEASE_WAIT;
+    /// Wait before dialing `addr`: until the backend has closed every connection sluice closed
+    /// ([`CLOSING_WAIT`] at most), and until no open connection is left unheld
+    /// ([`RELEASE_WAIT`] at most; under load some connection is always between two requests,
+    /// so that bound is often reached, and the dial is then for a request pingora had no idle
+    /// connection for).
+    async fn wait_before_dial(&self, addr: SocketAddr) {
+        let start = tokio::time::Instant::now();
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            if !self.unheld(addr) {
+            let closing = self.closing(addr) > 0;
+            if !closing && !self.unheld(addr) {
                 return;
             }
+            let deadline = start + if closing { CLOSING_WAIT } else { RELEASE_WAIT };
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                self.waits_expired
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                log::debug!(
-                    "dialing {addr} although a connection no request holds is still open after {RELEASE_WAIT:?}"
-                );
+                let (counter, what, bound) = if closing {
+                    (
+                        &self.closing_expired,
+                        "a connection it closed is still open at the backend",
+                        CLOSING_WAIT,
+                    )
+                } else {
+                    (
+                        &self.waits_expired,
+                        "a connection no request holds is still open",
+                        RELEASE_WAIT,
+                    )
+                };
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                log::debug!("dialing {addr} although {what} after {bound:?}");
                 return;
             }
         }
@@ -164,6 +233,13 @@ impl Conns {
     /// Dials that waited [`RELEASE_WAIT`] in vain for an unheld connection to close.
     pub fn waits_expired(&self) -> u64 {
         self.waits_expired
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Dials that waited [`CLOSING_WAIT`] in vain for the backend to close a connection sluice
+    /// closed.
+    pub fn closing_expired(&self) -> u64 {
+        self.closing_expired
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
@@ -228,32 +304,63 @@ impl Conns {
 /// survives pingora dropping the connection, so that a timed-out request can become a ghost
 /// ([`Claim::orphan`]). Dropping the claim closes the spare if pingora is done.
 #[derive(Debug)]
-pub struct Claim(Arc<Conn>);
+pub struct Claim {
+    conn: Arc<Conn>,
+    conns: Arc<Conns>,
+}
 
 impl Claim {
     /// The connection came out of the park: treat it as reused.
     pub fn recycled(&self) -> bool {
-        self.0.recycled
+        self.conn.recycled
     }
 
     /// The socket, if pingora dropped its side of the connection (it does on an upstream
     /// timeout): the backend's late answer can still be read from it.
     pub fn orphan(self) -> Option<(SocketAddr, std::net::TcpStream)> {
-        let mut st = lock(&self.0.state);
+        let mut st = lock(&self.conn.state);
         if !st.dropped {
             return None;
         }
-        st.spare.take().map(|s| (self.0.addr, s))
+        st.spare.take().map(|s| (self.conn.addr, s))
     }
 }
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        let mut st = lock(&self.0.state);
-        st.claims = st.claims.saturating_sub(1);
-        if st.dropped && st.claims == 0 {
-            st.spare = None;
+        let spare = {
+            let mut st = lock(&self.conn.state);
+            st.claims = st.claims.saturating_sub(1);
+            if st.dropped && st.claims == 0 {
+                st.spare.take()
+            } else {
+                None
+            }
+        };
+        if let Some(sock) = spare {
+            self.conns.close(self.conn.addr, sock);
         }
+    }
+}
+
+/// Ends the count of one closing connection (see [`Conns::close`]).
+struct Closed {
+    conns: Arc<Conns>,
+    addr: SocketAddr,
+}
+
+impl Drop for Closed {
+    fn drop(&mut self) {
+        {
+            let mut closing = lock(&self.conns.closing);
+            if let Some(n) = closing.get_mut(&self.addr) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    closing.remove(&self.addr);
+                }
+            }
+        }
+        self.conns.changed.notify_waiters();
     }
 }
 
@@ -271,12 +378,17 @@ impl Tracing for OnDrop {
         // Called from the stream's drop, before its descriptor closes: the number cannot have
         // been reused yet.
         self.conns.forget(&self.conn);
-        {
+        let spare = {
             let mut st = lock(&self.conn.state);
             st.dropped = true;
             if st.claims == 0 {
-                st.spare = None;
+                st.spare.take()
+            } else {
+                None
             }
+        };
+        if let Some(sock) = spare {
+            self.conns.close(self.conn.addr, sock);
         }
         self.conns.changed.notify_waiters();
     }
@@ -325,7 +437,7 @@ impl L4Connect for Dialer {
         let PeerAddr::Inet(addr) = addr else {
             return Error::e_explain(ErrorType::ConnectError, "sluice dials TCP backends only");
         };
-        self.conns.wait_for_unheld(*addr).await;
+        self.conns.wait_before_dial(*addr).await;
         let (sock, recycled) = match self.conns.unpark(*addr) {
             Some(s) => (s, true),
             None => (self.dial(*addr).await?, false),
@@ -859,7 +971,8 @@ mod tests {
             .expect("the close arrives")
             .expect("read");
         assert_eq!(n, 0, "closed");
-        // A claimed one closes when the claim ends.
+        drop(server); // the backend closes its side: the next dial need not wait
+                      // A claimed one closes when the claim ends.
         let stream = dialer.connect(&PeerAddr::Inet(addr)).await.expect("dial");
         let (mut server, _) = l.accept().await.expect("accept");
         let claim = conns.claim(stream.as_raw_fd()).expect("registered");
@@ -891,31 +1004,43 @@ mod tests {
     }
 
     /// A dial waits while a connection to the same backend is open that no request holds (one
-    /// pingora lost to its pool race), and goes on the moment it closes.
+    /// pingora lost to its pool race), and goes on the moment the backend has closed it too.
     #[tokio::test]
     async fn a_dial_waits_for_an_unheld_connection_to_close() {
         let (l, addr, conns, dialer) = dialer().await;
         let lost = dialer.connect(&PeerAddr::Inet(addr)).await.expect("dial");
-        let _first = l.accept().await.expect("accept");
+        let (mut first, _) = l.accept().await.expect("accept");
         // Used by a request, which ended: the connection is idle, held by no request.
         drop(conns.claim(lost.as_raw_fd()).expect("registered"));
         let peer = PeerAddr::Inet(addr);
         let next = dialer.connect(&peer);
         tokio::pin!(next);
-        tokio::select! {
-            biased;
-            _ = &mut next => panic!("dialed on top of an unheld connection"),
-            () = std::future::ready(()) => {}
-        }
+        // One poll: tokio's timeout polls the future before its (zero) delay.
+        let pending = "dialed on top of a connection the backend still counts";
+        let once = tokio::time::timeout(Duration::ZERO, next.as_mut()).await;
+        assert!(once.is_err(), "{pending}");
         assert_eq!(conns.dialed(), 1, "nothing dialed yet");
         drop(lost);
+        // sluice's close reaches the backend, which has not closed its side yet.
+        let mut b = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), first.read(&mut b))
+            .await
+            .expect("the close arrives")
+            .expect("read");
+        assert_eq!(n, 0, "closed by sluice");
+        assert_eq!(conns.closing(addr), 1);
+        let once = tokio::time::timeout(Duration::ZERO, next.as_mut()).await;
+        assert!(once.is_err(), "{pending}");
+        drop(first);
         let stream = next.await.expect("dial");
         let _second = l.accept().await.expect("accept");
+        assert_eq!(conns.closing(addr), 0, "the backend closed its side");
         assert_eq!(
             conns.waits_expired(),
             0,
-            "woken by the close, not the bound"
+            "woken by the backend's close, not the bound"
         );
+        assert_eq!(conns.closing_expired(), 0);
         assert_eq!(conns.dialed(), 1);
         // A connection a request holds is no reason to wait.
         let _held = conns.claim(stream.as_raw_fd()).expect("registered");

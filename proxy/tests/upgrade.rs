@@ -215,9 +215,11 @@ fn temp_dir(name: &str) -> PathBuf {
 /// grace period, serves the requests that arrive on them (answered with `Connection: close`),
 /// and hands over its share of the cap only as its connections, client and backend, close.
 /// Not one request fails, each reaches the backend exactly once, and the backend never sees
-/// more than the cap in requests nor more than cap + 1 in open connections (the one more: the
-/// backend may accept a connection the new process dials for a slot the old process handed
-/// over before it has read the close of the old process's connection).
+/// more than the cap in requests nor more than cap + 1 in open connections, in its own count.
+/// The old process hands a slot over only once the backend has closed that slot's connection
+/// too (its own count lagging sluice's close is no longer a source of extra connections). The
+/// one more: pingora's pool can briefly look empty to a request while it rearranges its idle
+/// connections, so the old process may dial one connection above what it still claims.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrade_under_kept_alive_terminals_fails_nothing_and_keeps_connections_in_cap() {
     const CAP: usize = 32;

@@ -1248,10 +1248,13 @@ async fn serve_conn(
     shared: Arc<Shared>,
     pool: Arc<Workers>,
     (stream, conn_id): (TcpStream, u64),
-    _open: OpenConn,
+    open: OpenConn,
 ) {
     let _ = stream.set_nodelay(true);
     let mut wire = Wire::new(stream);
+    // Declared after the socket, so dropped before it: like a server's own count, the
+    // connection stops counting before its close goes out, never after.
+    let _open = open;
     for _ in 0..MAX_REQUESTS_PER_CONN {
         let idle_deadline = Instant::now() + shared.cfg.keepalive_timeout;
         let head = match wire.read_head(idle_deadline, parse_request_head).await {

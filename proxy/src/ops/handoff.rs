@@ -21,9 +21,10 @@
 //!     after its `Connection: close` answer, so the headroom shrinks as they do. The trade-off:
 //!     while terminals stay connected to the old process without sending, the new one runs
 //!     with up to half the cap less, at most until the old process's grace period ends;
-//!   - its open backend connections ([`crate::ops::upstream_conns`]), idle ones included: a slot is
-//!     handed over only once its connection is closed, so old + new connections stay within
-//!     the cap. From SIGQUIT on, the old process pools connections with a short idle timeout,
+//!   - its open backend connections ([`crate::ops::upstream_conns`]), idle ones included, and
+//!     the ones it closed that the backend has not closed yet ([`crate::ghost::Conns::closing`]):
+//!     a slot is handed over only once the backend no longer counts its connection, so old +
+//!     new connections stay within the cap. From SIGQUIT on, the old process pools connections with a short idle timeout,
 //!     so they close soon after its last request.
 //! - The new process sets its reservation to the old's claim; when the old process exits (or the
 //!   claim reaches zero), the new one has the whole cap.
@@ -214,6 +215,7 @@ pub fn hand_over(shared: Arc<Shared>, path: PathBuf) {
             let mut reported = vec![u32::MAX; names.len()];
             loop {
                 let snap = admission.snapshot();
+                let settings = shared.settings();
                 let accepting = started.elapsed() < OLD_ACCEPTING;
                 let clients = shared.metrics.client_connections().get();
                 let clients = u32::try_from(clients.max(0)).unwrap_or(u32::MAX);
@@ -230,8 +232,14 @@ pub fn hand_over(shared: Arc<Shared>, path: PathBuf) {
                     // Only then is it reported, so ours + the new process's ≤ the cap.
                     let capacity = admission.shrink_capacity(BackendId(i), extra);
                     // A slot is handed over only once its backend connection is closed too,
-                    // so the backend never sees more connections than the cap.
-                    let claim = capacity.max(shared.upstream.open(i)).min(*last);
+                    // on the backend's side as well (see [`crate::ghost`]), so the backend
+                    // never sees more connections than the cap.
+                    let closing = settings
+                        .upstreams
+                        .get(i)
+                        .map_or(0, |u| shared.upstream.dialed().closing(u.addr));
+                    let open = shared.upstream.open(i).saturating_add(closing);
+                    let claim = capacity.max(open).min(*last);
                     *last = claim;
                     total += claim;
                     match shared.cluster.as_ref().and_then(|c| c.share(BackendId(i))) {
