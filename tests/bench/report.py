@@ -427,13 +427,12 @@ re-running the script overwrites this file.
   and all its child processes); open {p['idle_conns']:,} HTTP/1.1 keep-alive connections with
   `tests/bench/idle_conns.py`, each completing one `GET` (16 in flight at a time) and then
   staying open and idle; wait for RSS to settle, record it again; report (after − before) ÷
-  {p['idle_conns']:,} ("first N"). Then, 3 s later (past sluice's 1 s park delay), record RSS,
+  {p['idle_conns']:,} ("first N"). Then, 3 s later (past sluice's 100 ms park delay), record RSS,
   open {p['idle_conns']:,} more the same way, wait 3 s and for RSS to settle, and report that
   growth ÷ {p['idle_conns']:,} ("next N, warm"): the cost of one more idle terminal in a process
   that has been serving. sluice holds pingora's stream (≈ 2.5 KiB) through a connection's first
-  second of idle and then waits on the bare socket; the allocator keeps what is freed for the
-  next connections, so the first figure also holds the busy second of the last connections
-  opened.
+  100 ms of idle and then waits on the bare socket; the allocator keeps what is freed for the
+  next connections, so the first figure also holds the streams of the last connections opened.
 
 """
     calib_only = f"""### Calibration

@@ -510,9 +510,9 @@ run_memory() {
     idle_pid=$BG_PID ready=$READY
     after=$(wait_rss_stable "$PROXY_PID")
     # The same again in the now warm process: N more idle connections, opened once the first N
-    # have idled past sluice's park delay (1 s). This is the steady-state cost of one more idle
-    # terminal; the first figure also holds what the allocator kept from the connections' busy
-    # first second.
+    # have idled past sluice's park delay (100 ms). This is the steady-state cost of one more
+    # idle terminal; the first figure also holds what the allocator kept from the streams of the
+    # connections opened last.
     sleep 3
     settled=$(wait_rss_stable "$PROXY_PID")
     open_idle "idle2-$tag"
