@@ -10,6 +10,12 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use async_trait::async_trait;
+
+// The same allocator as the sluice binary (the `mimalloc` feature, on by default), so that the
+// floor is measured with it too.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use pingora::prelude::*;
 use pingora::server::configuration::ServerConf;
 

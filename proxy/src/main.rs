@@ -6,11 +6,13 @@ use clap::Parser;
 use sluice::cli::{self, Cli, Command, EXIT_CONFIG, EXIT_RUNTIME};
 use sluice::config::{Config, LoadError, Overrides};
 
-// The allocator was measured, not assumed (2026-11-24, 2-core VM, wrk -t1 -c64 through sluice
-// with max_inflight 64 to a 0 ms emulator, 4 interleaved rounds of 8 s): the system allocator
-// 29,960-31,363 req/s, mimalloc 29,051-29,843 req/s; with 2,000 idle client connections
-// mimalloc used ~0.8 KiB less per connection but ~10 MB more at start. The system allocator is
-// the default; `--features mimalloc` switches.
+// The allocator is measured, not assumed. 2026-12-02, same runs, mimalloc against the system
+// allocator (tests/bench/results/allocator.md): 1.05 x the requests/s and 0.91 x the CPU per
+// request (throughput.py, 6 runs); 2,000 idle client connections in a fresh process 0.97 KiB
+// each against 1.33-1.38 (run.sh's memory step, 2 runs); ~16 MiB more RSS at start. So
+// mimalloc is the default; `--no-default-features` builds with the system allocator. (On
+// 2026-11-24, before the connection loop parked idle connections, the system allocator was
+// the faster one: 29,960-31,363 req/s against 29,051-29,843.)
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

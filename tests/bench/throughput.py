@@ -16,7 +16,7 @@ and noisy), then the median over runs is reported.
 Targets:
   direct        wrk straight at the backend (the latency floor)
   bare-pingora  pingora with one upstream_peer and nothing else (proxy/examples/bare_pingora.rs),
-                same pingora, features and release profile as sluice: pingora's own floor
+                same pingora, features, allocator and release profile as sluice: pingora's own floor
   sluice        sluice with the defaults a new user gets (access log on, to a file; health
                 checks; the latency ramp), cap 32
   sluice-quiet  the tuned variant: access log off, health checks off, no ramp
