@@ -203,6 +203,7 @@ pub fn build_server_from(
         svc.threads = Some(1);
         server.add_service(svc);
     }
+    crate::ops::reload::keep_sighup_from_killing();
     let mut hup =
         GenBackgroundService::new("reload".into(), Arc::new(SighupReload(shared.clone())));
     hup.threads = Some(1);

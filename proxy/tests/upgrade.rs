@@ -518,8 +518,16 @@ fn sighup_reloads_the_config_file() {
         || limit() == Some(4),
     );
     std::fs::write(&config, file(9)).expect("rewrite");
-    signal(cleanup.0[0].id(), "-HUP");
+    // The reload service listens once its runtime has started, which may be after the admin
+    // listener answers: a SIGHUP before that is ignored (not fatal), so it is sent again, as
+    // an operator would, every half second until the new limit shows.
+    let pid = cleanup.0[0].id();
+    let mut next_hup = Instant::now();
     wait_until("the new limit is in force", Duration::from_secs(10), || {
+        if Instant::now() >= next_hup {
+            signal(pid, "-HUP");
+            next_hup = Instant::now() + Duration::from_millis(500);
+        }
         limit() == Some(9)
     });
     let out = Command::new(env!("CARGO_BIN_EXE_sluice"))

@@ -200,6 +200,25 @@ fn apply(shared: &Shared, old: &Config, new: &Config) -> ReloadReport {
     report
 }
 
+/// Take SIGHUP over now, before any listener answers: the reload service installs its handler
+/// only once its runtime has started, and until then SIGHUP's default action would end the
+/// process. tokio never uninstalls a signal handler it installed, so a handler registered on a
+/// throwaway runtime stays, and the service's listener receives what arrives after it starts (a
+/// SIGHUP before that is ignored rather than fatal).
+pub fn keep_sighup_from_killing() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    let installed = runtime.map_err(|e| e.to_string()).and_then(|rt| {
+        rt.block_on(async { signal(SignalKind::hangup()).map(drop) })
+            .map_err(|e| e.to_string())
+    });
+    if let Err(e) = installed {
+        log::error!("cannot take SIGHUP over ({e}): a SIGHUP before the reload service starts ends the process");
+    }
+}
+
 /// Reload on SIGHUP, as a background service.
 pub struct SighupReload(pub Arc<Shared>);
 
