@@ -207,13 +207,27 @@ fn apply(shared: &Shared, old: &Config, new: &Config) -> ReloadReport {
 /// SIGHUP before that is ignored rather than fatal).
 pub fn keep_sighup_from_killing() {
     use tokio::signal::unix::{signal, SignalKind};
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build();
-    let installed = runtime.map_err(|e| e.to_string()).and_then(|rt| {
-        rt.block_on(async { signal(SignalKind::hangup()).map(drop) })
+    let hangup = || {
+        signal(SignalKind::hangup())
+            .map(drop)
             .map_err(|e| e.to_string())
-    });
+    };
+    // Built inside a runtime (the in-process test harness), that runtime registers it; a
+    // runtime may be neither started nor dropped there.
+    let installed = match tokio::runtime::Handle::try_current() {
+        Ok(handle) => {
+            let _entered = handle.enter();
+            hangup()
+        }
+        Err(_) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())
+            .and_then(|rt| {
+                let _entered = rt.enter();
+                hangup()
+            }),
+    };
     if let Err(e) = installed {
         log::error!("cannot take SIGHUP over ({e}): a SIGHUP before the reload service starts ends the process");
     }
