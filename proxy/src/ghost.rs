@@ -889,6 +889,16 @@ mod tests {
         (l, addr, conns, dialer)
     }
 
+    /// Wait (5 s at most) for the backend side `server` to read the close sluice sent.
+    async fn read_close(server: &mut tokio::net::TcpStream) {
+        let mut b = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), server.read(&mut b))
+            .await
+            .expect("the close arrives")
+            .expect("read");
+        assert_eq!(n, 0, "closed by sluice");
+    }
+
     fn ghost(until: Duration) -> Ghost {
         Ghost {
             head: false,
@@ -965,25 +975,17 @@ mod tests {
         let (mut server, _) = l.accept().await.expect("accept");
         assert_eq!(conns.dialed(), 1);
         drop(stream);
-        let mut b = [0u8; 1];
-        let n = tokio::time::timeout(Duration::from_secs(5), server.read(&mut b))
-            .await
-            .expect("the close arrives")
-            .expect("read");
-        assert_eq!(n, 0, "closed");
-        drop(server); // the backend closes its side: the next dial need not wait
-                      // A claimed one closes when the claim ends.
+        read_close(&mut server).await;
+        // The backend closes its side: the next dial need not wait.
+        drop(server);
+        // A claimed one closes when the claim ends.
         let stream = dialer.connect(&PeerAddr::Inet(addr)).await.expect("dial");
         let (mut server, _) = l.accept().await.expect("accept");
         let claim = conns.claim(stream.as_raw_fd()).expect("registered");
         assert!(!claim.recycled());
         drop(stream);
         drop(claim);
-        let n = tokio::time::timeout(Duration::from_secs(5), server.read(&mut b))
-            .await
-            .expect("the close arrives")
-            .expect("read");
-        assert_eq!(n, 0, "closed");
+        read_close(&mut server).await;
     }
 
     /// The request that released a connection to pingora's pool may end after the next one
@@ -1022,12 +1024,7 @@ mod tests {
         assert_eq!(conns.dialed(), 1, "nothing dialed yet");
         drop(lost);
         // sluice's close reaches the backend, which has not closed its side yet.
-        let mut b = [0u8; 1];
-        let n = tokio::time::timeout(Duration::from_secs(5), first.read(&mut b))
-            .await
-            .expect("the close arrives")
-            .expect("read");
-        assert_eq!(n, 0, "closed by sluice");
+        read_close(&mut first).await;
         assert_eq!(conns.closing(addr), 1);
         let once = tokio::time::timeout(Duration::ZERO, next.as_mut()).await;
         assert!(once.is_err(), "{pending}");
