@@ -1,5 +1,5 @@
 """Process and emulator helpers shared by the Python benchmarks (throughput.py, soak.py,
-cluster.py, overcap.py). Standard library only; Linux only."""
+cluster.py, overcap.py, park_cost.py). Standard library only; Linux only."""
 
 import json
 import os
@@ -75,6 +75,31 @@ def wait_line(path, prefix, proc, timeout=15.0):
             pass
         time.sleep(0.05)
     raise SystemExit(f"{path}: no {prefix!r} line after {timeout}s")
+
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(root):
+    """user+system CPU seconds of `root` and every descendant (scanned from /proc)."""
+    children, cpu = {}, {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                s = f.read()
+        except OSError:
+            continue
+        rest = s[s.rindex(")") + 2:].split()
+        children.setdefault(int(rest[1]), []).append(int(name))
+        cpu[int(name)] = (int(rest[11]) + int(rest[12])) / TICK
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        total += cpu.get(pid, 0.0)
+        todo.extend(children.get(pid, []))
+    return total
 
 
 def emu_stats(addr):

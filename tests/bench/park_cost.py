@@ -17,87 +17,44 @@ Prints one line per run and binary and a summary (medians) as Markdown. Standard
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import free_port, start, stop, stop_signal, tree_cpu_seconds, wait_line, wait_port  # noqa: E402
 
 
-def cpu_seconds(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
-
-
-def wait_listening(port, proc, seconds=15.0):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"process exited with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listening on {port} after {seconds} s")
-
-
-def start_emu(emu_bin, work):
-    out = open(os.path.join(work, "emu.out"), "w+")
-    proc = subprocess.Popen([emu_bin, "--listen", "127.0.0.1:0"], stdout=out,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        out.seek(0)
-        line = out.readline()
-        if line.startswith("listening on "):
-            return proc, line.split()[-1]
-        time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("legacy-emu did not report its address")
-
-
-def one_run(sluice_bin, args, work):
-    emu, emu_addr = start_emu(args.emu, work)
-    port = free_port()
-    config = os.path.join(work, "sluice.toml")
-    with open(config, "w") as f:
-        f.write(f'[proxy]\nlisten = "127.0.0.1:{port}"\n\n[log]\naccess = "off"\n\n'
-                f'[[backend]]\nname = "legacy"\naddress = "{emu_addr}"\n')
-    proxy = subprocess.Popen([sluice_bin, "run", "--config", config, "--max-inflight", "64",
-                              "--threads", "2"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def one_run(sluice_bin, args, work, run):
+    emu = start([args.emu, "--listen", "127.0.0.1:0"], work, f"emu-{run}")
+    proxy = None
     try:
-        wait_listening(port, proxy)
-        before = cpu_seconds(proxy.pid)
+        emu_addr = wait_line(os.path.join(work, f"emu-{run}.out"), "listening on ", emu)
+        port = free_port()
+        config = os.path.join(work, "sluice.toml")
+        with open(config, "w") as f:
+            f.write(f'[proxy]\nlisten = "127.0.0.1:{port}"\n\n[log]\naccess = "off"\n\n'
+                    f'[[backend]]\nname = "legacy"\naddress = "{emu_addr}"\n')
+        proxy = start([sluice_bin, "run", "--config", config, "--max-inflight", "64",
+                       "--threads", "2"], work, f"sluice-{run}")
+        wait_port(port, proxy)
+        before = tree_cpu_seconds(proxy.pid)
         rate = args.terminals / args.think
         load = subprocess.run(
             [args.load, "--target", f"127.0.0.1:{port}", "--terminals", str(args.terminals),
              "--conn-mode", "keep-alive", "--http", "1.1", "--rate", f"{rate:.0f}",
              "--ramp", f"{args.think}s", "--duration", f"{args.seconds}s", "--json"],
             capture_output=True, text=True, timeout=args.seconds + 120, check=True)
-        after = cpu_seconds(proxy.pid)
+        after = tree_cpu_seconds(proxy.pid)
         report = json.loads(load.stdout)
         ok = report["ok"]
         return {"ok": ok, "sent": report["sent"], "cpu_s": after - before,
                 "us_per_req": (after - before) / max(ok, 1) * 1e6}
     finally:
         for p in (proxy, emu):
-            p.terminate()
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+            if p is not None:
+                stop(p, stop_signal(p))
 
 
 def main():
@@ -116,8 +73,8 @@ def main():
     with tempfile.TemporaryDirectory(prefix="sluice-park-cost-") as work:
         for run in range(args.runs):
             order = args.sluice if run % 2 == 0 else list(reversed(args.sluice))
-            for b in order:
-                r = one_run(b, args, work)
+            for i, b in enumerate(order):
+                r = one_run(b, args, work, f"{run}-{i}")
                 results[b].append(r)
                 print(f"run {run + 1} {b}: {r['ok']}/{r['sent']} ok, CPU {r['cpu_s']:.2f} s, "
                       f"{r['us_per_req']:.1f} µs per request", file=sys.stderr)

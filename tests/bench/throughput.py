@@ -45,37 +45,12 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import free_port, haproxy_cfg, start, stop, stop_signal, wait_port  # noqa: E402
+from benchlib import free_port, haproxy_cfg, start, stop, stop_signal, tree_cpu_seconds, wait_port  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 CAP = 32
 THREADS = 2
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def tree_cpu_seconds(root):
-    """user+system CPU seconds of `root` and every descendant (scanned from /proc)."""
-    children, cpu = {}, {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                s = f.read()
-        except OSError:
-            continue
-        rest = s[s.rindex(")") + 2:].split()
-        children.setdefault(int(rest[1]), []).append(int(name))
-        cpu[int(name)] = (int(rest[11]) + int(rest[12])) / TICK
-    total, todo = 0.0, [root]
-    while todo:
-        pid = todo.pop()
-        total += cpu.get(pid, 0.0)
-        todo.extend(children.get(pid, []))
-    return total
-
-
 def start_backend(work):
     port = free_port()
     d = os.path.join(work, "backend")
