@@ -154,6 +154,23 @@ impl Conns {
         lock(&self.closing).get(&addr).copied().unwrap_or(0)
     }
 
+    /// Apply `change` to a connection's state; once pingora has dropped it and no request
+    /// holds it, its spare is closed ([`Conns::close`]).
+    fn update(self: &Arc<Self>, conn: &Conn, change: impl FnOnce(&mut ConnState)) {
+        let spare = {
+            let mut st = lock(&conn.state);
+            change(&mut st);
+            if st.dropped && st.claims == 0 {
+                st.spare.take()
+            } else {
+                None
+            }
+        };
+        if let Some(sock) = spare {
+            self.close(conn.addr, sock);
+        }
+    }
+
     /// Close a connection the way the backend can count: send the close, and count the
     /// connection as closing until the backend closes its side too (or [`CLOSING_WAIT`]).
     fn close(self: &Arc<Self>, addr: SocketAddr, sock: std::net::TcpStream) {
@@ -328,18 +345,9 @@ impl Claim {
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        let spare = {
-            let mut st = lock(&self.conn.state);
+        self.conns.update(&self.conn, |st| {
             st.claims = st.claims.saturating_sub(1);
-            if st.dropped && st.claims == 0 {
-                st.spare.take()
-            } else {
-                None
-            }
-        };
-        if let Some(sock) = spare {
-            self.conns.close(self.conn.addr, sock);
-        }
+        });
     }
 }
 
@@ -378,18 +386,7 @@ impl Tracing for OnDrop {
         // Called from the stream's drop, before its descriptor closes: the number cannot have
         // been reused yet.
         self.conns.forget(&self.conn);
-        let spare = {
-            let mut st = lock(&self.conn.state);
-            st.dropped = true;
-            if st.claims == 0 {
-                st.spare.take()
-            } else {
-                None
-            }
-        };
-        if let Some(sock) = spare {
-            self.conns.close(self.conn.addr, sock);
-        }
+        self.conns.update(&self.conn, |st| st.dropped = true);
         self.conns.changed.notify_waiters();
     }
 
