@@ -7,8 +7,8 @@ use sluice::cli::{self, Cli, Command, EXIT_CONFIG, EXIT_RUNTIME};
 use sluice::config::{Config, LoadError, Overrides};
 
 // The allocator is measured, not assumed. 2026-12-02, same runs, mimalloc against the system
-// allocator (tests/bench/results/allocator.md): 1.05 x the requests/s and 0.91 x the CPU per
-// request (throughput.py, 6 runs); 2,000 idle client connections in a fresh process 0.97 KiB
+// allocator (tests/bench/results/allocator.md): 1.11 x the requests/s and 0.86 x the CPU per
+// request (throughput.py, 6 runs; 1.05 x and 0.91 x in an earlier run); 2,000 idle client connections in a fresh process 0.97 KiB
 // each against 1.33-1.38 (run.sh's memory step, 2 runs); ~16 MiB more RSS at start. So
 // mimalloc is the default; `--no-default-features` builds with the system allocator. (On
 // 2026-11-24, before the connection loop parked idle connections, the system allocator was
