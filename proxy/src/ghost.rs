@@ -27,14 +27,25 @@
 //! keeps a slot while its connection is closing ([`Conns::closing`]). So a connection that
 //! replaces a closed one never reaches the backend while the backend still counts the old one.
 //!
-//! The registry also keeps pingora's pool within the cap. pingora 0.9 can lose a pooled
-//! connection to a race with the connection's own idle poller
-//! ([pingora#998](https://github.com/cloudflare/pingora/issues/998)): the request that wanted
-//! it dials a new one while the lost one is still open, and the backend sees one connection
-//! more than requests in flight. So before dialing, [`Dialer`] waits (briefly, at most
-//! [`RELEASE_WAIT`]) while a connection to the same backend is open that no request holds:
-//! the lost connection closes within moments, or a request picks it out of the pool. Either
-//! way the new connection does not come on top of it.
+//! The registry also keeps pingora's pool within the cap, and the backend's connections
+//! long-lived. pingora 0.9 can lose a pooled connection to a race with the connection's own
+//! idle poller ([pingora#998](https://github.com/cloudflare/pingora/issues/998)): the request
+//! that took it out of the pool fails to unwrap it, drops it, and dials. Left alone, that
+//! costs the backend a new connection (one more TIME_WAIT, one more accept) each time, and for
+//! a moment one connection more than requests in flight. So a connection pingora drops while
+//! it sits idle in its pool (no request holds it, and one has used it: pingora put it there
+//! as reusable, after a complete answer) is *rescued*: its spare is parked for
+//! [`RESCUE_WAIT`], and the dial that follows takes it ([`Conns::take_or_wait`]) instead of
+//! connecting. A dial also waits (briefly, at most [`RELEASE_WAIT`]) while a connection to
+//! the same backend is open that no request holds: the lost connection is about to be
+//! dropped and rescued, or a request picks it out of the pool. Either way the new connection
+//! does not come on top of it.
+//!
+//! A rescued connection is as clean as one pingora takes out of its pool: pingora pooled it
+//! only after reading a complete answer with nothing after it, and it is taken only if the
+//! socket has nothing to read (no stray bytes, no close), the check pingora makes too. A
+//! connection pingora drops while a request holds it (an error, a close-delimited answer, a
+//! `Connection: close`) is never rescued: the request's claim ends after pingora has decided.
 //!
 //! Backends reached over TLS are dialed by pingora: their late answer cannot be read without
 //! the TLS session, and their slots keep the fixed hold.
@@ -65,6 +76,12 @@ const MAX_PARKED_IDLE: Duration = Duration::from_secs(60);
 /// microseconds; the bound only matters if an idle connection is somehow never handed out.
 pub const RELEASE_WAIT: Duration = Duration::from_millis(50);
 
+/// How long a connection rescued from pingora's pool race waits for the dial that lost it
+/// (see the module docs) before it is closed. That dial follows within microseconds; a
+/// connection pingora dropped for another reason (its idle timeout, the backend closing it)
+/// has no dial waiting and closes after this.
+pub const RESCUE_WAIT: Duration = Duration::from_millis(50);
+
 /// How long a connection sluice closed counts as open, at most, while the backend has not
 /// closed its side (see the module docs). A backend closes on reading the close, within
 /// moments; the bound only matters for one that keeps a half-closed connection open.
@@ -90,6 +107,8 @@ pub struct Conns {
     closing: Mutex<HashMap<SocketAddr, u32>>,
     /// Dials that waited [`CLOSING_WAIT`] in vain for the backend to close a connection.
     closing_expired: std::sync::atomic::AtomicU64,
+    /// Connections rescued after pingora dropped them idle, and taken by a dial.
+    rescued: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug)]
@@ -97,6 +116,8 @@ struct Parked {
     id: u64,
     addr: SocketAddr,
     sock: std::net::TcpStream,
+    /// Rescued from pingora's pool, rather than parked after a ghost answer.
+    rescued: bool,
 }
 
 /// One dialed connection.
@@ -154,12 +175,12 @@ impl Conns {
         lock(&self.closing).get(&addr).copied().unwrap_or(0)
     }
 
-    /// Apply `change` to a connection's state; once pingora has dropped it and no request
-    /// holds it, its spare is closed ([`Conns::close`]).
-    fn update(self: &Arc<Self>, conn: &Conn, change: impl FnOnce(&mut ConnState)) {
+    /// A request's claim on `conn` ended; once pingora has dropped the connection too, and no
+    /// other request holds it, its spare is closed ([`Conns::close`]).
+    fn unclaim(self: &Arc<Self>, conn: &Conn) {
         let spare = {
             let mut st = lock(&conn.state);
-            change(&mut st);
+            st.claims = st.claims.saturating_sub(1);
             if st.dropped && st.claims == 0 {
                 st.spare.take()
             } else {
@@ -210,20 +231,24 @@ impl Conns {
         })
     }
 
-    /// Wait before dialing `addr`: until the backend has closed every connection sluice closed
-    /// ([`CLOSING_WAIT`] at most), and until no open connection is left unheld
-    /// ([`RELEASE_WAIT`] at most; under load some connection is always between two requests,
-    /// so that bound is often reached, and the dial is then for a request pingora had no idle
-    /// connection for).
-    async fn wait_before_dial(&self, addr: SocketAddr) {
+    /// A connection to `addr` for a dial: a parked one if there is one (rescued from pingora's
+    /// pool race, or parked after a ghost answer), else `None` once the dial may connect. It
+    /// may connect once the backend has closed every connection sluice closed
+    /// ([`CLOSING_WAIT`] at most), and no open connection is left unheld ([`RELEASE_WAIT`] at
+    /// most; under load some connection is always between two requests, so that bound is
+    /// often reached, and the dial is then for a request pingora had no idle connection for).
+    pub async fn take_or_wait(&self, addr: SocketAddr) -> Option<std::net::TcpStream> {
         let start = tokio::time::Instant::now();
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
+            if let Some(sock) = self.unpark(addr) {
+                return Some(sock);
+            }
             let closing = self.closing(addr) > 0;
             if !closing && !self.unheld(addr) {
-                return;
+                return None;
             }
             let deadline = start + if closing { CLOSING_WAIT } else { RELEASE_WAIT };
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
@@ -242,7 +267,7 @@ impl Conns {
                 };
                 counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 log::debug!("dialing {addr} although {what} after {bound:?}");
-                return;
+                return self.unpark(addr);
             }
         }
     }
@@ -260,6 +285,12 @@ impl Conns {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Connections rescued from pingora's pool race (or its idle drops) and taken by a dial
+    /// instead of a new connection.
+    pub fn rescued(&self) -> u64 {
+        self.rescued.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Close every parked connection and park no more (the process is draining).
     pub fn start_draining(&self) {
         self.draining
@@ -272,7 +303,7 @@ impl Conns {
         lock(&self.by_fd).len()
     }
 
-    /// Connections parked after a ghost answer.
+    /// Connections parked after a ghost answer or rescued from pingora's pool.
     pub fn parked(&self) -> usize {
         lock(&self.parked).len()
     }
@@ -287,26 +318,80 @@ impl Conns {
             let mut probe = [0u8; 1];
             if matches!(p.sock.peek(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
             {
+                if p.rescued {
+                    self.rescued
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 return Some(p.sock);
             }
         }
         None
     }
 
-    /// Park a connection after its ghost answer, for `idle` at most.
-    fn park(self: &Arc<Self>, addr: SocketAddr, sock: std::net::TcpStream, idle: Duration) {
+    /// Park a connection for `idle` at most (then close it), after its ghost answer or
+    /// rescued from pingora's pool. The socket comes back when nothing may be parked: the
+    /// process is draining, or it is ending (no runtime).
+    fn park(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        sock: std::net::TcpStream,
+        idle: Duration,
+        rescued: bool,
+    ) -> Option<std::net::TcpStream> {
         if self.draining.load(std::sync::atomic::Ordering::Acquire) {
-            return;
+            return Some(sock);
         }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return Some(sock);
+        };
         let id = self
             .next_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        lock(&self.parked).push(Parked { id, addr, sock });
-        let conns = self.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(idle.min(MAX_PARKED_IDLE)).await;
-            lock(&conns.parked).retain(|p| p.id != id);
+        lock(&self.parked).push(Parked {
+            id,
+            addr,
+            sock,
+            rescued,
         });
+        self.changed.notify_waiters();
+        let conns = self.clone();
+        runtime.spawn(async move {
+            tokio::time::sleep(idle.min(MAX_PARKED_IDLE)).await;
+            let expired = {
+                let mut parked = lock(&conns.parked);
+                let i = parked.iter().position(|p| p.id == id);
+                i.map(|i| parked.swap_remove(i))
+            };
+            if let Some(p) = expired {
+                conns.close(p.addr, p.sock);
+            }
+        });
+        None
+    }
+
+    /// pingora dropped its stream of `conn`. Idle in its pool (used, and no request holds it):
+    /// the spare is rescued for the next dial. Otherwise the spare closes now if no request
+    /// holds it, or when the last claim ends.
+    fn dropped(self: &Arc<Self>, conn: &Conn) {
+        let (spare, idle) = {
+            let mut st = lock(&conn.state);
+            st.dropped = true;
+            if st.claims == 0 {
+                (st.spare.take(), st.used)
+            } else {
+                (None, false)
+            }
+        };
+        let Some(sock) = spare else {
+            return;
+        };
+        let unparked = match idle {
+            true => self.park(conn.addr, sock, RESCUE_WAIT, true),
+            false => Some(sock),
+        };
+        if let Some(sock) = unparked {
+            self.close(conn.addr, sock);
+        }
     }
 
     fn forget(&self, conn: &Arc<Conn>) {
@@ -345,9 +430,7 @@ impl Claim {
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        self.conns.update(&self.conn, |st| {
-            st.claims = st.claims.saturating_sub(1);
-        });
+        self.conns.unclaim(&self.conn);
     }
 }
 
@@ -386,7 +469,7 @@ impl Tracing for OnDrop {
         // Called from the stream's drop, before its descriptor closes: the number cannot have
         // been reused yet.
         self.conns.forget(&self.conn);
-        self.conns.update(&self.conn, |st| st.dropped = true);
+        self.conns.dropped(&self.conn);
         self.conns.changed.notify_waiters();
     }
 
@@ -434,8 +517,7 @@ impl L4Connect for Dialer {
         let PeerAddr::Inet(addr) = addr else {
             return Error::e_explain(ErrorType::ConnectError, "sluice dials TCP backends only");
         };
-        self.conns.wait_before_dial(*addr).await;
-        let (sock, recycled) = match self.conns.unpark(*addr) {
+        let (sock, recycled) = match self.conns.take_or_wait(*addr).await {
             Some(s) => (s, true),
             None => (self.dial(*addr).await?, false),
         };
@@ -520,7 +602,9 @@ pub async fn watch(
             Progress::Done { reusable } => {
                 if reusable {
                     if let Ok(sock) = tcp.into_std() {
-                        conns.park(addr, sock, ghost.park_idle);
+                        if let Some(sock) = conns.park(addr, sock, ghost.park_idle, false) {
+                            conns.close(addr, sock);
+                        }
                     }
                 }
                 return End::Answered;
@@ -1002,39 +1086,123 @@ mod tests {
         );
     }
 
+    /// One poll of a pending dial: tokio's timeout polls the future before its (zero) delay.
+    async fn still_waiting<F: std::future::Future + Unpin>(dial: &mut F) -> bool {
+        tokio::time::timeout(Duration::ZERO, dial).await.is_err()
+    }
+
     /// A dial waits while a connection to the same backend is open that no request holds (one
-    /// pingora lost to its pool race), and goes on the moment the backend has closed it too.
+    /// pingora lost to its pool race). When pingora drops it, the dial takes it, and the
+    /// backend sees no new connection.
     #[tokio::test]
-    async fn a_dial_waits_for_an_unheld_connection_to_close() {
+    async fn a_connection_pingora_drops_idle_is_rescued_for_the_waiting_dial() {
+        use tokio::io::AsyncWriteExt;
         let (l, addr, conns, dialer) = dialer().await;
         let lost = dialer.connect(&PeerAddr::Inet(addr)).await.expect("dial");
-        let (mut first, _) = l.accept().await.expect("accept");
-        // Used by a request, which ended: the connection is idle, held by no request.
+        let (mut server, _) = l.accept().await.expect("accept");
+        // Used by a request, which ended: the connection is idle in pingora's pool.
         drop(conns.claim(lost.as_raw_fd()).expect("registered"));
         let peer = PeerAddr::Inet(addr);
         let next = dialer.connect(&peer);
         tokio::pin!(next);
-        // One poll: tokio's timeout polls the future before its (zero) delay.
-        let pending = "dialed on top of a connection the backend still counts";
-        let once = tokio::time::timeout(Duration::ZERO, next.as_mut()).await;
-        assert!(once.is_err(), "{pending}");
+        assert!(
+            still_waiting(&mut next).await,
+            "dialed beside an idle connection"
+        );
         assert_eq!(conns.dialed(), 1, "nothing dialed yet");
+        // pingora loses it to its pool race: it drops the stream.
         drop(lost);
+        let mut stream = next.await.expect("dial");
+        assert_eq!(conns.rescued(), 1);
+        assert_eq!(conns.waits_expired(), 0, "woken by the drop, not the bound");
+        let claim = conns.claim(stream.as_raw_fd()).expect("registered");
+        assert!(claim.recycled(), "a rescued connection counts as reused");
+        // The same connection: what the backend writes on it arrives.
+        server.write_all(b"x").await.expect("write");
+        let mut b = [0u8; 1];
+        tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut b))
+            .await
+            .expect("in time")
+            .expect("read");
+        assert_eq!(&b, b"x");
+        let more = tokio::time::timeout(Duration::from_millis(50), l.accept()).await;
+        assert!(more.is_err(), "no second connection");
+    }
+
+    /// A rescued connection no dial takes is closed after [`RESCUE_WAIT`]; one the backend
+    /// closed, or sent bytes on, is never handed out.
+    #[tokio::test]
+    async fn a_rescued_connection_is_closed_unless_a_dial_takes_it_clean() {
+        use tokio::io::AsyncWriteExt;
+        let (l, addr, conns, dialer) = dialer().await;
+        let idle = dialer.connect(&PeerAddr::Inet(addr)).await.expect("dial");
+        let (mut server, _) = l.accept().await.expect("accept");
+        drop(conns.claim(idle.as_raw_fd()).expect("registered"));
+        drop(idle);
+        assert_eq!(conns.parked(), 1, "rescued");
+        read_close(&mut server).await;
+        assert_eq!(conns.parked(), 0, "closed after the wait");
+        assert_eq!(conns.rescued(), 0);
+        drop(server);
+        // Stray bytes from the backend: the dial connects instead.
+        for stray in [true, false] {
+            let idle = dialer.connect(&PeerAddr::Inet(addr)).await.expect("dial");
+            let (mut server, _) = l.accept().await.expect("accept");
+            drop(conns.claim(idle.as_raw_fd()).expect("registered"));
+            drop(idle);
+            assert_eq!(conns.parked(), 1, "rescued");
+            if stray {
+                server
+                    .write_all(b"HTTP/1.1 408 Timeout\r\n\r\n")
+                    .await
+                    .expect("write");
+            } else {
+                drop(server);
+            }
+            let fresh = dialer.connect(&PeerAddr::Inet(addr)).await.expect("dial");
+            let _next = l.accept().await.expect("a new connection");
+            assert!(!conns
+                .claim(fresh.as_raw_fd())
+                .expect("registered")
+                .recycled());
+            assert_eq!(conns.rescued(), 0, "not handed out (stray: {stray})");
+            assert_eq!(conns.parked(), 0);
+            drop(fresh);
+        }
+    }
+
+    /// A connection pingora drops while a request holds it (an error, a close) is never
+    /// rescued: it closes when the request ends, and a dial waits until the backend has
+    /// closed its side too.
+    #[tokio::test]
+    async fn a_dial_waits_for_the_backend_to_close_what_sluice_closed() {
+        let (l, addr, conns, dialer) = dialer().await;
+        let broken = dialer.connect(&PeerAddr::Inet(addr)).await.expect("dial");
+        let (mut first, _) = l.accept().await.expect("accept");
+        let claim = conns.claim(broken.as_raw_fd()).expect("registered");
+        drop(broken);
+        assert_eq!(conns.parked(), 0, "dropped while held: not rescued");
+        drop(claim);
         // sluice's close reaches the backend, which has not closed its side yet.
         read_close(&mut first).await;
         assert_eq!(conns.closing(addr), 1);
-        let once = tokio::time::timeout(Duration::ZERO, next.as_mut()).await;
-        assert!(once.is_err(), "{pending}");
+        let peer = PeerAddr::Inet(addr);
+        let next = dialer.connect(&peer);
+        tokio::pin!(next);
+        assert!(
+            still_waiting(&mut next).await,
+            "dialed on top of a connection the backend still counts"
+        );
         drop(first);
         let stream = next.await.expect("dial");
         let _second = l.accept().await.expect("accept");
         assert_eq!(conns.closing(addr), 0, "the backend closed its side");
         assert_eq!(
-            conns.waits_expired(),
+            conns.closing_expired(),
             0,
-            "woken by the backend's close, not the bound"
+            "woken by the close, not the bound"
         );
-        assert_eq!(conns.closing_expired(), 0);
+        assert_eq!(conns.rescued(), 0);
         assert_eq!(conns.dialed(), 1);
         // A connection a request holds is no reason to wait.
         let _held = conns.claim(stream.as_raw_fd()).expect("registered");

@@ -97,6 +97,8 @@ pub struct Metrics {
     ghosts: IntCounterVec,
     ghost_duration: HistogramVec,
     pool_races: prometheus::IntCounter,
+    rescued: prometheus::IntCounter,
+    dial_waits_expired: IntCounterVec,
     cluster: ClusterMetrics,
 }
 
@@ -320,6 +322,23 @@ impl Metrics {
              request affected dialed a new connection.",
         ));
         must(registry.register(Box::new(pool_races.clone())));
+        let rescued = must(prometheus::IntCounter::new(
+            "sluice_upstream_connections_rescued_total",
+            "Idle upstream connections pingora dropped (its pool race, pingora#998) that the \
+             next dial took instead of opening a new connection to the backend.",
+        ));
+        must(registry.register(Box::new(rescued.clone())));
+        let dial_waits_expired = counter(
+            "sluice_upstream_dial_waits_expired_total",
+            &format!(
+                "Dials that went ahead at the end of their wait, by what they waited for: release \
+                 (a connection no request held, {:?} at most) or closing (the backend to close a \
+                 connection sluice closed, {:?} at most).",
+                crate::ghost::RELEASE_WAIT,
+                crate::ghost::CLOSING_WAIT
+            ),
+            &["wait"],
+        );
         let client_timeouts = counter(
             "sluice_client_timeouts_total",
             "Client connections cut off by a deadline, by phase (header, body, request).",
@@ -401,6 +420,20 @@ impl Metrics {
             ghosts,
             ghost_duration,
             pool_races,
+            rescued,
+            dial_waits_expired,
+        }
+    }
+
+    /// Bring the upstream dialer's counters to `conns` (called at scrape time).
+    pub fn set_dials(&self, conns: &crate::ghost::Conns) {
+        let catch_up = |c: &prometheus::IntCounter, now: u64| c.inc_by(now.saturating_sub(c.get()));
+        catch_up(&self.rescued, conns.rescued());
+        for (wait, now) in [
+            ("release", conns.waits_expired()),
+            ("closing", conns.closing_expired()),
+        ] {
+            catch_up(&self.dial_waits_expired.with_label_values(&[wait]), now);
         }
     }
 
@@ -587,8 +620,12 @@ mod tests {
         m.client_connections().inc();
         m.connection_refused(Refused::PerIp);
         m.client_timeout(Deadline::Header);
+        m.set_dials(&crate::ghost::Conns::new());
         let text = m.render(&a);
         for needle in [
+            "sluice_upstream_connections_rescued_total 0",
+            "sluice_upstream_dial_waits_expired_total{wait=\"release\"} 0",
+            "sluice_upstream_dial_waits_expired_total{wait=\"closing\"} 0",
             "sluice_requests_total{backend=\"b0\",outcome=\"ok\"} 1",
             "sluice_requests_total{backend=\"none\",outcome=\"queue_full\"} 1",
             "sluice_queue_wait_seconds_count 1",

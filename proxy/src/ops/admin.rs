@@ -160,6 +160,7 @@ impl AdminApp {
                 if let Some(c) = &self.shared.cluster {
                     self.shared.metrics.set_cluster(&c.status());
                 }
+                self.shared.metrics.set_dials(self.shared.upstream.dialed());
                 (200, self.shared.metrics.render(&self.admission))
             }
             ("POST", ["reload"]) => match crate::ops::reload::reload(&self.shared) {
