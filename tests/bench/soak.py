@@ -164,7 +164,8 @@ def main():
         "",
         f"Backend: max {final['max_inside']} requests inside at once (cap {WORKERS}), max "
         f"{final['max_open_connections']} connections open at once, {final['accepted_connections']:,} accepted, "
-        f"{final['lockups']} lock-ups.",
+        f"{final['lockups']} lock-ups. The backend's connection counts include the connection of the soak's own "
+        "stats request (`GET /__emu/stats`), so a proxy holding exactly its cap of 32 shows 33.",
         "",
         "| terminals | sent | ok | by status | connect / io / timeout errors | mismatched | p50 ms | p99 ms |",
         "|---|---|---|---|---|---|---|---|",
