@@ -175,6 +175,16 @@ impl Conns {
         lock(&self.closing).get(&addr).copied().unwrap_or(0)
     }
 
+    /// Connections to `addr` the backend counts as open that pingora does not hold: parked
+    /// (rescued, or after a ghost answer) or closing. A process handing its slots over counts
+    /// them with pingora's.
+    pub fn aside(&self, addr: SocketAddr) -> u32 {
+        let parked = lock(&self.parked).iter().filter(|p| p.addr == addr).count();
+        u32::try_from(parked)
+            .unwrap_or(u32::MAX)
+            .saturating_add(self.closing(addr))
+    }
+
     /// A request's claim on `conn` ended; once pingora has dropped the connection too, and no
     /// other request holds it, its spare is closed ([`Conns::close`]).
     fn unclaim(self: &Arc<Self>, conn: &Conn) {
@@ -223,12 +233,23 @@ impl Conns {
     /// An open connection to `addr` that no request holds: idle in pingora's pool, or lost to
     /// its pool race and about to close.
     fn unheld(&self, addr: SocketAddr) -> bool {
-        lock(&self.by_fd).values().any(|c| {
-            c.addr == addr && {
-                let st = lock(&c.state);
-                st.used && st.claims == 0 && !st.dropped
-            }
-        })
+        self.idle(addr) > 0
+    }
+
+    /// Open connections to `addr` that no request holds (see [`Conns::unheld`]). A request
+    /// may not get one of them from pingora's pool (its race) and dial beside them, so a
+    /// process handing its slots over keeps a slot for each.
+    pub fn idle(&self, addr: SocketAddr) -> u32 {
+        let n = lock(&self.by_fd)
+            .values()
+            .filter(|c| {
+                c.addr == addr && {
+                    let st = lock(&c.state);
+                    st.used && st.claims == 0 && !st.dropped
+                }
+            })
+            .count();
+        u32::try_from(n).unwrap_or(u32::MAX)
     }
 
     /// A connection to `addr` for a dial: a parked one if there is one (rescued from pingora's
@@ -292,10 +313,13 @@ impl Conns {
     }
 
     /// Close every parked connection and park no more (the process is draining).
-    pub fn start_draining(&self) {
+    pub fn start_draining(self: &Arc<Self>) {
         self.draining
             .store(true, std::sync::atomic::Ordering::Release);
-        lock(&self.parked).clear();
+        let parked = std::mem::take(&mut *lock(&self.parked));
+        for p in parked {
+            self.close(p.addr, p.sock);
+        }
     }
 
     /// Connections sluice dialed that pingora still holds.

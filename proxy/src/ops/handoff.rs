@@ -24,7 +24,8 @@
 //!   - its open backend connections ([`crate::ops::upstream_conns`]), idle ones included, and
 //!     the ones it closed that the backend has not closed yet ([`crate::ghost::Conns::closing`]):
 //!     a slot is handed over only once the backend no longer counts its connection, so old +
-//!     new connections stay within the cap. From SIGQUIT on, the old process pools connections with a short idle timeout,
+//!     new connections stay within the cap. Each idle connection keeps a slot on top of the
+//!     capacity: a request may find pingora's pool empty (its race) and dial beside it. From SIGQUIT on, the old process pools connections with a short idle timeout,
 //!     so they close soon after its last request.
 //! - The new process sets its reservation to the old's claim; when the old process exits (or the
 //!   claim reaches zero), the new one has the whole cap.
@@ -232,14 +233,18 @@ pub fn hand_over(shared: Arc<Shared>, path: PathBuf) {
                     // Only then is it reported, so ours + the new process's ≤ the cap.
                     let capacity = admission.shrink_capacity(BackendId(i), extra);
                     // A slot is handed over only once its backend connection is closed too,
-                    // on the backend's side as well (see [`crate::ghost`]), so the backend
-                    // never sees more connections than the cap.
-                    let closing = settings
-                        .upstreams
-                        .get(i)
-                        .map_or(0, |u| shared.upstream.dialed().closing(u.addr));
-                    let open = shared.upstream.open(i).saturating_add(closing);
-                    let claim = capacity.max(open).min(*last);
+                    // on the backend's side as well, and not parked (see [`crate::ghost`]),
+                    // so the backend never sees more connections than the cap. Each idle
+                    // connection keeps a slot too: a request within `capacity` may find
+                    // pingora's pool empty (its race) and dial beside it, so the process may
+                    // hold `capacity` connections for its requests plus the idle ones.
+                    let (aside, idle) = settings.upstreams.get(i).map_or((0, 0), |u| {
+                        let dialed = shared.upstream.dialed();
+                        (dialed.aside(u.addr), dialed.idle(u.addr))
+                    });
+                    let open = shared.upstream.open(i).saturating_add(aside);
+                    let reach = capacity.saturating_add(idle).saturating_add(aside);
+                    let claim = reach.max(open).min(*last);
                     *last = claim;
                     total += claim;
                     match shared.cluster.as_ref().and_then(|c| c.share(BackendId(i))) {
