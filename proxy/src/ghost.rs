@@ -353,20 +353,18 @@ impl Conns {
     }
 
     /// Park a connection for `idle` at most (then close it), after its ghost answer or
-    /// rescued from pingora's pool. The socket comes back when nothing may be parked: the
-    /// process is draining, or it is ending (no runtime).
+    /// rescued from pingora's pool. When nothing may be parked (the process is draining, or
+    /// it is ending: no runtime), it is closed now.
     fn park(
         self: &Arc<Self>,
         addr: SocketAddr,
         sock: std::net::TcpStream,
         idle: Duration,
         rescued: bool,
-    ) -> Option<std::net::TcpStream> {
-        if self.draining.load(std::sync::atomic::Ordering::Acquire) {
-            return Some(sock);
-        }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return Some(sock);
+    ) {
+        let runtime = match tokio::runtime::Handle::try_current() {
+            Ok(r) if !self.draining.load(std::sync::atomic::Ordering::Acquire) => r,
+            _ => return self.close(addr, sock),
         };
         let id = self
             .next_id
@@ -390,7 +388,6 @@ impl Conns {
                 conns.close(p.addr, p.sock);
             }
         });
-        None
     }
 
     /// pingora dropped its stream of `conn`. Idle in its pool (used, and no request holds it):
@@ -406,15 +403,10 @@ impl Conns {
                 (None, false)
             }
         };
-        let Some(sock) = spare else {
-            return;
-        };
-        let unparked = match idle {
-            true => self.park(conn.addr, sock, RESCUE_WAIT, true),
-            false => Some(sock),
-        };
-        if let Some(sock) = unparked {
-            self.close(conn.addr, sock);
+        match spare {
+            Some(sock) if idle => self.park(conn.addr, sock, RESCUE_WAIT, true),
+            Some(sock) => self.close(conn.addr, sock),
+            None => {}
         }
     }
 
@@ -626,9 +618,7 @@ pub async fn watch(
             Progress::Done { reusable } => {
                 if reusable {
                     if let Ok(sock) = tcp.into_std() {
-                        if let Some(sock) = conns.park(addr, sock, ghost.park_idle, false) {
-                            conns.close(addr, sock);
-                        }
+                        conns.park(addr, sock, ghost.park_idle, false);
                     }
                 }
                 return End::Answered;
