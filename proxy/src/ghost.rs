@@ -1100,6 +1100,20 @@ mod tests {
         );
     }
 
+    /// A connection a request used and released: idle in pingora's pool, held by no request.
+    /// Returns pingora's stream and the backend's side.
+    async fn idle_connection(
+        l: &tokio::net::TcpListener,
+        addr: SocketAddr,
+        conns: &Arc<Conns>,
+        dialer: &Dialer,
+    ) -> (Stream, tokio::net::TcpStream) {
+        let stream = dialer.connect(&PeerAddr::Inet(addr)).await.expect("dial");
+        let (server, _) = l.accept().await.expect("accept");
+        drop(conns.claim(stream.as_raw_fd()).expect("registered"));
+        (stream, server)
+    }
+
     /// One poll of a pending dial: tokio's timeout polls the future before its (zero) delay.
     async fn still_waiting<F: std::future::Future + Unpin>(dial: &mut F) -> bool {
         tokio::time::timeout(Duration::ZERO, dial).await.is_err()
@@ -1112,10 +1126,7 @@ mod tests {
     async fn a_connection_pingora_drops_idle_is_rescued_for_the_waiting_dial() {
         use tokio::io::AsyncWriteExt;
         let (l, addr, conns, dialer) = dialer().await;
-        let lost = dialer.connect(&PeerAddr::Inet(addr)).await.expect("dial");
-        let (mut server, _) = l.accept().await.expect("accept");
-        // Used by a request, which ended: the connection is idle in pingora's pool.
-        drop(conns.claim(lost.as_raw_fd()).expect("registered"));
+        let (lost, mut server) = idle_connection(&l, addr, &conns, &dialer).await;
         let peer = PeerAddr::Inet(addr);
         let next = dialer.connect(&peer);
         tokio::pin!(next);
@@ -1149,9 +1160,7 @@ mod tests {
     async fn a_rescued_connection_is_closed_unless_a_dial_takes_it_clean() {
         use tokio::io::AsyncWriteExt;
         let (l, addr, conns, dialer) = dialer().await;
-        let idle = dialer.connect(&PeerAddr::Inet(addr)).await.expect("dial");
-        let (mut server, _) = l.accept().await.expect("accept");
-        drop(conns.claim(idle.as_raw_fd()).expect("registered"));
+        let (idle, mut server) = idle_connection(&l, addr, &conns, &dialer).await;
         drop(idle);
         assert_eq!(conns.parked(), 1, "rescued");
         read_close(&mut server).await;
@@ -1160,9 +1169,7 @@ mod tests {
         drop(server);
         // Stray bytes from the backend: the dial connects instead.
         for stray in [true, false] {
-            let idle = dialer.connect(&PeerAddr::Inet(addr)).await.expect("dial");
-            let (mut server, _) = l.accept().await.expect("accept");
-            drop(conns.claim(idle.as_raw_fd()).expect("registered"));
+            let (idle, mut server) = idle_connection(&l, addr, &conns, &dialer).await;
             drop(idle);
             assert_eq!(conns.parked(), 1, "rescued");
             if stray {
@@ -1229,9 +1236,7 @@ mod tests {
     #[tokio::test]
     async fn an_unheld_connection_delays_a_dial_by_the_bound_at_most() {
         let (l, addr, conns, dialer) = dialer().await;
-        let idle = dialer.connect(&PeerAddr::Inet(addr)).await.expect("dial");
-        let _first = l.accept().await.expect("accept");
-        drop(conns.claim(idle.as_raw_fd()).expect("registered"));
+        let (_idle, _first) = idle_connection(&l, addr, &conns, &dialer).await;
         let _stream = dialer.connect(&PeerAddr::Inet(addr)).await.expect("dial");
         assert_eq!(conns.waits_expired(), 1);
         assert_eq!(conns.dialed(), 2);
