@@ -230,15 +230,10 @@ impl Conns {
         });
     }
 
-    /// An open connection to `addr` that no request holds: idle in pingora's pool, or lost to
-    /// its pool race and about to close.
-    fn unheld(&self, addr: SocketAddr) -> bool {
-        self.idle(addr) > 0
-    }
-
-    /// Open connections to `addr` that no request holds (see [`Conns::unheld`]). A request
-    /// may not get one of them from pingora's pool (its race) and dial beside them, so a
-    /// process handing its slots over keeps a slot for each.
+    /// Open connections to `addr` that no request holds: idle in pingora's pool, or lost to
+    /// its pool race and about to be dropped. A request may not get one of them from
+    /// pingora's pool (its race) and dial beside them, so a dial waits for them, and a process
+    /// handing its slots over keeps a slot for each.
     pub fn idle(&self, addr: SocketAddr) -> u32 {
         let n = lock(&self.by_fd)
             .values()
@@ -268,7 +263,7 @@ impl Conns {
                 return Some(sock);
             }
             let closing = self.closing(addr) > 0;
-            if !closing && !self.unheld(addr) {
+            if !closing && self.idle(addr) == 0 {
                 return None;
             }
             let deadline = start + if closing { CLOSING_WAIT } else { RELEASE_WAIT };

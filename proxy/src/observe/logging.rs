@@ -3,9 +3,8 @@
 //!
 //! pingora 0.9 logs `ERROR failed to acquire reusable stream` when it loses a pooled upstream
 //! connection to a race with the connection's own idle poller
-//! ([pingora#998](https://github.com/cloudflare/pingora/issues/998)): the request dials a new
-//! connection instead, once the lost one has closed (see [`crate::ghost`]), so the backend
-//! sees no connection beyond the cap. An operator reading an ERROR line from `sluice demo`
+//! ([pingora#998](https://github.com/cloudflare/pingora/issues/998)): the request's dial takes
+//! the lost connection back (see [`crate::ghost`]), so the backend sees no new connection. An operator reading an ERROR line from `sluice demo`
 //! would look for a fault that is not there. So the line becomes a debug one, and
 //! `sluice_upstream_pool_races_total` counts the event.
 

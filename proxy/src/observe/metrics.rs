@@ -318,8 +318,9 @@ impl Metrics {
         must(registry.register(Box::new(ghost_duration.clone())));
         let pool_races = must(prometheus::IntCounter::new(
             "sluice_upstream_pool_races_total",
-            "Pooled upstream connections pingora lost to its pool race (pingora#998); each \
-             request affected dialed a new connection.",
+            "Pooled upstream connections pingora lost to its pool race (pingora#998); for a \
+             plain-TCP backend the request affected takes the lost connection back (see \
+             sluice_upstream_connections_rescued_total).",
         ));
         must(registry.register(Box::new(pool_races.clone())));
         let rescued = must(prometheus::IntCounter::new(

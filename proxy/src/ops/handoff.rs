@@ -25,8 +25,9 @@
 //!     the ones it closed that the backend has not closed yet ([`crate::ghost::Conns::closing`]):
 //!     a slot is handed over only once the backend no longer counts its connection, so old +
 //!     new connections stay within the cap. Each idle connection keeps a slot on top of the
-//!     capacity: a request may find pingora's pool empty (its race) and dial beside it. From SIGQUIT on, the old process pools connections with a short idle timeout,
-//!     so they close soon after its last request.
+//!     capacity: a request may find pingora's pool empty (its race) and dial beside it. From
+//!     SIGQUIT on, the old process pools connections with a short idle timeout, so they close
+//!     soon after its last request.
 //! - The new process sets its reservation to the old's claim; when the old process exits (or the
 //!   claim reaches zero), the new one has the whole cap.
 //! - With `[cluster]`, "the cap" is the instance's leased share: the old process reports it with
