@@ -169,10 +169,10 @@ async fn metrics_and_access_log_match_a_known_traffic_pattern() {
         new >= 1.0 && reused >= 1.0,
         "pooled connections are reused\n{text}"
     );
-    // Every connection sluice dialed is one the backend accepted, and requests never overlapped.
-    // (Not "one connection open at a time": pingora 0.9 can lose a pooled connection to a race
-    // with its idle poller, pingora#998, and dial a new one while the old one is closing; the
-    // emulator may see the close after the new accept.)
+    // Every connection counted new is one the backend accepted, and requests never overlapped.
+    // A connection pingora 0.9 loses to its idle poller's race (pingora#998) and sluice rescues
+    // counts as reused: the backend accepted nothing for it. (Not "one connection open at a
+    // time": a lost connection that could not be rescued is closing while the next is dialed.)
     let stats = emu.stats();
     assert_eq!(stats.accepted_connections as f64, new, "{stats:?}\n{text}");
     assert_eq!(stats.max_inside, 1, "cap 1: one request at a time");

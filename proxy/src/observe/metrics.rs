@@ -191,7 +191,7 @@ impl Metrics {
         );
         let upstream_connections = counter(
             "sluice_upstream_connections_total",
-            "Upstream connections used, by backend and whether a pooled one was reused.",
+            "Upstream connections used, by backend and whether an open one was reused (from the pool, or rescued from it).",
             &["backend", "reused"],
         );
         let reloads = counter(

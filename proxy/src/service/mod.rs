@@ -654,8 +654,12 @@ impl ProxyHttp for Sluice {
         }
         a.exchange
             .connected(reused, self.shared.upstream.dialed().claim(fd));
+        // A connection rescued from pingora's pool race is new to pingora but not to the
+        // backend: it counts as reused, so that `reused="false"` is what the backend accepted.
         if let Some(up) = settings.upstreams.get(backend.0) {
-            self.shared.metrics.upstream_connection(&up.name, reused);
+            self.shared
+                .metrics
+                .upstream_connection(&up.name, a.exchange.reused());
         }
         Ok(())
     }
