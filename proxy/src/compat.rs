@@ -5,8 +5,8 @@
 //! - **A pipelined next request.** pingora keeps the bytes a client sent past its request
 //!   (`HttpPersistentSettings::pipelined_prefix`) without a getter. sluice must know whether
 //!   they are there, because a connection with a request already waiting must not wait for a
-//!   readable socket. Only the `Debug` form shows it; it is read into a fixed stack buffer (no
-//!   allocation, and the prefix bytes themselves are never formatted past the buffer). Both
+//!   readable socket. Only the `Debug` form shows it; it is watched as it is formatted, up to the
+//!   field's first word (no buffer, no allocation; the prefix bytes are never formatted). Both
 //!   ways of being wrong are safe: a missed prefix waits for the keep-alive timeout and then
 //!   closes (the client retries, RFC 9112 §9.3.2); a false one waits inside pingora's header
 //!   read instead of sluice's. The test below and the pipelining end-to-end test catch a change.
@@ -29,27 +29,31 @@ use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::{GetSocketDigest, SocketDigest, Stream};
 use rustix::fd::OwnedFd;
 
-/// Longest `Debug` prefix of `HttpPersistentSettings` read: the field comes after three short
-/// ones (two numbers and a user context printed as `None` or `Some(Any { .. })`).
-const SETTINGS_DEBUG_PREFIX: usize = 256;
+/// The field of `HttpPersistentSettings` that holds a pipelined next request.
+const PIPELINED_FIELD: &str = "pipelined_prefix";
 
-/// A `fmt::Write` into a fixed buffer that stops (with an error) once full.
-struct Prefix {
-    buf: [u8; SETTINGS_DEBUG_PREFIX],
-    len: usize,
+/// A `fmt::Write` that watches a `Debug` form go by for [`PIPELINED_FIELD`], reads the first
+/// piece of its value (`None` or `Some`), and then stops the formatting with an error: nothing
+/// is buffered, and the fields after it (the prefix bytes themselves) are never formatted.
+/// `Debug` for a struct writes each field name as a piece of its own, then `": "`, then the
+/// value.
+#[derive(Default)]
+struct FieldWatch {
+    in_field: bool,
+    found: Option<bool>,
 }
 
-impl Write for Prefix {
+impl Write for FieldWatch {
     fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        let room = self.buf.len() - self.len;
-        let take = s.len().min(room);
-        self.buf[self.len..self.len + take].copy_from_slice(&s.as_bytes()[..take]);
-        self.len += take;
-        if take < s.len() {
-            Err(std::fmt::Error)
-        } else {
-            Ok(())
+        if self.in_field {
+            if s.trim_start_matches([':', ' ']).is_empty() {
+                return Ok(());
+            }
+            self.found = Some(s.trim_start_matches([':', ' ']).starts_with("Some"));
+            return Err(std::fmt::Error);
         }
+        self.in_field = s == PIPELINED_FIELD;
+        Ok(())
     }
 }
 
@@ -58,15 +62,10 @@ pub fn has_pipelined_request(persistent: Option<&HttpPersistentSettings>) -> boo
     let Some(p) = persistent else {
         return false;
     };
-    let mut out = Prefix {
-        buf: [0; SETTINGS_DEBUG_PREFIX],
-        len: 0,
-    };
-    // Stops with an error when the buffer is full: what was read so far is what counts.
-    let _ = write!(out, "{p:?}");
-    out.buf[..out.len]
-        .windows(b"pipelined_prefix: Some".len())
-        .any(|w| w == b"pipelined_prefix: Some")
+    let mut watch = FieldWatch::default();
+    // Stops with an error once the field's value is seen.
+    let _ = write!(watch, "{p:?}");
+    watch.found == Some(true)
 }
 
 /// A pidfd of this process, for [`take_socket`]; `None` where the kernel refuses one.

@@ -387,18 +387,44 @@ enum Ended {
     HeaderTimeout(Reclaim),
 }
 
+/// The connection's state pingora carries from one request to the next, and whether it holds
+/// a pipelined next request (read once, see [`crate::compat::has_pipelined_request`]).
+struct Carried {
+    persistent: Option<HttpPersistentSettings>,
+    pipelined: bool,
+}
+
+impl Carried {
+    /// A connection's first request, or its first after parking.
+    const FRESH: Carried = Carried {
+        persistent: None,
+        pipelined: false,
+    };
+
+    fn from(persistent: Option<HttpPersistentSettings>) -> Self {
+        let pipelined = crate::compat::has_pipelined_request(persistent.as_ref());
+        Carried {
+            persistent,
+            pipelined,
+        }
+    }
+}
+
 /// One request, under its header and request deadlines; boxed by the caller so its state is
 /// gone once it returns. `started` is when the header deadline starts counting.
 async fn one(
     proxy: Arc<Proxy>,
     shared: &Shared,
     stream: Stream,
-    persistent: Option<HttpPersistentSettings>,
+    carried: Carried,
     started: Instant,
     shutdown: ShutdownWatch,
 ) -> Ended {
     let settings = shared.settings();
-    let pipelined = crate::compat::has_pipelined_request(persistent.as_ref());
+    let Carried {
+        persistent,
+        pipelined,
+    } = carried;
     let progress = Arc::new(Progress::default());
     // The request line as sent, before pingora's parser escapes it; under the header deadline.
     let stream = if pipelined {
@@ -569,12 +595,12 @@ async fn arrived(conn: &Conn, stream: Stream) -> Option<(Stream, Instant)> {
 /// A connection's busy spell: its requests, one after another, until it closes or idles past
 /// [`PARK_AFTER`].
 async fn busy(conn: &Conn, resume: Resume) -> Spell {
-    let (mut stream, mut persistent, mut started) = match resume {
-        Resume::Accepted(stream, accepted) => (stream, None, accepted),
+    let (mut stream, mut carried, mut started) = match resume {
+        Resume::Accepted(stream, accepted) => (stream, Carried::FRESH, accepted),
         Resume::Unparked(Parked { sock }) => {
             let stream = crate::compat::stream_from_socket(sock);
             match arrived(conn, stream).await {
-                Some((stream, started)) => (stream, None, started),
+                Some((stream, started)) => (stream, Carried::FRESH, started),
                 None => return Spell::Closed,
             }
         }
@@ -584,7 +610,7 @@ async fn busy(conn: &Conn, resume: Resume) -> Spell {
             conn.proxy.clone(),
             &conn.shared,
             stream,
-            persistent,
+            carried,
             started,
             conn.shutdown.clone(),
         );
@@ -600,8 +626,8 @@ async fn busy(conn: &Conn, resume: Resume) -> Spell {
             }
         };
         stream = Reclaimable::unwrap(s);
-        persistent = p;
-        if crate::compat::has_pipelined_request(persistent.as_ref()) {
+        carried = Carried::from(p);
+        if carried.pipelined {
             started = Instant::now();
             continue;
         }
