@@ -25,6 +25,8 @@ pub struct Upstream {
     pub peer: HttpPeer,
     /// Host header override.
     pub host: Option<String>,
+    /// Its request-path metric series.
+    pub metrics: crate::observe::metrics::BackendHandles,
 }
 
 /// The running configuration, one snapshot swapped whole on reload: the validated config in
@@ -99,6 +101,7 @@ pub fn upstream(
         addr: b.addr,
         peer,
         host: b.host.clone(),
+        metrics: Default::default(),
     }
 }
 

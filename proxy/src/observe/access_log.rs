@@ -94,6 +94,159 @@ pub struct Entry<'a> {
     pub error: Option<&'a pingora::Error>,
 }
 
+impl Entry<'_> {
+    /// The entry as one JSON object (no newline), appended to `out`: the text `serde_json`
+    /// writes for it (a test holds them equal), without its per-field machinery. Strings are
+    /// copied as they are unless they need escaping, numbers go through `itoa`, and the time's
+    /// date and seconds are formatted once per second per thread.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"{\"time\":\"");
+        write_time(self.time, out);
+        out.extend_from_slice(b"\",\"client\":");
+        match self.client {
+            Some(c) => write_client(c, out),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b",\"method\":");
+        write_str(self.method, out);
+        out.extend_from_slice(b",\"path\":");
+        write_str(self.path, out);
+        out.extend_from_slice(b",\"status\":");
+        out.extend_from_slice(itoa::Buffer::new().format(self.status).as_bytes());
+        out.extend_from_slice(b",\"queue_ms\":");
+        write_f64(self.queue_ms, out);
+        out.extend_from_slice(b",\"upstream_ms\":");
+        match self.upstream_ms {
+            Some(ms) => write_f64(ms, out),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b",\"bytes\":");
+        out.extend_from_slice(itoa::Buffer::new().format(self.bytes).as_bytes());
+        out.extend_from_slice(b",\"backend\":");
+        match self.backend {
+            Some(b) => write_str(b, out),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b",\"outcome\":");
+        write_str(self.outcome, out);
+        if let Some(limit) = self.limit {
+            out.extend_from_slice(b",\"limit\":");
+            out.extend_from_slice(itoa::Buffer::new().format(limit).as_bytes());
+        }
+        if let Some(why) = self.limit_why {
+            out.extend_from_slice(b",\"limit_why\":");
+            write_str(why, out);
+        }
+        if let Some(e) = self.error {
+            out.extend_from_slice(b",\"error\":");
+            write_display(e, out);
+        }
+        out.push(b'}');
+    }
+}
+
+/// A duration in milliseconds, to the microsecond (`0.748`, not `0.7481869999999999`).
+pub fn millis(d: Duration) -> f64 {
+    d.as_micros() as f64 / 1000.0
+}
+
+/// Whether JSON needs `s` escaped (what `serde_json` escapes: quotes, backslashes and control
+/// characters).
+fn needs_escape(s: &[u8]) -> bool {
+    s.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\')
+}
+
+/// `s` as a JSON string.
+fn write_str(s: &str, out: &mut Vec<u8>) {
+    if needs_escape(s.as_bytes()) {
+        // Writing into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, s);
+    } else {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    }
+}
+
+/// `v`'s `Display` form as a JSON string: written in place, escaped only if it must be.
+fn write_display<T: std::fmt::Display + ?Sized>(v: &T, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.push(b'"');
+    // Writing into a Vec cannot fail.
+    let _ = write!(out, "{v}");
+    if needs_escape(&out[start + 1..]) {
+        let raw = out.split_off(start + 1);
+        out.truncate(start);
+        // `Display` wrote UTF-8.
+        let _ = serde_json::to_writer(&mut *out, &String::from_utf8_lossy(&raw));
+    } else {
+        out.push(b'"');
+    }
+}
+
+/// A client address as a JSON string: an IPv4 one (every terminal's) digit by digit, any
+/// other through its `Display` form.
+fn write_client(c: &pingora::protocols::l4::socket::SocketAddr, out: &mut Vec<u8>) {
+    let Some(std::net::SocketAddr::V4(a)) = c.as_inet() else {
+        return write_display(c, out);
+    };
+    let mut n = itoa::Buffer::new();
+    out.push(b'"');
+    for (i, octet) in a.ip().octets().into_iter().enumerate() {
+        if i > 0 {
+            out.push(b'.');
+        }
+        out.extend_from_slice(n.format(octet).as_bytes());
+    }
+    out.push(b':');
+    out.extend_from_slice(n.format(a.port()).as_bytes());
+    out.push(b'"');
+}
+
+/// A number as `serde_json` writes it (`null` if not finite).
+fn write_f64(v: f64, out: &mut Vec<u8>) {
+    let _ = serde_json::to_writer(&mut *out, &v);
+}
+
+thread_local! {
+    /// The last second formatted, and its text up to the seconds (`2026-12-03T02:05:23`).
+    static SECOND: RefCell<(u64, [u8; 19])> = const { RefCell::new((u64::MAX, [0; 19])) };
+}
+
+/// `t` in RFC 3339 with milliseconds, as `humantime` writes it, without the quotes.
+fn write_time(t: SystemTime, out: &mut Vec<u8>) {
+    let Ok(since) = t.duration_since(SystemTime::UNIX_EPOCH) else {
+        let _ = write!(out, "{}", humantime::format_rfc3339_millis(t));
+        return;
+    };
+    let secs = since.as_secs();
+    SECOND.with(|second| {
+        let Ok(mut second) = second.try_borrow_mut() else {
+            let _ = write!(out, "{}", humantime::format_rfc3339_millis(t));
+            return;
+        };
+        if second.0 != secs {
+            let whole = SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+            let text = humantime::format_rfc3339_seconds(whole).to_string();
+            let Some(prefix) = text.as_bytes().get(..19) else {
+                let _ = write!(out, "{}", humantime::format_rfc3339_millis(t));
+                return;
+            };
+            second.1.copy_from_slice(prefix);
+            second.0 = secs;
+        }
+        out.extend_from_slice(&second.1);
+        let ms = since.subsec_millis();
+        out.extend_from_slice(&[
+            b'.',
+            b'0' + (ms / 100) as u8,
+            b'0' + (ms / 10 % 10) as u8,
+            b'0' + (ms % 10) as u8,
+            b'Z',
+        ]);
+    });
+}
+
 /// A handle to the access log; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct AccessLog {
@@ -103,8 +256,14 @@ pub struct AccessLog {
 /// The shared buffer and the output it goes to.
 struct Inner {
     pending: Mutex<Vec<u8>>,
-    out: Mutex<Box<dyn Write + Send>>,
+    out: Mutex<Out>,
     dropped: AtomicU64,
+}
+
+/// The output, and the buffer of lines it wrote last (empty), swapped in for the next batch.
+struct Out {
+    sink: Box<dyn Write + Send>,
+    spare: Vec<u8>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -124,24 +283,29 @@ thread_local! {
     static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
+/// A batch buffer larger than this after a write is shrunk back to [`BATCH_CAPACITY`].
+const KEEP_BATCH_CAPACITY: usize = 4 * 1024 * 1024;
+
+/// The capacity each of the two batch buffers starts with.
+const BATCH_CAPACITY: usize = 64 * 1024;
+
 impl Inner {
-    /// Write what accumulated.
+    /// Write what accumulated. The lines' buffer is swapped with the one written last time
+    /// (emptied, its capacity kept): requests append into memory already allocated, instead of
+    /// growing a new buffer from nothing after each write.
     fn flush(&self) {
-        let batch = std::mem::take(&mut *lock(&self.pending));
-        if !batch.is_empty() {
-            let mut out = lock(&self.out);
-            let _ = out.write_all(&batch);
-            let _ = out.flush();
-            // Keep the buffer's capacity for the next batch, unless it grew large.
-            if batch.capacity() <= 1024 * 1024 {
-                let mut pending = lock(&self.pending);
-                if pending.is_empty() {
-                    let mut batch = batch;
-                    batch.clear();
-                    *pending = batch;
-                }
-            }
+        let mut out = lock(&self.out);
+        let Out { sink, spare } = &mut *out;
+        std::mem::swap(&mut *lock(&self.pending), spare);
+        if !spare.is_empty() {
+            let _ = sink.write_all(spare);
+            let _ = sink.flush();
         }
+        spare.clear();
+        if spare.capacity() > KEEP_BATCH_CAPACITY {
+            spare.shrink_to(BATCH_CAPACITY);
+        }
+        drop(out);
         let lost = self.dropped.swap(0, Ordering::Relaxed);
         if lost > 0 {
             log::warn!("access log fell behind: {lost} lines dropped");
@@ -174,8 +338,11 @@ impl AccessLog {
             ),
         };
         let inner = Arc::new(Inner {
-            pending: Mutex::new(Vec::with_capacity(64 * 1024)),
-            out: Mutex::new(out),
+            pending: Mutex::new(Vec::with_capacity(BATCH_CAPACITY)),
+            out: Mutex::new(Out {
+                sink: out,
+                spare: Vec::with_capacity(BATCH_CAPACITY),
+            }),
             dropped: AtomicU64::new(0),
         });
         let weak = Arc::downgrade(&inner);
@@ -198,9 +365,7 @@ impl AccessLog {
                 return;
             };
             line.clear();
-            if serde_json::to_writer(&mut *line, entry).is_err() {
-                return;
-            }
+            entry.write_json(&mut line);
             line.push(b'\n');
             let mut pending = lock(&inner.pending);
             if pending.len() + line.len() > MAX_PENDING_BYTES {
@@ -278,6 +443,70 @@ mod tests {
             (&32.into(), &"steady".into())
         );
         let _ = std::fs::remove_file(&path);
+    }
+
+    /// The hand-written line is the JSON `serde_json` writes for the same entry, escapes,
+    /// absent fields and errors included.
+    #[test]
+    fn a_line_is_what_serde_json_writes() {
+        let inet =
+            pingora::protocols::l4::socket::SocketAddr::Inet("[::1]:80".parse().expect("addr"));
+        let v4 = pingora::protocols::l4::socket::SocketAddr::Inet(
+            "10.200.3.255:65535".parse().expect("addr"),
+        );
+        let unix = pingora::protocols::l4::socket::SocketAddr::Unix(
+            std::os::unix::net::SocketAddr::from_pathname("/run/a\"b").expect("path"),
+        );
+        let error = pingora::Error::explain(pingora::ErrorType::ConnectTimedout, "tab\there \"q\"");
+        let base = Entry {
+            time: SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_007),
+            client: Some(&inet),
+            method: "POST",
+            path: "/pay?txn=1",
+            status: 200,
+            queue_ms: millis(Duration::from_nanos(748_186_999)),
+            upstream_ms: Some(20.0),
+            bytes: 6,
+            backend: Some("iis-1"),
+            outcome: "ok",
+            limit: Some(32),
+            limit_why: Some("steady"),
+            error: None,
+        };
+        let entries = [
+            Entry { ..base },
+            Entry {
+                client: Some(&unix),
+                path: "/a\\b\u{1}\"c\"/é",
+                upstream_ms: None,
+                backend: None,
+                limit: None,
+                limit_why: None,
+                error: Some(&error),
+                queue_ms: f64::NAN,
+                time: SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_001_999),
+                ..base
+            },
+            Entry {
+                client: Some(&v4),
+                ..base
+            },
+            Entry {
+                client: None,
+                time: SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_001_000),
+                ..base
+            },
+        ];
+        for e in &entries {
+            let mut line = Vec::new();
+            e.write_json(&mut line);
+            let want = serde_json::to_string(e).expect("serde_json");
+            assert_eq!(String::from_utf8_lossy(&line), want);
+        }
+        assert_eq!(
+            millis(Duration::from_nanos(748_186_999)).to_string(),
+            "748.186"
+        );
     }
 
     #[test]

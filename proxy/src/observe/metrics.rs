@@ -7,9 +7,11 @@
 //!
 //! The crate is `prometheus` 0.14, the version `pingora-prometheus` 0.9 uses.
 
+use std::sync::OnceLock;
+
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::admission::Admission;
@@ -53,6 +55,22 @@ impl Disposition {
             Disposition::BodyBudget => "body_budget",
         }
     }
+}
+
+impl Disposition {
+    /// How many there are (they index [`BackendHandles`]).
+    const COUNT: usize = Disposition::BodyBudget as usize + 1;
+}
+
+/// One backend's request-path series, each resolved by label once (when first used, so that
+/// no series appears before it counts something) instead of on every request. Kept with the
+/// backend in the settings snapshot: a reload that renames a backend starts afresh.
+#[derive(Debug, Default, Clone)]
+pub struct BackendHandles {
+    requests: [OnceLock<IntCounter>; Disposition::COUNT],
+    upstream_duration: OnceLock<Histogram>,
+    /// Indexed by `reused`.
+    upstream_connections: [OnceLock<IntCounter>; 2],
 }
 
 /// Label used for requests that never reached a backend.
@@ -518,6 +536,33 @@ impl Metrics {
             .inc();
     }
 
+    /// Count a finished request at a backend, through its handles.
+    pub fn backend_request(&self, h: &BackendHandles, backend: &str, outcome: Disposition) {
+        h.requests[outcome as usize]
+            .get_or_init(|| {
+                self.requests
+                    .with_label_values(&[backend, outcome.as_str()])
+            })
+            .inc();
+    }
+
+    /// Record a request's time at its backend, through the backend's handles.
+    pub fn backend_upstream_duration(&self, h: &BackendHandles, backend: &str, seconds: f64) {
+        h.upstream_duration
+            .get_or_init(|| self.upstream_duration.with_label_values(&[backend]))
+            .observe(seconds);
+    }
+
+    /// Count an upstream connection, new or reused, through the backend's handles.
+    pub fn backend_upstream_connection(&self, h: &BackendHandles, backend: &str, reused: bool) {
+        h.upstream_connections[usize::from(reused)]
+            .get_or_init(|| {
+                self.upstream_connections
+                    .with_label_values(&[backend, if reused { "true" } else { "false" }])
+            })
+            .inc();
+    }
+
     /// Count a finished request.
     pub fn request(&self, backend: &str, outcome: Disposition) {
         self.requests
@@ -528,20 +573,6 @@ impl Metrics {
     /// Record how long a request waited for its slot.
     pub fn queue_wait(&self, seconds: f64) {
         self.queue_wait.observe(seconds);
-    }
-
-    /// Record a request's time at its backend.
-    pub fn upstream_duration(&self, backend: &str, seconds: f64) {
-        self.upstream_duration
-            .with_label_values(&[backend])
-            .observe(seconds);
-    }
-
-    /// Count an upstream connection, new or reused.
-    pub fn upstream_connection(&self, backend: &str, reused: bool) {
-        self.upstream_connections
-            .with_label_values(&[backend, if reused { "true" } else { "false" }])
-            .inc();
     }
 
     /// Count a configuration reload.
@@ -612,11 +643,12 @@ mod tests {
     fn renders_every_family_with_state_gauges() {
         let m = Metrics::new();
         let a = Admission::new(&[4], 10);
-        m.request("b0", Disposition::Ok);
+        let b0 = BackendHandles::default();
+        m.backend_request(&b0, "b0", Disposition::Ok);
         m.request(NO_BACKEND, Disposition::QueueFull);
         m.queue_wait(0.002);
-        m.upstream_duration("b0", 0.02);
-        m.upstream_connection("b0", false);
+        m.backend_upstream_duration(&b0, "b0", 0.02);
+        m.backend_upstream_connection(&b0, "b0", false);
         m.reload(true);
         m.client_connections().inc();
         m.connection_refused(Refused::PerIp);
@@ -648,6 +680,30 @@ mod tests {
         }
     }
 
+    /// A backend's handles count into its labelled series, each resolved on first use: a
+    /// series nothing counted yet does not appear.
+    #[test]
+    fn backend_handles_count_into_the_labelled_series() {
+        let m = Metrics::new();
+        let a = Admission::new(&[4], 10);
+        let b0 = BackendHandles::default();
+        for _ in 0..3 {
+            m.backend_request(&b0, "b0", Disposition::Ok);
+        }
+        m.backend_request(&b0, "b0", Disposition::BodyBudget);
+        m.backend_upstream_connection(&b0, "b0", true);
+        let text = m.render(&a);
+        for needle in [
+            "sluice_requests_total{backend=\"b0\",outcome=\"ok\"} 3",
+            "sluice_requests_total{backend=\"b0\",outcome=\"body_budget\"} 1",
+            "sluice_upstream_connections_total{backend=\"b0\",reused=\"true\"} 1",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+        }
+        assert!(!text.contains("outcome=\"backend_error\""), "{text}");
+        assert!(!text.contains("reused=\"false\""), "{text}");
+    }
+
     /// Every `sluice_*` metric the Grafana dashboard in `conf/` queries is one sluice serves.
     #[test]
     fn the_dashboard_queries_only_metrics_that_exist() {
@@ -660,10 +716,11 @@ mod tests {
         )
         .expect("config");
         let a = Admission::from_config(&cfg);
-        m.request("b0", Disposition::Ok);
+        let b0 = BackendHandles::default();
+        m.backend_request(&b0, "b0", Disposition::Ok);
         m.queue_wait(0.002);
-        m.upstream_duration("b0", 0.02);
-        m.upstream_connection("b0", false);
+        m.backend_upstream_duration(&b0, "b0", 0.02);
+        m.backend_upstream_connection(&b0, "b0", false);
         m.reload(true);
         m.client_connections().inc();
         m.connection_refused(Refused::Total);

@@ -348,17 +348,22 @@ impl Sluice {
             State::NotAdmitted { queue_wait, .. } => *queue_wait,
             _ => exchange.map_or(Duration::ZERO, Exchange::queue_wait),
         };
-        let backend = exchange
+        let up = exchange
             .zip(ctx.settings.as_ref())
-            .and_then(|(x, s)| s.upstreams.get(x.backend().0))
-            .map(|u| u.name.as_str());
+            .and_then(|(x, s)| s.upstreams.get(x.backend().0));
+        let backend = up.map(|u| u.name.as_str());
         let metrics = &self.shared.metrics;
-        metrics.request(backend.unwrap_or(NO_BACKEND), disposition);
-        metrics.queue_wait(queue_wait.as_secs_f64());
         let upstream = exchange.and_then(Exchange::upstream_elapsed);
-        if let (Some(name), Some(d)) = (backend, upstream) {
-            metrics.upstream_duration(name, d.as_secs_f64());
+        match up {
+            Some(u) => {
+                metrics.backend_request(&u.metrics, &u.name, disposition);
+                if let Some(d) = upstream {
+                    metrics.backend_upstream_duration(&u.metrics, &u.name, d.as_secs_f64());
+                }
+            }
+            None => metrics.request(NO_BACKEND, disposition),
         }
+        metrics.queue_wait(queue_wait.as_secs_f64());
         let log = self.shared.access_log();
         if log.enabled() {
             let req = session.req_header();
@@ -369,8 +374,8 @@ impl Sluice {
                 method: req.method.as_str(),
                 path,
                 status,
-                queue_ms: queue_wait.as_secs_f64() * 1000.0,
-                upstream_ms: upstream.map(|d| d.as_secs_f64() * 1000.0),
+                queue_ms: access_log::millis(queue_wait),
+                upstream_ms: upstream.map(access_log::millis),
                 bytes: session.body_bytes_sent(),
                 backend,
                 outcome: disposition.as_str(),
@@ -657,9 +662,11 @@ impl ProxyHttp for Sluice {
         // A connection rescued from pingora's pool race is new to pingora but not to the
         // backend: it counts as reused, so that `reused="false"` is what the backend accepted.
         if let Some(up) = settings.upstreams.get(backend.0) {
-            self.shared
-                .metrics
-                .upstream_connection(&up.name, a.exchange.reused());
+            self.shared.metrics.backend_upstream_connection(
+                &up.metrics,
+                &up.name,
+                a.exchange.reused(),
+            );
         }
         Ok(())
     }
