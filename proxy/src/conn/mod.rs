@@ -64,7 +64,7 @@ use pingora::proxy::{HttpProxy, ProcessCustomSession};
 use pingora::server::ShutdownWatch;
 use prometheus::IntGauge;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use crate::conn::reclaim::{Reclaim, Reclaimable};
 use crate::observe::metrics::{Deadline, Metrics, Refused};
@@ -107,10 +107,12 @@ enum ReadAhead {
 /// How much more room each read ahead of pingora asks for.
 const READ_AHEAD_CHUNK: usize = 1024;
 
-/// Read a plain TCP connection's next bytes, by `deadline`, until `done` holds for what was
-/// read or `max` bytes came, and put them back into the stream for pingora to parse as usual.
+/// Read a plain TCP connection's next bytes, by `deadline` (set on the connection's `timer`),
+/// until `done` holds for what was read or `max` bytes came, and put them back into the stream
+/// for pingora to parse as usual.
 async fn read_ahead(
     stream: Stream,
+    mut timer: Pin<&mut Sleep>,
     deadline: Instant,
     max: usize,
     done: impl Fn(&[u8]) -> bool,
@@ -126,7 +128,8 @@ async fn read_ahead(
         }
     };
     let mut buf = Vec::new();
-    let read = tokio::time::timeout_at(deadline, async {
+    timer.as_mut().reset(deadline);
+    let read = async {
         loop {
             if done(&buf) {
                 return Some(true);
@@ -142,9 +145,13 @@ async fn read_ahead(
                 Ok(_) => {}
             }
         }
-    })
-    .await;
-    let Ok(ended) = read else {
+    };
+    let read = tokio::select! {
+        biased;
+        ended = read => Some(ended),
+        _ = timer => None,
+    };
+    let Some(ended) = read else {
         return ReadAhead::TimedOut(l4 as Stream);
     };
     l4.rewind(&buf);
@@ -166,17 +173,22 @@ enum LineRead {
     Lost,
 }
 
+/// The first line of `bytes` (up to and including its LF), if they hold one.
+fn first_line(mut bytes: Vec<u8>) -> Option<Vec<u8>> {
+    let end = bytes.iter().position(|&c| c == b'\n')?;
+    bytes.truncate(end + 1);
+    Some(bytes)
+}
+
 /// Read a plain TCP connection's next request line (until its LF), by `deadline`, and put every
 /// byte read back into the stream, for pingora to parse as usual.
-async fn read_request_line(stream: Stream, deadline: Instant) -> LineRead {
-    match read_ahead(stream, deadline, REQUEST_LINE_MAX, |b| b.contains(&b'\n')).await {
-        ReadAhead::Done(stream, buf) => {
-            let line = buf
-                .iter()
-                .position(|&c| c == b'\n')
-                .map(|i| buf[..=i].to_vec());
-            LineRead::Read(stream, line)
-        }
+async fn read_request_line(stream: Stream, timer: Pin<&mut Sleep>, deadline: Instant) -> LineRead {
+    match read_ahead(stream, timer, deadline, REQUEST_LINE_MAX, |b| {
+        b.contains(&b'\n')
+    })
+    .await
+    {
+        ReadAhead::Done(stream, buf) => LineRead::Read(stream, first_line(buf)),
         ReadAhead::Full(stream) | ReadAhead::Closed(stream) | ReadAhead::Unsupported(stream) => {
             LineRead::Read(stream, None)
         }
@@ -309,22 +321,29 @@ async fn wait_readable(stream: &mut Stream, idle: Duration) -> Next {
     }
 }
 
-/// Wait for a kept-alive connection's next request, for `idle` at most. On a plain TCP stream
-/// its first bytes are read ahead (and put back into the stream for the request) rather than
-/// peeked: one system call per request instead of two. The read ahead ends as soon as anything
-/// came, so a timeout means nothing was read and the stream is whole. The stream is `None`
-/// only if it could not be recovered (not expected: its type is checked first).
-async fn wait_request(stream: Stream, idle: Duration) -> (Option<Stream>, Next) {
+/// Wait for a kept-alive connection's next request, for `idle` at most (on the connection's
+/// `timer`). On a plain TCP stream its first bytes are read ahead (and put back into the stream
+/// for the request) rather than peeked: one system call per request instead of two. The read
+/// ahead ends as soon as anything came, so a timeout means nothing was read and the stream is
+/// whole. The bytes read come back too: they usually hold the whole request line, which then
+/// need not be read again. The stream is `None` only if it could not be recovered (not
+/// expected: its type is checked first).
+async fn wait_request(
+    stream: Stream,
+    timer: Pin<&mut Sleep>,
+    idle: Duration,
+) -> (Option<Stream>, Next, Option<Vec<u8>>) {
     let deadline = Instant::now() + idle;
-    match read_ahead(stream, deadline, READ_AHEAD_CHUNK, |b| !b.is_empty()).await {
-        ReadAhead::Done(stream, _) | ReadAhead::Full(stream) => (Some(stream), Next::Request),
-        ReadAhead::Closed(stream) => (Some(stream), Next::Done),
-        ReadAhead::TimedOut(stream) => (Some(stream), Next::Idle),
+    match read_ahead(stream, timer, deadline, READ_AHEAD_CHUNK, |b| !b.is_empty()).await {
+        ReadAhead::Done(stream, ahead) => (Some(stream), Next::Request, Some(ahead)),
+        ReadAhead::Full(stream) => (Some(stream), Next::Request, None),
+        ReadAhead::Closed(stream) => (Some(stream), Next::Done, None),
+        ReadAhead::TimedOut(stream) => (Some(stream), Next::Idle, None),
         ReadAhead::Unsupported(mut stream) => {
             let next = wait_readable(&mut stream, idle).await;
-            (Some(stream), next)
+            (Some(stream), next, None)
         }
-        ReadAhead::Lost => (None, Next::Done),
+        ReadAhead::Lost => (None, Next::Done, None),
     }
 }
 
@@ -368,7 +387,17 @@ fn header_complete(buf: &[u8]) -> bool {
 /// deadline passed before the header was complete. A stream other than plain TCP (which
 /// cannot be put back) is returned as it is.
 async fn buffer_header(stream: Stream, deadline: Instant) -> Option<Stream> {
-    match read_ahead(stream, deadline, SHUTDOWN_HEADER_BYTES, header_complete).await {
+    let timer = tokio::time::sleep_until(deadline);
+    tokio::pin!(timer);
+    match read_ahead(
+        stream,
+        timer,
+        deadline,
+        SHUTDOWN_HEADER_BYTES,
+        header_complete,
+    )
+    .await
+    {
         ReadAhead::Done(stream, _) | ReadAhead::Full(stream) | ReadAhead::Unsupported(stream) => {
             Some(stream)
         }
@@ -410,8 +439,10 @@ impl Carried {
     }
 }
 
-/// One request, under its header and request deadlines; boxed by the caller so its state is
-/// gone once it returns. `started` is when the header deadline starts counting.
+/// One request, under its header and request deadlines (both on the connection's `timer`);
+/// boxed by the caller so its state is gone once it returns. `started` is when the header
+/// deadline starts counting; `ahead`, the request's first bytes if the wait for it read them.
+#[allow(clippy::too_many_arguments)] // one request's whole context, passed once
 async fn one(
     proxy: Arc<Proxy>,
     shared: &Shared,
@@ -419,6 +450,8 @@ async fn one(
     carried: Carried,
     started: Instant,
     shutdown: ShutdownWatch,
+    mut timer: Pin<&mut Sleep>,
+    ahead: Option<Vec<u8>>,
 ) -> Ended {
     let settings = shared.settings();
     let Carried {
@@ -427,11 +460,14 @@ async fn one(
     } = carried;
     let progress = Arc::new(Progress::default());
     // The request line as sent, before pingora's parser escapes it; under the header deadline.
+    let header_deadline = started + settings.client_header_timeout;
     let stream = if pipelined {
         stream
+    } else if let Some(line) = ahead.and_then(first_line) {
+        progress.set_request_line(line);
+        stream
     } else {
-        let deadline = started + settings.client_header_timeout;
-        match read_request_line(stream, deadline).await {
+        match read_request_line(stream, timer.as_mut(), header_deadline).await {
             LineRead::Read(stream, line) => {
                 if let Some(line) = line {
                     progress.set_request_line(line);
@@ -472,13 +508,12 @@ async fn one(
     tokio::pin!(exchange);
     let ended = |r: Option<ReusedHttpStream>| r.map_or(Ended::Closed, Ended::KeepAlive);
     // One timer for both deadlines: the header's, then the whole request's.
-    let deadline = tokio::time::sleep_until(started + settings.client_header_timeout);
-    tokio::pin!(deadline);
+    timer.as_mut().reset(header_deadline);
     tokio::select! {
         biased;
         r = &mut exchange => return ended(r),
         _ = progress.header_done() => {}
-        _ = &mut deadline => {}
+        _ = timer.as_mut() => {}
     }
     let Some(header_read) = progress.header_read_at() else {
         shared.metrics.client_timeout(Deadline::Header);
@@ -488,13 +523,11 @@ async fn one(
         // Returning drops the request's future, which sends the stream back.
         return Ended::HeaderTimeout(reclaim);
     };
-    deadline
-        .as_mut()
-        .reset(header_read + settings.request_timeout);
+    timer.as_mut().reset(header_read + settings.request_timeout);
     tokio::select! {
         biased;
         r = &mut exchange => ended(r),
-        _ = &mut deadline => {
+        _ = timer.as_mut() => {
             shared.metrics.client_timeout(Deadline::Request);
             log::warn!("request cut off after proxy.request_timeout ({:?})", settings.request_timeout);
             Ended::Closed
@@ -593,8 +626,14 @@ async fn arrived(conn: &Conn, stream: Stream) -> Option<(Stream, Instant)> {
 }
 
 /// A connection's busy spell: its requests, one after another, until it closes or idles past
-/// [`PARK_AFTER`].
+/// [`PARK_AFTER`]. One timer serves every deadline of the spell (the wait for the next request,
+/// the header's, the request's), reset for each: they never overlap, and a timer made per wait
+/// costs a registration with the runtime and a shared reference count each time.
 async fn busy(conn: &Conn, resume: Resume) -> Spell {
+    let timer =
+        tokio::time::sleep_until(Instant::now() + conn.shared.settings().client_header_timeout);
+    tokio::pin!(timer);
+    let mut ahead = None;
     let (mut stream, mut carried, mut started) = match resume {
         Resume::Accepted(stream, accepted) => (stream, Carried::FRESH, accepted),
         Resume::Unparked(Parked { sock }) => {
@@ -613,6 +652,8 @@ async fn busy(conn: &Conn, resume: Resume) -> Spell {
             carried,
             started,
             conn.shutdown.clone(),
+            timer.as_mut(),
+            ahead.take(),
         );
         let (s, p) = match Box::pin(request).await {
             Ended::KeepAlive(reused) => reused.consume(),
@@ -633,10 +674,11 @@ async fn busy(conn: &Conn, resume: Resume) -> Spell {
         }
         let idle = conn.shared.settings().client_keepalive_timeout;
         let first = idle.min(PARK_AFTER);
-        let (waited, mut next) = wait_request(stream, first).await;
+        let (waited, mut next, read) = wait_request(stream, timer.as_mut(), first).await;
         let Some(waited) = waited else {
             return Spell::Closed;
         };
+        ahead = read;
         stream = waited;
         if matches!(next, Next::Idle) && first < idle {
             if let Some(sock) = crate::compat::take_socket(&stream) {
