@@ -131,10 +131,10 @@ impl Sluice {
             .as_downstream()
             .as_http1()
             .map(|h1| h1.get_headers_raw_bytes());
-        let line = progress::request_line();
         let req = session.req_header();
-        let checked = request::check_request(req, raw.as_deref(), line.as_deref())
-            .and_then(|()| request::validate(req, raw.as_deref(), settings));
+        let checked =
+            progress::with_request_line(|line| request::check_request(req, raw.as_deref(), line))
+                .and_then(|()| request::validate(req, raw.as_deref(), settings));
         let content_length = match checked {
             Ok(declared) => declared,
             Err(invalid) => return Ok(Err(invalid)),

@@ -62,9 +62,11 @@ pub fn header_read() {
 /// The current request's line as the client sent it (up to and including its LF), if sluice's
 /// connection loop read it before pingora: a plain TCP connection's request that was not
 /// pipelined behind the previous one. `None` otherwise, and outside the connection loop.
-pub fn request_line() -> Option<Vec<u8>> {
-    PROGRESS
-        .try_with(|p| p.request_line.get().cloned())
-        .ok()
-        .flatten()
+/// Lent to `f`, not copied.
+pub fn with_request_line<T>(f: impl FnOnce(Option<&[u8]>) -> T) -> T {
+    let progress = PROGRESS.try_with(Arc::clone).ok();
+    f(progress
+        .as_deref()
+        .and_then(|p| p.request_line.get())
+        .map(Vec::as_slice))
 }
