@@ -139,6 +139,10 @@ pub struct Admission {
     pool: Mutex<Pool>,
     backends: Mutex<Vec<BackendHealth>>,
     passive_threshold: u32,
+    /// Whether some backend may have passive failures counted (set under the backends lock
+    /// when one is counted, cleared once none is): an answer then need not take the lock to
+    /// reset a count that is already zero.
+    passive_counted: std::sync::atomic::AtomicBool,
     timer: Notify,
     /// When the admission timer next wakes by itself, as nanoseconds after `epoch`; written
     /// under the pool lock. A waiter queued with an earlier turn wakes it; others need not
@@ -248,6 +252,7 @@ impl Admission {
                     .collect(),
             ),
             passive_threshold,
+            passive_counted: std::sync::atomic::AtomicBool::new(false),
             timer: Notify::new(),
             timer_until: std::sync::atomic::AtomicU64::new(0),
             epoch: std::time::Instant::now(),
@@ -356,11 +361,17 @@ impl Admission {
         u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
     }
 
-    /// Release one slot of `backend` and hand freed capacity to waiters. Returns the
-    /// backend's limit in force after the release (read under the same lock).
-    fn release(&self, backend: BackendId) -> Option<LimitNow> {
+    /// Release one slot of `backend` and hand freed capacity to waiters, after recording the
+    /// request's last `sample` (as [`Admission::record_outcome`] would), under the same lock.
+    /// Returns the backend's limit in force after the release (read under that lock too).
+    fn release(&self, backend: BackendId, sample: Option<Sample>) -> Option<LimitNow> {
+        let now = Instant::now().into_std();
         let mut pool = self.pool();
-        let grants = pool.release(backend, Instant::now().into_std());
+        if let Some(sample) = sample {
+            let grants = pool.record(backend, sample, now);
+            hand_over(&mut pool, grants);
+        }
+        let grants = pool.release(backend, now);
         hand_over(&mut pool, grants);
         pool.limit_now(backend).map(|(limit, phase)| LimitNow {
             limit,
@@ -617,14 +628,20 @@ impl Admission {
         if self.passive_threshold == 0 {
             return;
         }
+        if failure.is_none() && !self.passive_counted.load(Ordering::SeqCst) {
+            return;
+        }
         let mut backends = self.backends();
         let Some(b) = backends.get_mut(backend.0) else {
             return;
         };
         let Some(why) = failure else {
             b.passive_failures = 0;
+            let counted = backends.iter().any(|b| b.passive_failures > 0);
+            self.passive_counted.store(counted, Ordering::SeqCst);
             return;
         };
+        self.passive_counted.store(true, Ordering::SeqCst);
         b.passive_failures = b.passive_failures.saturating_add(1);
         if b.passive_failures >= self.passive_threshold && b.health.force_down().is_some() {
             b.downs += 1;
@@ -713,7 +730,7 @@ impl Waiting {
 impl Drop for Waiting {
     fn drop(&mut self) {
         if let Some(backend) = self.leave() {
-            let _ = self.admission.release(backend);
+            let _ = self.admission.release(backend, None);
         }
     }
 }
@@ -761,9 +778,15 @@ impl Permit {
     }
 
     /// Release the slot now (whatever hold was set), and say the backend's limit after it.
-    pub fn release(mut self) -> Option<LimitNow> {
+    pub fn release(self) -> Option<LimitNow> {
+        self.release_recording(None)
+    }
+
+    /// Record the request's last `sample` (see [`Admission::record_outcome`]) and release the
+    /// slot, under one lock; say the backend's limit after it.
+    pub fn release_recording(mut self, sample: Option<Sample>) -> Option<LimitNow> {
         self.released = true;
-        self.admission.release(self.backend)
+        self.admission.release(self.backend, sample)
     }
 }
 
@@ -777,11 +800,11 @@ impl Drop for Permit {
             let backend = self.backend;
             rt.spawn(async move {
                 tokio::time::sleep(hold).await;
-                let _ = admission.release(backend);
+                let _ = admission.release(backend, None);
             });
             return;
         }
-        let _ = self.admission.release(self.backend);
+        let _ = self.admission.release(self.backend, None);
     }
 }
 

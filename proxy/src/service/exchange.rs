@@ -373,18 +373,29 @@ impl Exchange {
     /// The request is over: feed the backend's health and learned limit, then release the slot
     /// or, when the backend is most likely still working on it, keep it taken.
     pub fn finish(&mut self, outcome: Outcome) -> Finished {
-        if !self.probe {
-            self.record(outcome);
-        }
+        // The last sample goes with the release, under the same lock; recorded alone when the
+        // slot is not released now.
+        let last = if self.probe {
+            None
+        } else {
+            self.record(outcome)
+        };
+        let record_alone = |x: &Self| {
+            if let Some(sample) = last {
+                x.admission.record_outcome(x.backend, sample);
+            }
+        };
         let permit = match std::mem::replace(&mut self.slot, Slot::Finished) {
             Slot::Held(permit) => permit,
             other => {
+                record_alone(self);
                 self.slot = other;
                 self.conn = None;
                 return Finished::Nothing;
             }
         };
         if outcome.leaves_work_behind() && !self.probe && !self.hold.is_zero() {
+            record_alone(self);
             let mut permit = permit;
             permit.hold_on_drop(Some(self.hold));
             return Finished::Held(Held {
@@ -398,21 +409,21 @@ impl Exchange {
         // The connection is no longer this request's before its slot goes to the next one,
         // whose dial must see it as idle (see `ghost`).
         self.conn = None;
-        Finished::Released(permit.release())
+        Finished::Released(permit.release_recording(last))
     }
 
-    /// The health and limit samples of a request that ended with `outcome`.
-    fn record(&self, outcome: Outcome) {
+    /// The health and limit samples of a request that ended with `outcome`: all recorded but
+    /// the last, which is returned (for the caller to record with the release).
+    fn record(&self, outcome: Outcome) -> Option<Sample> {
         let (admission, backend) = (&self.admission, self.backend);
-        if let Some(answer) = self.answer {
-            let sample = if answer.status >= 500 {
+        let answered = self.answer.map(|answer| {
+            admission.observe_passive(backend, None);
+            if answer.status >= 500 {
                 Sample::Failed(answer.latency)
             } else {
                 Sample::Ok(answer.latency)
-            };
-            admission.record_outcome(backend, sample);
-            admission.observe_passive(backend, None);
-        }
+            }
+        });
         let sample = match outcome {
             // The backend never answered what it was sent.
             Outcome::UpstreamTimeout { reading } => {
@@ -432,8 +443,12 @@ impl Exchange {
             // backend.
             _ => None,
         };
-        if let Some(sample) = sample {
-            admission.record_outcome(backend, sample);
+        match (answered, sample) {
+            (Some(first), Some(last)) => {
+                admission.record_outcome(backend, first);
+                Some(last)
+            }
+            (first, last) => last.or(first),
         }
     }
 }
