@@ -79,13 +79,15 @@ http {{
     return p, f"127.0.0.1:{port}"
 
 
-def start_target(kind, work, backend, binary_dir, run, baseline_dir=None):
+def start_target(kind, work, backend, binary_dir, run, baseline_dir=None, prefix=(), ready_timeout=15.0):
+    """Start one target on a free port; `prefix` goes before the command of a sluice or bare
+    pingora target (e.g. valgrind). Returns the process and the address it listens on."""
     name = f"{kind}-r{run}"
     d = os.path.join(work, name)
     os.makedirs(d, exist_ok=True)
     port = free_port()
     if kind == "bare-pingora":
-        p = start([os.path.join(binary_dir, "examples", "bare_pingora"), f"127.0.0.1:{port}", backend, str(THREADS)], work, name)
+        p = start([*prefix, os.path.join(binary_dir, "examples", "bare_pingora"), f"127.0.0.1:{port}", backend, str(THREADS)], work, name)
     elif kind in ("sluice", "sluice-quiet", "sluice-lean", "sluice-baseline"):
         conf = os.path.join(d, "sluice.toml")
         quiet = kind == "sluice-quiet"
@@ -116,7 +118,7 @@ duration = "0s"
 """ if quiet else ""))
         # The defaults' access log goes to stdout: written to a file, as an operator would.
         sluice = os.path.join(baseline_dir if kind == "sluice-baseline" else binary_dir, "sluice")
-        p = start([sluice, "run", "--config", conf], work, name,
+        p = start([*prefix, sluice, "run", "--config", conf], work, name,
                  stdout=open(os.path.join(d, "access.log"), "w"))
     elif kind == "haproxy":
         conf = os.path.join(d, "haproxy.cfg")
@@ -154,7 +156,7 @@ http {{
         p = start(["nginx", "-p", d, "-e", f"{d}/logs/error.log", "-c", conf, "-g", "daemon off;"], work, name)
     else:
         raise SystemExit(f"unknown target {kind}")
-    wait_port(port, p)
+    wait_port(port, p, timeout=ready_timeout)
     return p, f"127.0.0.1:{port}"
 
 
