@@ -46,10 +46,11 @@ struct FieldWatch {
 impl Write for FieldWatch {
     fn write_str(&mut self, s: &str) -> std::fmt::Result {
         if self.in_field {
-            if s.trim_start_matches([':', ' ']).is_empty() {
+            let value = s.trim_start_matches([':', ' ']);
+            if value.is_empty() {
                 return Ok(());
             }
-            self.found = Some(s.trim_start_matches([':', ' ']).starts_with("Some"));
+            self.found = Some(value.starts_with("Some"));
             return Err(std::fmt::Error);
         }
         self.in_field = s == PIPELINED_FIELD;

@@ -35,7 +35,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import stop, stop_signal  # noqa: E402
+from benchlib import stop  # noqa: E402
 import throughput  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -68,7 +68,8 @@ def measure(kind, work, backend, args, label):
         subprocess.run(["callgrind_control", "--instr=off", str(proc.pid)], capture_output=True, check=True)
         subprocess.run(["callgrind_control", "--dump", str(proc.pid)], capture_output=True, check=True)
     finally:
-        stop(proc, stop_signal(proc) if kind != "bare-pingora" else signal.SIGINT)
+        # Both targets are pingora servers: SIGINT stops them at once (valgrind passes it on).
+        stop(proc, signal.SIGINT)
     dumps = sorted(f for f in os.listdir(work) if f.startswith(f"{label}.callgrind."))
     if not dumps:
         raise SystemExit(f"{label}: callgrind wrote no dump")
@@ -96,7 +97,7 @@ def main():
         for kind in args.targets.split():
             rows.append(measure(kind, work, backend, args, kind))
     finally:
-        stop(backend_proc, stop_signal(backend_proc))
+        stop(backend_proc)
     per = {r["target"]: {f: c / max(1, r["requests"]) for f, c in r["costs"].items()} for r in rows}
     total = {t: sum(c.values()) for t, c in per.items()}
     ref = "bare-pingora" if "bare-pingora" in per else rows[0]["target"]

@@ -630,9 +630,6 @@ async fn arrived(conn: &Conn, stream: Stream) -> Option<(Stream, Instant)> {
 /// the header's, the request's), reset for each: they never overlap, and a timer made per wait
 /// costs a registration with the runtime and a shared reference count each time.
 async fn busy(conn: &Conn, resume: Resume) -> Spell {
-    let timer =
-        tokio::time::sleep_until(Instant::now() + conn.shared.settings().client_header_timeout);
-    tokio::pin!(timer);
     let mut ahead = None;
     let (mut stream, mut carried, mut started) = match resume {
         Resume::Accepted(stream, accepted) => (stream, Carried::FRESH, accepted),
@@ -644,6 +641,9 @@ async fn busy(conn: &Conn, resume: Resume) -> Spell {
             }
         }
     };
+    // Armed at the first request's header deadline; every use resets it.
+    let timer = tokio::time::sleep_until(started + conn.shared.settings().client_header_timeout);
+    tokio::pin!(timer);
     loop {
         let request = one(
             conn.proxy.clone(),

@@ -103,35 +103,26 @@ impl Entry<'_> {
         out.extend_from_slice(b"{\"time\":\"");
         write_time(self.time, out);
         out.extend_from_slice(b"\",\"client\":");
-        match self.client {
-            Some(c) => write_client(c, out),
-            None => out.extend_from_slice(b"null"),
-        }
+        write_or_null(self.client, out, write_client);
         out.extend_from_slice(b",\"method\":");
         write_str(self.method, out);
         out.extend_from_slice(b",\"path\":");
         write_str(self.path, out);
         out.extend_from_slice(b",\"status\":");
-        out.extend_from_slice(itoa::Buffer::new().format(self.status).as_bytes());
+        write_int(self.status, out);
         out.extend_from_slice(b",\"queue_ms\":");
         write_f64(self.queue_ms, out);
         out.extend_from_slice(b",\"upstream_ms\":");
-        match self.upstream_ms {
-            Some(ms) => write_f64(ms, out),
-            None => out.extend_from_slice(b"null"),
-        }
+        write_or_null(self.upstream_ms, out, write_f64);
         out.extend_from_slice(b",\"bytes\":");
-        out.extend_from_slice(itoa::Buffer::new().format(self.bytes).as_bytes());
+        write_int(self.bytes, out);
         out.extend_from_slice(b",\"backend\":");
-        match self.backend {
-            Some(b) => write_str(b, out),
-            None => out.extend_from_slice(b"null"),
-        }
+        write_or_null(self.backend, out, write_str);
         out.extend_from_slice(b",\"outcome\":");
         write_str(self.outcome, out);
         if let Some(limit) = self.limit {
             out.extend_from_slice(b",\"limit\":");
-            out.extend_from_slice(itoa::Buffer::new().format(limit).as_bytes());
+            write_int(limit, out);
         }
         if let Some(why) = self.limit_why {
             out.extend_from_slice(b",\"limit_why\":");
@@ -154,6 +145,19 @@ pub fn millis(d: Duration) -> f64 {
 /// characters).
 fn needs_escape(s: &[u8]) -> bool {
     s.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\')
+}
+
+/// `v` written by `write`, or `null`.
+fn write_or_null<T>(v: Option<T>, out: &mut Vec<u8>, write: impl FnOnce(T, &mut Vec<u8>)) {
+    match v {
+        Some(v) => write(v, out),
+        None => out.extend_from_slice(b"null"),
+    }
+}
+
+/// An integer.
+fn write_int(n: impl itoa::Integer, out: &mut Vec<u8>) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
 /// `s` as a JSON string.
@@ -190,16 +194,15 @@ fn write_client(c: &pingora::protocols::l4::socket::SocketAddr, out: &mut Vec<u8
     let Some(std::net::SocketAddr::V4(a)) = c.as_inet() else {
         return write_display(c, out);
     };
-    let mut n = itoa::Buffer::new();
     out.push(b'"');
     for (i, octet) in a.ip().octets().into_iter().enumerate() {
         if i > 0 {
             out.push(b'.');
         }
-        out.extend_from_slice(n.format(octet).as_bytes());
+        write_int(octet, out);
     }
     out.push(b':');
-    out.extend_from_slice(n.format(a.port()).as_bytes());
+    write_int(a.port(), out);
     out.push(b'"');
 }
 
@@ -215,36 +218,34 @@ thread_local! {
 
 /// `t` in RFC 3339 with milliseconds, as `humantime` writes it, without the quotes.
 fn write_time(t: SystemTime, out: &mut Vec<u8>) {
-    let Ok(since) = t.duration_since(SystemTime::UNIX_EPOCH) else {
+    let written = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .ok()
+        .and_then(|since| {
+            SECOND.with(|second| {
+                let mut second = second.try_borrow_mut().ok()?;
+                let secs = since.as_secs();
+                if second.0 != secs {
+                    let whole = SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+                    let text = humantime::format_rfc3339_seconds(whole).to_string();
+                    second.1.copy_from_slice(text.as_bytes().get(..19)?);
+                    second.0 = secs;
+                }
+                out.extend_from_slice(&second.1);
+                let ms = since.subsec_millis();
+                out.extend_from_slice(&[
+                    b'.',
+                    b'0' + (ms / 100) as u8,
+                    b'0' + (ms / 10 % 10) as u8,
+                    b'0' + (ms % 10) as u8,
+                    b'Z',
+                ]);
+                Some(())
+            })
+        });
+    if written.is_none() {
         let _ = write!(out, "{}", humantime::format_rfc3339_millis(t));
-        return;
-    };
-    let secs = since.as_secs();
-    SECOND.with(|second| {
-        let Ok(mut second) = second.try_borrow_mut() else {
-            let _ = write!(out, "{}", humantime::format_rfc3339_millis(t));
-            return;
-        };
-        if second.0 != secs {
-            let whole = SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
-            let text = humantime::format_rfc3339_seconds(whole).to_string();
-            let Some(prefix) = text.as_bytes().get(..19) else {
-                let _ = write!(out, "{}", humantime::format_rfc3339_millis(t));
-                return;
-            };
-            second.1.copy_from_slice(prefix);
-            second.0 = secs;
-        }
-        out.extend_from_slice(&second.1);
-        let ms = since.subsec_millis();
-        out.extend_from_slice(&[
-            b'.',
-            b'0' + (ms / 100) as u8,
-            b'0' + (ms / 10 % 10) as u8,
-            b'0' + (ms % 10) as u8,
-            b'Z',
-        ]);
-    });
+    }
 }
 
 /// A handle to the access log; cheap to clone.

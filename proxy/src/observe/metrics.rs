@@ -41,6 +41,9 @@ pub enum Disposition {
 }
 
 impl Disposition {
+    /// How many there are (they index [`BackendHandles`]).
+    const COUNT: usize = Disposition::BodyBudget as usize + 1;
+
     /// The label value.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -55,11 +58,6 @@ impl Disposition {
             Disposition::BodyBudget => "body_budget",
         }
     }
-}
-
-impl Disposition {
-    /// How many there are (they index [`BackendHandles`]).
-    const COUNT: usize = Disposition::BodyBudget as usize + 1;
 }
 
 /// One backend's request-path series, each resolved by label once (when first used, so that
