@@ -274,6 +274,18 @@ async fn malformed_requests_get_400_and_never_reach_the_backend() {
     let r = exchange(&mut c, "GET /pay?txn=ok%20x HTTP/1.1\r\nHost: pos\r\n\r\n").await;
     assert_eq!(r.status, 200);
     assert_eq!(emu.seen()[0].path, "/pay?txn=ok%20x");
+    // The same check on the kept-alive connection's next request, whose request line sluice
+    // takes from the bytes it read while waiting for it.
+    c.send_raw(b"GET /pay?txn=m8 x HTTP/1.1\r\nHost: pos\r\n\r\n")
+        .await
+        .expect("send");
+    let r = c.read_response().await.expect("response");
+    assert_eq!(r.status, 400, "space in a kept-alive request: {}", r.text());
+    assert_eq!(
+        emu.seen().len(),
+        1,
+        "only the good request reached the backend"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
