@@ -360,6 +360,17 @@ impl<W> AdmissionPool<W> {
     /// A request is admitted at once only if nobody is queued (FIFO: no overtaking) and some
     /// backend that is up has a free slot; it goes to the backend with the most free slots.
     pub fn acquire(&mut self, now: Instant, deadline: Instant, waiter: W) -> Acquire {
+        self.acquire_at(now, deadline, || waiter, false)
+    }
+
+    /// [`acquire`](Self::acquire), with the waiter made only if the request is queued: a
+    /// request admitted at once (the common case) pays for no waiter (a channel, say).
+    pub fn acquire_with(
+        &mut self,
+        now: Instant,
+        deadline: Instant,
+        waiter: impl FnOnce() -> W,
+    ) -> Acquire {
         self.acquire_at(now, deadline, waiter, false)
     }
 
@@ -367,12 +378,18 @@ impl<W> AdmissionPool<W> {
     /// request whose admission was undone before anything reached the backend (a refused
     /// connection). Never rejected for a full queue, since it already held its place.
     pub fn requeue(&mut self, now: Instant, deadline: Instant, waiter: W) -> Acquire {
-        self.acquire_at(now, deadline, waiter, true)
+        self.acquire_at(now, deadline, || waiter, true)
     }
 
     /// Admit at once if nobody waits and a backend can take it; else queue at the back (or,
     /// with `front`, ahead of every normal waiter and regardless of `max_queue`).
-    fn acquire_at(&mut self, now: Instant, deadline: Instant, waiter: W, front: bool) -> Acquire {
+    fn acquire_at(
+        &mut self,
+        now: Instant,
+        deadline: Instant,
+        waiter: impl FnOnce() -> W,
+        front: bool,
+    ) -> Acquire {
         self.tick(now);
         if self.queue.is_empty() {
             if let Some(backend) = self.pick(now) {
@@ -397,7 +414,7 @@ impl<W> AdmissionPool<W> {
             ticket,
             Waiter {
                 deadline,
-                value: waiter,
+                value: waiter(),
             },
         );
         Acquire::Queued(ticket)
@@ -786,6 +803,39 @@ mod tests {
         );
         assert_eq!(pool.inflight(BackendId(0)), 2);
         assert_eq!(pool.queued(), 0);
+    }
+
+    #[test]
+    fn a_waiter_is_made_only_for_a_queued_request() {
+        let now = t0();
+        let d = now + Duration::from_secs(1);
+        let mut pool = AdmissionPool::new(&[1], 1);
+        let mut made = 0;
+        let mut make = |v: char| {
+            made += 1;
+            v
+        };
+        assert_eq!(
+            pool.acquire_with(now, d, || make('a')),
+            Acquire::Admitted(BackendId(0))
+        );
+        let Acquire::Queued(t) = pool.acquire_with(now, d, || make('b')) else {
+            panic!("second request must queue")
+        };
+        assert_eq!(
+            pool.acquire_with(now, d, || make('c')),
+            Acquire::Rejected(QueueFull)
+        );
+        assert_eq!(made, 1, "admitted at once or refused: no waiter made");
+        let grants = pool.release(BackendId(0), now);
+        assert_eq!(
+            grants,
+            vec![Grant {
+                ticket: t,
+                backend: BackendId(0),
+                waiter: 'b'
+            }]
+        );
     }
 
     #[test]

@@ -152,6 +152,10 @@ pub struct Admission {
     epoch: std::time::Instant,
     /// Times a queued waiter woke the timer.
     timer_wakes: std::sync::atomic::AtomicU64,
+    /// Each backend's connection generation (see [`Admission::generation`]), read by every
+    /// request without the backends lock; replaced under that lock when one changes. A backend
+    /// added since has generation 0.
+    generations: crate::snapshot::Snapshot<Vec<u64>>,
 }
 
 /// A backend's state as shown by status output.
@@ -257,6 +261,7 @@ impl Admission {
             timer_until: std::sync::atomic::AtomicU64::new(0),
             epoch: std::time::Instant::now(),
             timer_wakes: std::sync::atomic::AtomicU64::new(0),
+            generations: crate::snapshot::Snapshot::new(Vec::new()),
         })
     }
 
@@ -287,13 +292,20 @@ impl Admission {
         requeue: bool,
     ) -> Result<Permit, Shed> {
         let now = Instant::now();
-        let (tx, rx) = oneshot::channel();
+        // The channel a grant comes through, made only if the request is queued.
+        let mut rx = None;
         let (acquired, wake_timer) = {
             let mut pool = self.pool();
             let acquired = if requeue {
+                let (tx, r) = oneshot::channel();
+                rx = Some(r);
                 pool.requeue(now.into_std(), deadline.into_std(), tx)
             } else {
-                pool.acquire(now.into_std(), deadline.into_std(), tx)
+                pool.acquire_with(now.into_std(), deadline.into_std(), || {
+                    let (tx, r) = oneshot::channel();
+                    rx = Some(r);
+                    tx
+                })
             };
             // Under the same lock as the timer's own `timer_until`.
             let wake = matches!(acquired, Acquire::Queued(_))
@@ -316,7 +328,7 @@ impl Admission {
         let mut waiting = Waiting {
             admission: self.clone(),
             ticket,
-            rx: Some(rx),
+            rx,
         };
         let granted = match waiting.rx.as_mut() {
             Some(rx) => tokio::time::timeout_at(deadline, rx).await,
@@ -497,7 +509,7 @@ impl Admission {
     /// key: connections pooled before a backend restart are never reused after it, so no
     /// request is sent on a socket the restarted server has already closed.
     pub fn generation(&self, backend: BackendId) -> u64 {
-        self.backends().get(backend.0).map_or(0, |b| b.generation)
+        self.generations.get().get(backend.0).copied().unwrap_or(0)
     }
 
     /// Bring the pool's state of `backend` in line with drain flag and health.
@@ -514,6 +526,13 @@ impl Admission {
         }
         if state == BackendState::Up {
             b.generation += 1;
+            // Under the backends lock (`b` is borrowed from it): changes do not interleave.
+            let mut generations = Vec::clone(&self.generations.get());
+            if generations.len() <= backend.0 {
+                generations.resize(backend.0 + 1, 0);
+            }
+            generations[backend.0] = b.generation;
+            self.generations.replace(generations);
         }
         self.change(|pool, now| pool.set_state(backend, state, now));
     }
@@ -1120,5 +1139,35 @@ mod tests {
                 "down: 2 health checks failed in a row, last: health check GET / failed: timed out"
             )
         );
+    }
+
+    #[test]
+    fn a_backend_back_in_service_gets_a_new_connection_generation() {
+        let a = Admission::new(&[1, 1], 1);
+        assert_eq!(
+            (a.generation(BackendId(0)), a.generation(BackendId(1))),
+            (0, 0)
+        );
+        a.drain("b1").expect("drain");
+        assert_eq!(
+            a.generation(BackendId(1)),
+            0,
+            "draining keeps the connections' generation"
+        );
+        a.ready("b1").expect("ready");
+        assert_eq!(
+            (a.generation(BackendId(0)), a.generation(BackendId(1))),
+            (0, 1)
+        );
+        // Read on another thread (its own copy): the same generation.
+        let other = a.clone();
+        let there = std::thread::spawn(move || other.generation(BackendId(1)))
+            .join()
+            .expect("thread");
+        assert_eq!(there, 1);
+        a.drain("b1").expect("drain");
+        a.ready("b1").expect("ready");
+        assert_eq!(a.generation(BackendId(1)), 2);
+        assert_eq!(a.generation(BackendId(7)), 0, "an unknown backend has none");
     }
 }

@@ -7,7 +7,8 @@
 //! - the client connection: sluice's own connection loop, with the client deadlines and caps
 //!   ([`conn`]);
 //! - the backend connection: sluice's dialer and its registry of connections ([`ghost`]);
-//! - configuration ([`config`]) and the state the running parts share ([`shared`]);
+//! - configuration ([`config`]) and the state the running parts share ([`shared`]), read on
+//!   the request path through per-thread copies ([`snapshot`]);
 //! - operations: the admin API, health checks, reload, the upgrade hand-over, and the budget
 //!   several instances share through Redis ([`ops`]);
 //! - observation: metrics, the access log, logging ([`observe`]);
@@ -31,6 +32,7 @@ pub mod ops;
 pub mod run;
 pub mod service;
 pub mod shared;
+pub mod snapshot;
 pub mod tls;
 
 pub use admission::{Admission, Permit, Shed};

@@ -5,7 +5,7 @@
 //! exercise exactly the production assembly.
 
 use std::net::{SocketAddr, TcpStream};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -112,10 +112,10 @@ pub fn build_server_from(
     let shared = Arc::new(Shared {
         cluster: cluster.clone(),
         admission: admission.clone(),
-        settings: RwLock::new(Arc::new(Settings::new(cfg, upstream.dialed()))),
+        settings: crate::snapshot::Snapshot::new(Settings::new(cfg, upstream.dialed())),
         body_budget: crate::service::body::BodyBudget::new(metrics.buffered_body_bytes()),
         metrics,
-        access_log: RwLock::new(access_log),
+        access_log: crate::snapshot::Snapshot::new(access_log),
         tls: tls_store(cfg),
         source: crate::config::Source { path, overrides },
         reloading: Default::default(),

@@ -2,7 +2,7 @@
 //! settings snapshot (swapped whole on reload), metrics, the access log, and the backends as
 //! the service dials them.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use pingora::upstreams::peer::HttpPeer;
@@ -11,6 +11,7 @@ use crate::admission::Admission;
 use crate::config::Config;
 use crate::observe::access_log::AccessLog;
 use crate::observe::metrics::Metrics;
+use crate::snapshot::Snapshot;
 
 /// A backend as the service sees it.
 #[derive(Debug, Clone)]
@@ -144,12 +145,12 @@ impl Settings {
 pub struct Shared {
     /// Admission: pool, queue, health.
     pub admission: Arc<Admission>,
-    /// Request-path settings.
-    pub settings: RwLock<Arc<Settings>>,
+    /// Request-path settings (each worker thread reads its own copy).
+    pub settings: Snapshot<Settings>,
     /// Metrics.
     pub metrics: Metrics,
-    /// Access log.
-    pub access_log: RwLock<AccessLog>,
+    /// Access log (each worker thread reads its own handle).
+    pub access_log: Snapshot<AccessLog>,
     /// The TLS listener's certificate, if there is one (replaced on reload).
     pub tls: Option<Arc<crate::tls::CertStore>>,
     /// Where a reload reads the configuration from.
@@ -167,17 +168,11 @@ pub struct Shared {
 impl Shared {
     /// The current settings.
     pub fn settings(&self) -> Arc<Settings> {
-        self.settings
-            .read()
-            .map(|s| s.clone())
-            .unwrap_or_else(|p| p.into_inner().clone())
+        self.settings.get()
     }
 
     /// The current access log.
-    pub fn access_log(&self) -> AccessLog {
-        self.access_log
-            .read()
-            .map(|s| s.clone())
-            .unwrap_or_else(|p| p.into_inner().clone())
+    pub fn access_log(&self) -> Arc<AccessLog> {
+        self.access_log.get()
     }
 }

@@ -444,12 +444,12 @@ impl Carried {
 /// deadline starts counting; `ahead`, the request's first bytes if the wait for it read them.
 #[allow(clippy::too_many_arguments)] // one request's whole context, passed once
 async fn one(
-    proxy: Arc<Proxy>,
+    proxy: &Arc<Proxy>,
     shared: &Shared,
     stream: Stream,
     carried: Carried,
     started: Instant,
-    shutdown: ShutdownWatch,
+    shutdown: &ShutdownWatch,
     mut timer: Pin<&mut Sleep>,
     ahead: Option<Vec<u8>>,
 ) -> Ended {
@@ -504,7 +504,7 @@ async fn one(
             }
         }
     }
-    let exchange = progress::scope(progress.clone(), proxy.process_new_http(session, &shutdown));
+    let exchange = progress::scope(progress.clone(), proxy.process_new_http(session, shutdown));
     tokio::pin!(exchange);
     let ended = |r: Option<ReusedHttpStream>| r.map_or(Ended::Closed, Ended::KeepAlive);
     // One timer for both deadlines: the header's, then the whole request's.
@@ -645,13 +645,15 @@ async fn busy(conn: &Conn, resume: Resume) -> Spell {
     let timer = tokio::time::sleep_until(started + conn.shared.settings().client_header_timeout);
     tokio::pin!(timer);
     loop {
+        // The connection's handles are lent, not cloned: a clone is a write to a reference
+        // count every worker thread shares.
         let request = one(
-            conn.proxy.clone(),
+            &conn.proxy,
             &conn.shared,
             stream,
             carried,
             started,
-            conn.shutdown.clone(),
+            &conn.shutdown,
             timer.as_mut(),
             ahead.take(),
         );

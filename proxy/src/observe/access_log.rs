@@ -1,17 +1,19 @@
 //! The access log: one JSON line per request, written off the request path, in batches.
 //!
-//! A request formats its line straight into a per-thread scratch buffer and appends it to the
-//! log's shared buffer: one short lock, no allocation per line, and no thread woken. One writer
-//! thread owns the file (or stdout) and writes what accumulated every [`FLUSH_EVERY`]. If the
-//! buffer reaches [`MAX_PENDING_BYTES`] (the writer cannot keep up), lines are dropped and
-//! counted rather than slowing down the proxy; the count is reported on the error log when the
-//! writer next catches up. Dropping the last handle (a reload opening another log) writes what
-//! is left.
+//! A request formats its line straight onto the end of its thread's batch buffer: one lock no
+//! other worker thread takes (each worker thread appends to its own of [`SHARDS`] buffers, the
+//! writer takes it once per batch), no allocation per line, no copy, and no thread woken. One
+//! writer thread owns the file (or stdout) and writes what accumulated every [`FLUSH_EVERY`],
+//! one buffer after the other: within a batch, lines from different worker threads are not in
+//! time order (each line carries its time). If a buffer reaches [`MAX_PENDING_BYTES`] (the
+//! writer cannot keep up), lines are dropped and counted rather than slowing down the proxy; the
+//! count is reported on the error log when the writer next catches up. Dropping the last handle
+//! (a reload opening another log) writes what is left.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime};
 
@@ -20,7 +22,8 @@ use serde::{Serialize, Serializer};
 /// How often the writer thread writes the lines that accumulated.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(50);
 
-/// Bytes of lines waiting for the writer at most; lines beyond are dropped and counted.
+/// Bytes of lines waiting for the writer at most, per batch buffer; lines beyond are dropped
+/// and counted.
 const MAX_PENDING_BYTES: usize = 8 * 1024 * 1024;
 
 /// Where access log lines go.
@@ -254,9 +257,10 @@ pub struct AccessLog {
     inner: Option<Arc<Inner>>,
 }
 
-/// The shared buffer and the output it goes to.
+/// The batch buffers and the output they go to.
 struct Inner {
-    pending: Mutex<Vec<u8>>,
+    /// One batch buffer per worker thread (threads past [`SHARDS`] share).
+    pending: [Mutex<Vec<u8>>; SHARDS],
     out: Mutex<Out>,
     dropped: AtomicU64,
 }
@@ -279,9 +283,26 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Batch buffers per log: worker threads append to their own, so the request path touches no
+/// memory another worker thread writes.
+const SHARDS: usize = 8;
+
+/// The next thread's batch buffer.
+static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
+
 thread_local! {
-    /// Where a line is formatted before it is appended.
-    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// This thread's batch buffer (its index; `usize::MAX` until the thread first logs).
+    static SHARD: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+
+/// This thread's batch buffer.
+fn shard() -> usize {
+    SHARD.with(|s| {
+        if s.get() == usize::MAX {
+            s.set(NEXT_SHARD.fetch_add(1, Ordering::Relaxed) % SHARDS);
+        }
+        s.get()
+    })
 }
 
 /// A batch buffer larger than this after a write is shrunk back to [`BATCH_CAPACITY`].
@@ -297,14 +318,20 @@ impl Inner {
     fn flush(&self) {
         let mut out = lock(&self.out);
         let Out { sink, spare } = &mut *out;
-        std::mem::swap(&mut *lock(&self.pending), spare);
-        if !spare.is_empty() {
-            let _ = sink.write_all(spare);
-            let _ = sink.flush();
+        let mut wrote = false;
+        for pending in &self.pending {
+            std::mem::swap(&mut *lock(pending), spare);
+            if !spare.is_empty() {
+                let _ = sink.write_all(spare);
+                wrote = true;
+            }
+            spare.clear();
+            if spare.capacity() > KEEP_BATCH_CAPACITY {
+                spare.shrink_to(BATCH_CAPACITY);
+            }
         }
-        spare.clear();
-        if spare.capacity() > KEEP_BATCH_CAPACITY {
-            spare.shrink_to(BATCH_CAPACITY);
+        if wrote {
+            let _ = sink.flush();
         }
         drop(out);
         let lost = self.dropped.swap(0, Ordering::Relaxed);
@@ -339,7 +366,8 @@ impl AccessLog {
             ),
         };
         let inner = Arc::new(Inner {
-            pending: Mutex::new(Vec::with_capacity(BATCH_CAPACITY)),
+            // Grown on first use: only the worker threads' buffers are ever filled.
+            pending: Default::default(),
             out: Mutex::new(Out {
                 sink: out,
                 spare: Vec::with_capacity(BATCH_CAPACITY),
@@ -361,20 +389,14 @@ impl AccessLog {
     /// Log one request.
     pub fn log(&self, entry: &Entry<'_>) {
         let Some(inner) = &self.inner else { return };
-        SCRATCH.with(|scratch| {
-            let Ok(mut line) = scratch.try_borrow_mut() else {
-                return;
-            };
-            line.clear();
-            entry.write_json(&mut line);
-            line.push(b'\n');
-            let mut pending = lock(&inner.pending);
-            if pending.len() + line.len() > MAX_PENDING_BYTES {
-                inner.dropped.fetch_add(1, Ordering::Relaxed);
-            } else {
-                pending.extend_from_slice(&line);
-            }
-        });
+        let mut pending = lock(&inner.pending[shard()]);
+        let start = pending.len();
+        entry.write_json(&mut pending);
+        pending.push(b'\n');
+        if pending.len() > MAX_PENDING_BYTES {
+            pending.truncate(start);
+            inner.dropped.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Write every line logged so far (tests, shutdown).
@@ -443,6 +465,60 @@ mod tests {
             (&v["limit"], &v["limit_why"]),
             (&32.into(), &"steady".into())
         );
+        let _ = std::fs::remove_file(&path);
+    }
+
+    /// Lines logged from many threads at once (more than there are batch buffers) are all
+    /// written, whole, once each.
+    #[test]
+    fn lines_from_many_threads_are_all_written_whole() {
+        let path =
+            std::env::temp_dir().join(format!("sluice-access-threads-{}.log", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let log = AccessLog::open(&Target::File(path.clone())).expect("open");
+        let threads = SHARDS + 3;
+        let per_thread = 200;
+        std::thread::scope(|scope| {
+            for t in 0..threads {
+                let log = log.clone();
+                scope.spawn(move || {
+                    for i in 0..per_thread {
+                        let path = format!("/pay?t={t}&i={i}");
+                        log.log(&Entry {
+                            time: SystemTime::UNIX_EPOCH,
+                            client: None,
+                            method: "GET",
+                            path: &path,
+                            status: 200,
+                            queue_ms: 0.0,
+                            upstream_ms: None,
+                            bytes: 0,
+                            backend: None,
+                            outcome: "ok",
+                            limit: None,
+                            limit_why: None,
+                            error: None,
+                        });
+                    }
+                });
+            }
+        });
+        log.flush();
+        let text = std::fs::read_to_string(&path).expect("read");
+        let mut seen: Vec<String> = text
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).expect("a whole JSON line");
+                v["path"].as_str().expect("path").to_string()
+            })
+            .collect();
+        seen.sort();
+        let mut want: Vec<String> = (0..threads)
+            .flat_map(|t| (0..per_thread).map(move |i| format!("/pay?t={t}&i={i}")))
+            .collect();
+        want.sort();
+        assert_eq!(seen, want);
+        drop(log);
         let _ = std::fs::remove_file(&path);
     }
 

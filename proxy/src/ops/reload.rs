@@ -165,7 +165,7 @@ fn apply(shared: &Shared, old: &Config, new: &Config) -> ReloadReport {
     }
     let fresh = Settings::new(new, shared.upstream.dialed());
     let next = Settings { upstreams, ..fresh };
-    *shared.settings.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+    shared.settings.replace(next);
 
     // The certificate files are re-read on every reload: a renewed certificate keeps its path.
     if let (Some(store), Some(tls)) = (&shared.tls, &new.tls) {
@@ -186,7 +186,7 @@ fn apply(shared: &Shared, old: &Config, new: &Config) -> ReloadReport {
     if changed(Effect::AccessLog) {
         match AccessLog::open(&new.access_log) {
             Ok(log) => {
-                *shared.access_log.write().unwrap_or_else(|p| p.into_inner()) = log;
+                shared.access_log.replace(log);
                 report
                     .applied
                     .push(format!("access log: {:?}", new.access_log));

@@ -299,8 +299,13 @@ pub fn rewrite_upstream(
         }
         (None, _) => {}
     }
-    req.remove_header(PROBE_HEADER);
-    req.remove_header(PROBE_BACKEND_HEADER);
+    // Looked up first: removing is dearer (pingora also keeps the names' case), and a real
+    // request carries neither.
+    for probe in [PROBE_HEADER, PROBE_BACKEND_HEADER] {
+        if req.headers.contains_key(probe) {
+            req.remove_header(probe);
+        }
+    }
     Ok(())
 }
 
