@@ -99,8 +99,11 @@ pub struct Conns {
     draining: std::sync::atomic::AtomicBool,
     /// Ids for parked connections.
     next_id: std::sync::atomic::AtomicU64,
-    /// Signalled when a request claims a connection or pingora drops one.
+    /// Signalled when a request claims a connection or pingora drops one, if a dial waits
+    /// (see [`Conns::changed`]).
     changed: tokio::sync::Notify,
+    /// Dials waiting on `changed`.
+    waiting: std::sync::atomic::AtomicUsize,
     /// Dials that waited [`RELEASE_WAIT`] in vain for a connection no request held.
     waits_expired: std::sync::atomic::AtomicU64,
     /// Connections closed by sluice that the backend has not closed yet, by backend address.
@@ -163,11 +166,21 @@ impl Conns {
             st.claims += 1;
             st.used = true;
         }
-        self.changed.notify_waiters();
+        self.changed();
         Some(Claim {
             conn,
             conns: self.clone(),
         })
+    }
+
+    /// Tell the waiting dials that connections changed. Nothing to do, and no shared memory
+    /// written, when none waits (every request claims a connection): a dial counts itself
+    /// waiting before it looks at the connections, and a change is made before this looks at
+    /// the count, so either the dial sees the change or this sees the dial.
+    fn changed(&self) {
+        if self.waiting.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            self.changed.notify_waiters();
+        }
     }
 
     /// Connections to `addr` that sluice closed and the backend has not closed yet.
@@ -255,6 +268,8 @@ impl Conns {
     /// often reached, and the dial is then for a request pingora had no idle connection for).
     pub async fn take_or_wait(&self, addr: SocketAddr) -> Option<std::net::TcpStream> {
         let start = tokio::time::Instant::now();
+        // Counted before anything is looked at, so a change made after it is signalled.
+        let _waiting = Waiting::count(&self.waiting);
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
@@ -370,7 +385,7 @@ impl Conns {
             sock,
             rescued,
         });
-        self.changed.notify_waiters();
+        self.changed();
         let conns = self.clone();
         runtime.spawn(async move {
             tokio::time::sleep(idle.min(MAX_PARKED_IDLE)).await;
@@ -445,6 +460,22 @@ impl Drop for Claim {
     }
 }
 
+/// Counts a dial waiting for connections to change while it lives.
+struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn count(waiting: &'a std::sync::atomic::AtomicUsize) -> Self {
+        waiting.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Waiting(waiting)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// Ends the count of one closing connection (see [`Conns::close`]).
 struct Closed {
     conns: Arc<Conns>,
@@ -462,7 +493,7 @@ impl Drop for Closed {
                 }
             }
         }
-        self.conns.changed.notify_waiters();
+        self.conns.changed();
     }
 }
 
@@ -481,7 +512,7 @@ impl Tracing for OnDrop {
         // been reused yet.
         self.conns.forget(&self.conn);
         self.conns.dropped(&self.conn);
-        self.conns.changed.notify_waiters();
+        self.conns.changed();
     }
 
     fn boxed_clone(&self) -> Box<dyn Tracing> {

@@ -171,6 +171,11 @@ impl Shared {
         self.settings.get()
     }
 
+    /// `f` of the current settings, without taking a reference to them (for a field or two).
+    pub fn with_settings<R>(&self, f: impl FnOnce(&Settings) -> R) -> R {
+        self.settings.with(f)
+    }
+
     /// The current access log.
     pub fn access_log(&self) -> Arc<AccessLog> {
         self.access_log.get()

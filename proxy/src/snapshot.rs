@@ -30,7 +30,8 @@ const MAX_COPIES: usize = 16;
 struct Copy {
     id: u64,
     generation: u64,
-    value: Arc<dyn Any + Send + Sync>,
+    /// The `Arc<T>` of a `Snapshot<T>`.
+    value: Box<dyn Any>,
 }
 
 thread_local! {
@@ -66,17 +67,34 @@ impl<T: Clone + Send + Sync + 'static> Snapshot<T> {
 
     /// The current value, from this thread's own copy.
     pub fn get(&self) -> Arc<T> {
+        self.read(Arc::clone)
+    }
+
+    /// `f` of the current value, read in this thread's own copy without taking a reference
+    /// to it: for a field or two, no reference count is touched at all.
+    pub fn with<R>(&self, f: impl FnOnce(&T) -> R) -> R {
+        self.read(|value| f(value))
+    }
+
+    /// `f` of this thread's copy of the current value (made first if need be).
+    fn read<R>(&self, f: impl FnOnce(&Arc<T>) -> R) -> R {
         let generation = self.generation.load(Ordering::Acquire);
-        let mine = COPIES.with(|copies| {
-            let copies = copies.try_borrow().ok()?;
-            let copy = copies
-                .iter()
-                .find(|c| c.id == self.id && c.generation == generation)?;
-            copy.value.clone().downcast::<T>().ok()
-        });
-        if let Some(mine) = mine {
-            return mine;
-        }
+        COPIES.with(|copies| {
+            if let Ok(copies) = copies.try_borrow() {
+                let mine = copies
+                    .iter()
+                    .find(|c| c.id == self.id && c.generation == generation)
+                    .and_then(|c| c.value.downcast_ref::<Arc<T>>());
+                if let Some(mine) = mine {
+                    return f(mine);
+                }
+            }
+            f(&self.copy(generation))
+        })
+    }
+
+    /// Copy the current value for this thread, tagged with `generation`.
+    fn copy(&self, generation: u64) -> Arc<T> {
         // Read after the generation was loaded: at least that generation's value. Tagged
         // with the generation loaded, so a newer value read here is copied again next time.
         let shared = self
@@ -96,7 +114,7 @@ impl<T: Clone + Send + Sync + 'static> Snapshot<T> {
             copies.push(Copy {
                 id: self.id,
                 generation,
-                value: mine.clone(),
+                value: Box::new(mine.clone()),
             });
         });
         mine

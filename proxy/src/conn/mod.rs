@@ -453,14 +453,21 @@ async fn one(
     mut timer: Pin<&mut Sleep>,
     ahead: Option<Vec<u8>>,
 ) -> Ended {
-    let settings = shared.settings();
+    // The three deadlines this request runs under, copied out of the settings in force.
+    let (header_timeout, keepalive, request_timeout) = shared.with_settings(|s| {
+        (
+            s.client_header_timeout,
+            s.client_keepalive_timeout,
+            s.request_timeout,
+        )
+    });
     let Carried {
         persistent,
         pipelined,
     } = carried;
     let progress = Arc::new(Progress::default());
     // The request line as sent, before pingora's parser escapes it; under the header deadline.
-    let header_deadline = started + settings.client_header_timeout;
+    let header_deadline = started + header_timeout;
     let stream = if pipelined {
         stream
     } else if let Some(line) = ahead.and_then(first_line) {
@@ -492,8 +499,7 @@ async fn one(
     match persistent {
         Some(p) => p.apply_to_session(&mut session),
         None => {
-            let keepalive =
-                (!*shutdown.borrow()).then_some(settings.client_keepalive_timeout.as_secs().max(1));
+            let keepalive = (!*shutdown.borrow()).then_some(keepalive.as_secs().max(1));
             session.set_keepalive(keepalive);
             // Bytes a client sends after its complete request (a pipelined next request) are
             // kept for the next request instead of failing this one: pingora would otherwise
@@ -523,13 +529,13 @@ async fn one(
         // Returning drops the request's future, which sends the stream back.
         return Ended::HeaderTimeout(reclaim);
     };
-    timer.as_mut().reset(header_read + settings.request_timeout);
+    timer.as_mut().reset(header_read + request_timeout);
     tokio::select! {
         biased;
         r = &mut exchange => ended(r),
         _ = timer.as_mut() => {
             shared.metrics.client_timeout(Deadline::Request);
-            log::warn!("request cut off after proxy.request_timeout ({:?})", settings.request_timeout);
+            log::warn!("request cut off after proxy.request_timeout ({request_timeout:?})");
             Ended::Closed
         }
     }
@@ -618,7 +624,7 @@ async fn arrived(conn: &Conn, stream: Stream) -> Option<(Stream, Instant)> {
     if !*conn.shutdown.borrow() {
         return Some((stream, started));
     }
-    let deadline = started + conn.shared.settings().client_header_timeout;
+    let deadline = started + conn.shared.with_settings(|s| s.client_header_timeout);
     // Boxed: its read buffer must not grow every idle connection's task.
     Box::pin(buffer_header(stream, deadline))
         .await
@@ -642,7 +648,8 @@ async fn busy(conn: &Conn, resume: Resume) -> Spell {
         }
     };
     // Armed at the first request's header deadline; every use resets it.
-    let timer = tokio::time::sleep_until(started + conn.shared.settings().client_header_timeout);
+    let timer =
+        tokio::time::sleep_until(started + conn.shared.with_settings(|s| s.client_header_timeout));
     tokio::pin!(timer);
     loop {
         // The connection's handles are lent, not cloned: a clone is a write to a reference
@@ -674,7 +681,7 @@ async fn busy(conn: &Conn, resume: Resume) -> Spell {
             started = Instant::now();
             continue;
         }
-        let idle = conn.shared.settings().client_keepalive_timeout;
+        let idle = conn.shared.with_settings(|s| s.client_keepalive_timeout);
         let first = idle.min(PARK_AFTER);
         let (waited, mut next, read) = wait_request(stream, timer.as_mut(), first).await;
         let Some(waited) = waited else {

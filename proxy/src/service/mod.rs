@@ -442,8 +442,9 @@ impl ProxyHttp for Sluice {
             let authentic = probe.as_bytes() == self.probe_secret.as_bytes();
             return self.admit_probe(session, ctx, authentic).await;
         }
-        let settings = self.settings(ctx);
-        let upload = match self.check(session, &settings).await? {
+        // Borrowed from the request's snapshot, not cloned (see `connected_to_upstream`).
+        let settings = ctx.settings.get_or_insert_with(|| self.shared.settings());
+        let upload = match self.check(session, settings).await? {
             Ok(upload) => upload,
             Err(invalid) => {
                 ctx.state = State::Invalid(invalid);
@@ -451,18 +452,17 @@ impl ProxyHttp for Sluice {
                 return Ok(true);
             }
         };
+        let (queue_timeout, hold, write_timeout) = (
+            settings.queue_timeout,
+            settings.timeout_hold,
+            settings.client_write_timeout,
+        );
         // The whole request has been received, so any readable event on the socket means the
         // client hung up (or broke protocol): stop waiting for it.
         let gone = session.as_downstream_mut().read_body_or_idle(true);
-        let deadline = Instant::now() + settings.queue_timeout;
-        let (admitted, queue_wait) = Exchange::admit(
-            &self.admission,
-            arrived,
-            deadline,
-            settings.timeout_hold,
-            gone,
-        )
-        .await;
+        let deadline = Instant::now() + queue_timeout;
+        let (admitted, queue_wait) =
+            Exchange::admit(&self.admission, arrived, deadline, hold, gone).await;
         let exchange = match admitted {
             Ok(exchange) => exchange,
             Err(why) => return self.not_admitted(session, ctx, why, queue_wait).await,
@@ -472,7 +472,7 @@ impl ProxyHttp for Sluice {
         // backend answers, even if the client leaves.
         let downstream = session.as_downstream_mut();
         downstream.set_abort_on_close(false);
-        downstream.set_write_timeout(Some(settings.client_write_timeout));
+        downstream.set_write_timeout(Some(write_timeout));
         Ok(false)
     }
 
@@ -496,8 +496,7 @@ impl ProxyHttp for Sluice {
         })?;
         // Refresh the snapshot now that the request is admitted: a reload while it waited may
         // have added the backend it was admitted to.
-        let settings = self.shared.settings();
-        ctx.settings = Some(settings.clone());
+        let settings = ctx.settings.insert(self.shared.settings());
         let up = settings.upstreams.get(backend.0).ok_or_else(|| {
             Error::explain(ErrorType::InternalError, "permit for an unknown backend")
         })?;
@@ -514,7 +513,7 @@ impl ProxyHttp for Sluice {
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let settings = self.settings(ctx);
+        let settings = ctx.settings.get_or_insert_with(|| self.shared.settings());
         let State::Admitted(Admitted { exchange, upload }) = &mut ctx.state else {
             return Ok(());
         };
@@ -649,8 +648,10 @@ impl ProxyHttp for Sluice {
         _digest: Option<&pingora::protocols::Digest>,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let settings = self.settings(ctx);
-        let State::Admitted(a) = &mut ctx.state else {
+        // Borrowed, not cloned: a clone writes a reference count another worker thread may
+        // hold (the request's task moves between them).
+        let RequestCtx { settings, state } = ctx;
+        let State::Admitted(a) = state else {
             return Ok(());
         };
         let backend = a.exchange.backend();
@@ -661,7 +662,8 @@ impl ProxyHttp for Sluice {
             .connected(reused, self.shared.upstream.dialed().claim(fd));
         // A connection rescued from pingora's pool race is new to pingora but not to the
         // backend: it counts as reused, so that `reused="false"` is what the backend accepted.
-        if let Some(up) = settings.upstreams.get(backend.0) {
+        // Taken by `upstream_peer`, which comes first.
+        if let Some(up) = settings.as_ref().and_then(|s| s.upstreams.get(backend.0)) {
             self.shared.metrics.backend_upstream_connection(
                 &up.metrics,
                 &up.name,
@@ -681,14 +683,18 @@ impl ProxyHttp for Sluice {
         // The slot first: the response has been delivered or the request is over, and the next
         // waiter should not wait for bookkeeping.
         let outcome = e.map_or(Outcome::Answered, classify);
-        let settings = self.settings(ctx);
         let mut limit = None;
-        match &mut ctx.state {
+        let RequestCtx { settings, state } = &mut *ctx;
+        match state {
             State::Admitted(a) => {
                 match a.exchange.finish(outcome) {
                     Finished::Released(now) => limit = now,
+                    // An admitted request took its settings first (dropped with its hold
+                    // otherwise, which cannot happen).
                     Finished::Held(held) => {
-                        self.hold(session, a.exchange.backend(), held, &settings)
+                        if let Some(settings) = settings.as_deref() {
+                            self.hold(session, a.exchange.backend(), held, settings)
+                        }
                     }
                     Finished::Nothing => {}
                 }
