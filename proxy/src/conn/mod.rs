@@ -407,8 +407,9 @@ async fn buffer_header(stream: Stream, deadline: Instant) -> Option<Stream> {
 
 /// How one request ended.
 enum Ended {
-    /// The connection stays open for the next request.
-    KeepAlive(ReusedHttpStream),
+    /// The connection stays open for the next request; the bytes the request took from the
+    /// stream, as the service saw them ([`Progress::consumed`]).
+    KeepAlive(ReusedHttpStream, Option<u64>),
     /// The connection is closed.
     Closed,
     /// The header deadline passed: the client stream comes back through this channel once the
@@ -430,8 +431,11 @@ impl Carried {
         pipelined: false,
     };
 
-    fn from(persistent: Option<HttpPersistentSettings>) -> Self {
-        let pipelined = crate::compat::has_pipelined_request(persistent.as_ref());
+    /// `whole`: the request took every byte read from the stream, so nothing is pipelined
+    /// behind it and pingora's settings need not be looked into (which costs more than the
+    /// rest of the connection loop's bookkeeping of a request).
+    fn from(persistent: Option<HttpPersistentSettings>, whole: bool) -> Self {
+        let pipelined = !whole && crate::compat::has_pipelined_request(persistent.as_ref());
         Carried {
             persistent,
             pipelined,
@@ -512,7 +516,9 @@ async fn one(
     }
     let exchange = progress::scope(progress.clone(), proxy.process_new_http(session, shutdown));
     tokio::pin!(exchange);
-    let ended = |r: Option<ReusedHttpStream>| r.map_or(Ended::Closed, Ended::KeepAlive);
+    let ended = |r: Option<ReusedHttpStream>| {
+        r.map_or(Ended::Closed, |r| Ended::KeepAlive(r, progress.consumed()))
+    };
     // One timer for both deadlines: the header's, then the whole request's.
     timer.as_mut().reset(header_deadline);
     tokio::select! {
@@ -664,8 +670,11 @@ async fn busy(conn: &Conn, resume: Resume) -> Spell {
             timer.as_mut(),
             ahead.take(),
         );
-        let (s, p) = match Box::pin(request).await {
-            Ended::KeepAlive(reused) => reused.consume(),
+        let (s, p, consumed) = match Box::pin(request).await {
+            Ended::KeepAlive(reused, consumed) => {
+                let (s, p) = reused.consume();
+                (s, p, consumed)
+            }
             Ended::Closed => return Spell::Closed,
             Ended::HeaderTimeout(mut reclaim) => {
                 if let Ok(stream) = reclaim.try_recv() {
@@ -675,8 +684,9 @@ async fn busy(conn: &Conn, resume: Resume) -> Spell {
                 return Spell::Closed;
             }
         };
-        stream = Reclaimable::unwrap(s);
-        carried = Carried::from(p);
+        let (s, read) = Reclaimable::unwrap(s);
+        stream = s;
+        carried = Carried::from(p, read.is_some() && read == consumed);
         if carried.pipelined {
             started = Instant::now();
             continue;

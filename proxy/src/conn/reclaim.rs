@@ -29,6 +29,8 @@ use tokio::sync::oneshot;
 pub struct Reclaimable {
     inner: Option<Stream>,
     back: Option<oneshot::Sender<Stream>>,
+    /// Bytes read through the wrapper.
+    read: u64,
 }
 
 /// The receiving end: the stream, if its request was dropped with it.
@@ -41,18 +43,23 @@ impl Reclaimable {
         let wrapped = Reclaimable {
             inner: Some(stream),
             back: Some(tx),
+            read: 0,
         };
         (Box::new(wrapped), rx)
     }
 
-    /// The stream inside a wrapped stream (or the stream itself if it is not wrapped).
-    pub fn unwrap(stream: Stream) -> Stream {
+    /// The stream inside a wrapped stream (or the stream itself if it is not wrapped), and
+    /// the bytes read through the wrapper (`None` if it was not wrapped).
+    pub fn unwrap(stream: Stream) -> (Stream, Option<u64>) {
         if !stream.as_any().is::<Reclaimable>() {
-            return stream;
+            return (stream, None);
         }
         match stream.into_any().downcast::<Reclaimable>() {
-            Ok(mut wrapped) => wrapped.inner.take().unwrap_or_else(closed),
-            Err(_) => closed(),
+            Ok(mut wrapped) => (
+                wrapped.inner.take().unwrap_or_else(closed),
+                Some(wrapped.read),
+            ),
+            Err(_) => (closed(), None),
         }
     }
 
@@ -69,6 +76,7 @@ fn closed() -> Stream {
     Box::new(Reclaimable {
         inner: None,
         back: None,
+        read: 0,
     })
 }
 
@@ -87,10 +95,13 @@ impl AsyncRead for Reclaimable {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        match self.io() {
+        let before = buf.filled().len();
+        let polled = match self.io() {
             Ok(s) => Pin::new(s).poll_read(cx, buf),
-            Err(e) => Poll::Ready(Err(e)),
-        }
+            Err(e) => return Poll::Ready(Err(e)),
+        };
+        self.read += buf.filled().len().saturating_sub(before) as u64;
+        polled
     }
 }
 

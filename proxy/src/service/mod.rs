@@ -131,6 +131,9 @@ impl Sluice {
             .as_downstream()
             .as_http1()
             .map(|h1| h1.get_headers_raw_bytes());
+        if let Some(raw) = &raw {
+            progress::header_bytes(raw.len());
+        }
         let req = session.req_header();
         let checked =
             progress::with_request_line(|line| request::check_request(req, raw.as_deref(), line))
@@ -156,6 +159,8 @@ impl Sluice {
                 http10,
                 content_length,
                 body,
+                // Known to the caller, which looked for the probe headers first.
+                no_probe_headers: false,
             }))
     }
 
@@ -438,14 +443,20 @@ impl ProxyHttp for Sluice {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let arrived = Instant::now();
-        if let Some(probe) = session.req_header().headers.get(PROBE_HEADER) {
-            let authentic = probe.as_bytes() == self.probe_secret.as_bytes();
-            return self.admit_probe(session, ctx, authentic).await;
+        let no_probe_headers = request::without_probe_headers(session.req_header());
+        if !no_probe_headers {
+            if let Some(probe) = session.req_header().headers.get(PROBE_HEADER) {
+                let authentic = probe.as_bytes() == self.probe_secret.as_bytes();
+                return self.admit_probe(session, ctx, authentic).await;
+            }
         }
         // Borrowed from the request's snapshot, not cloned (see `connected_to_upstream`).
         let settings = ctx.settings.get_or_insert_with(|| self.shared.settings());
         let upload = match self.check(session, settings).await? {
-            Ok(upload) => upload,
+            Ok(upload) => Upload {
+                no_probe_headers,
+                ..upload
+            },
             Err(invalid) => {
                 ctx.state = State::Invalid(invalid);
                 answers::invalid(session, invalid, settings.retry_after_secs).await?;
@@ -683,6 +694,9 @@ impl ProxyHttp for Sluice {
         // The slot first: the response has been delivered or the request is over, and the next
         // waiter should not wait for bookkeeping.
         let outcome = e.map_or(Outcome::Answered, classify);
+        if let Some(h1) = session.as_downstream().as_http1() {
+            progress::body_bytes(h1.body_bytes_read());
+        }
         let mut limit = None;
         let RequestCtx { settings, state } = &mut *ctx;
         match state {

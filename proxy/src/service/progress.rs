@@ -19,6 +19,10 @@ pub struct Progress {
     /// The request line exactly as the client sent it, when it could be read before pingora's
     /// parser (which percent-encodes illegal bytes in the target instead of refusing them).
     request_line: OnceLock<Vec<u8>>,
+    /// The bytes of the request's header, and of its body that pingora read (by the end of
+    /// the request): what the request took from the stream, if nothing else was read.
+    header_bytes: OnceLock<u64>,
+    body_bytes: OnceLock<u64>,
 }
 
 tokio::task_local! {
@@ -34,6 +38,12 @@ impl Progress {
     /// When the request header was complete, if it is.
     pub fn header_read_at(&self) -> Option<Instant> {
         self.header_read.get().copied()
+    }
+
+    /// The bytes the request took from the client stream as the service saw them (header and
+    /// body), once the request is over; `None` if the service did not see both.
+    pub fn consumed(&self) -> Option<u64> {
+        Some(self.header_bytes.get()? + self.body_bytes.get()?)
     }
 
     /// Completes once the request header is complete (at once if it already is).
@@ -69,4 +79,15 @@ pub fn with_request_line<T>(f: impl FnOnce(Option<&[u8]>) -> T) -> T {
         .as_deref()
         .and_then(|p| p.request_line.get())
         .map(Vec::as_slice))
+}
+
+/// Record the size of the current request's header as parsed (see [`Progress::consumed`]).
+pub fn header_bytes(n: usize) {
+    let _ = PROGRESS.try_with(|p| p.header_bytes.set(n as u64));
+}
+
+/// Record the bytes of the current request's body read by its end (see
+/// [`Progress::consumed`]).
+pub fn body_bytes(n: usize) {
+    let _ = PROGRESS.try_with(|p| p.body_bytes.set(n as u64));
 }

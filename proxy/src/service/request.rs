@@ -252,6 +252,18 @@ pub struct Upload {
     /// its length, the whole body when pingora's retry buffer holds only its tail, and its
     /// bytes in the buffered-body budget.
     pub body: Option<crate::service::body::Received>,
+    /// The request is known to carry neither of sluice's probe headers, so nothing is
+    /// removed on the way to the backend (they are looked for and removed otherwise).
+    pub no_probe_headers: bool,
+}
+
+/// Whether `req` carries neither of sluice's probe headers: one pass over its header names,
+/// cheaper than looking either up (a name sluice's parser does not know is hashed for a lookup).
+pub fn without_probe_headers(req: &RequestHeader) -> bool {
+    // Both names start with the probe header's.
+    !req.headers
+        .keys()
+        .any(|k| k.as_str().starts_with(PROBE_HEADER))
 }
 
 /// Turn the client's request into the one the backend gets: its `Host`, an origin-form target,
@@ -299,12 +311,9 @@ pub fn rewrite_upstream(
         }
         (None, _) => {}
     }
-    // Looked up first: removing is dearer (pingora also keeps the names' case), and a real
-    // request carries neither.
-    for probe in [PROBE_HEADER, PROBE_BACKEND_HEADER] {
-        if req.headers.contains_key(probe) {
-            req.remove_header(probe);
-        }
+    if !upload.no_probe_headers {
+        req.remove_header(PROBE_HEADER);
+        req.remove_header(PROBE_BACKEND_HEADER);
     }
     Ok(())
 }
@@ -329,6 +338,43 @@ mod tests {
             r.append_header(k.to_string(), *v).expect("header");
         }
         r
+    }
+
+    /// A client's own probe headers (forged: a real probe never goes upstream with them) never
+    /// reach the backend; a request without them is sent as it came.
+    #[test]
+    fn probe_headers_are_removed_on_the_way_to_the_backend() {
+        for forged in [
+            vec![("X-Sluice-Probe", "guess")],
+            vec![("x-sluice-probe-backend", "0")],
+            vec![
+                ("Accept", "*/*"),
+                ("X-SLUICE-PROBE", "a"),
+                ("X-Sluice-Probe-Backend", "1"),
+            ],
+        ] {
+            let mut r = req(&forged);
+            assert!(!without_probe_headers(&r), "{forged:?}");
+            let upload = Upload {
+                no_probe_headers: without_probe_headers(&r),
+                ..Upload::default()
+            };
+            rewrite_upstream(&mut r, None, &upload).expect("rewrite");
+            assert!(
+                !r.headers.contains_key(PROBE_HEADER)
+                    && !r.headers.contains_key(PROBE_BACKEND_HEADER),
+                "{forged:?} left {:?}",
+                r.headers
+            );
+        }
+        let mut plain = req(&[("Accept", "*/*"), ("X-Sluice-Probably", "no")]);
+        assert!(without_probe_headers(&plain));
+        let upload = Upload {
+            no_probe_headers: true,
+            ..Upload::default()
+        };
+        rewrite_upstream(&mut plain, None, &upload).expect("rewrite");
+        assert_eq!(plain.headers.len(), 2, "{:?}", plain.headers);
     }
 
     fn validate_parsed(
