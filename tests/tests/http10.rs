@@ -170,6 +170,39 @@ async fn backend_connections_are_reused_after_answers_with_a_length_only() {
     );
 }
 
+/// An HTTP/1.1 client that says `Connection: close` is answered with it, and its connection
+/// closes after the answer (sluice sets its own keep-alive timeout on every kept-alive
+/// connection; that must not keep this one open).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http11_connection_close_is_answered_with_close() {
+    let (emu, proxy) = emulator_and_proxy(
+        Duration::from_millis(1),
+        4,
+        100,
+        Duration::from_secs(10),
+        "",
+    )
+    .await;
+    let mut c = Conn::connect(proxy.addr()).await.expect("connect");
+    let r = exchange(
+        &mut c,
+        "GET /pay?txn=c-1 HTTP/1.1\r\nHost: pos\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert!(!r.keep_alive(), "answered with Connection: close");
+    assert!(
+        c.is_closed_by_peer_within(Duration::from_secs(2)).await,
+        "closed after the answer"
+    );
+    // Without it, the same request keeps the connection.
+    let mut k = Conn::connect(proxy.addr()).await.expect("connect");
+    let r = exchange(&mut k, "GET /pay?txn=k-1 HTTP/1.1\r\nHost: pos\r\n\r\n").await;
+    assert_eq!(r.status, 200);
+    assert!(r.keep_alive(), "kept alive by default");
+    assert_eq!(emu.seen().len(), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http10_request_without_host_reaches_the_backend_with_one() {
     // No `host` setting: the backend's address.

@@ -107,13 +107,53 @@ enum ReadAhead {
 /// How much more room each read ahead of pingora asks for.
 const READ_AHEAD_CHUNK: usize = 1024;
 
-/// Read a plain TCP connection's next bytes, by `deadline` (set on the connection's `timer`),
+/// A connection's one timer, serving each of its deadlines in turn (the wait for the next
+/// request, the header's, the request's; they never overlap). Moving the deadline later leaves
+/// the timer as it is: it fires at the earlier instant, finds the deadline moved, and is set
+/// again then. Setting a tokio timer registers it again with the runtime's timer wheel, under
+/// its lock; done for every deadline, that was three times per request. Under load a
+/// connection's timer is now set about once per [`PARK_AFTER`], whatever its request rate.
+struct SpellTimer<'a> {
+    timer: Pin<&'a mut Sleep>,
+    /// The deadline in force; the timer is set at it or earlier.
+    at: Instant,
+}
+
+impl<'a> SpellTimer<'a> {
+    /// A deadline at the instant `timer` is set for.
+    fn new(timer: Pin<&'a mut Sleep>) -> Self {
+        let at = timer.deadline();
+        SpellTimer { timer, at }
+    }
+
+    /// Move the deadline to `at` (earlier or later).
+    fn set(&mut self, at: Instant) {
+        self.at = at;
+        if at < self.timer.deadline() {
+            self.timer.as_mut().reset(at);
+        }
+    }
+
+    /// Completes once the deadline in force has passed.
+    async fn passed(&mut self) {
+        loop {
+            self.timer.as_mut().await;
+            if self.timer.deadline() >= self.at {
+                return;
+            }
+            let at = self.at;
+            self.timer.as_mut().reset(at);
+        }
+    }
+}
+
+/// Read a plain TCP connection's next bytes, by `at` (on the connection's `deadline`),
 /// until `done` holds for what was read or `max` bytes came, and put them back into the stream
 /// for pingora to parse as usual.
 async fn read_ahead(
     stream: Stream,
-    mut timer: Pin<&mut Sleep>,
-    deadline: Instant,
+    deadline: &mut SpellTimer<'_>,
+    at: Instant,
     max: usize,
     done: impl Fn(&[u8]) -> bool,
 ) -> ReadAhead {
@@ -128,7 +168,7 @@ async fn read_ahead(
         }
     };
     let mut buf = Vec::new();
-    timer.as_mut().reset(deadline);
+    deadline.set(at);
     let read = async {
         loop {
             if done(&buf) {
@@ -149,7 +189,7 @@ async fn read_ahead(
     let read = tokio::select! {
         biased;
         ended = read => Some(ended),
-        _ = timer => None,
+        _ = deadline.passed() => None,
     };
     let Some(ended) = read else {
         return ReadAhead::TimedOut(l4 as Stream);
@@ -182,8 +222,8 @@ fn first_line(mut bytes: Vec<u8>) -> Option<Vec<u8>> {
 
 /// Read a plain TCP connection's next request line (until its LF), by `deadline`, and put every
 /// byte read back into the stream, for pingora to parse as usual.
-async fn read_request_line(stream: Stream, timer: Pin<&mut Sleep>, deadline: Instant) -> LineRead {
-    match read_ahead(stream, timer, deadline, REQUEST_LINE_MAX, |b| {
+async fn read_request_line(stream: Stream, deadline: &mut SpellTimer<'_>, at: Instant) -> LineRead {
+    match read_ahead(stream, deadline, at, REQUEST_LINE_MAX, |b| {
         b.contains(&b'\n')
     })
     .await
@@ -322,7 +362,7 @@ async fn wait_readable(stream: &mut Stream, idle: Duration) -> Next {
 }
 
 /// Wait for a kept-alive connection's next request, for `idle` at most (on the connection's
-/// `timer`). On a plain TCP stream its first bytes are read ahead (and put back into the stream
+/// `deadline`). On a plain TCP stream its first bytes are read ahead (and put back into the stream
 /// for the request) rather than peeked: one system call per request instead of two. The read
 /// ahead ends as soon as anything came, so a timeout means nothing was read and the stream is
 /// whole. The bytes read come back too: they usually hold the whole request line, which then
@@ -330,11 +370,11 @@ async fn wait_readable(stream: &mut Stream, idle: Duration) -> Next {
 /// expected: its type is checked first).
 async fn wait_request(
     stream: Stream,
-    timer: Pin<&mut Sleep>,
+    deadline: &mut SpellTimer<'_>,
     idle: Duration,
 ) -> (Option<Stream>, Next, Option<Vec<u8>>) {
-    let deadline = Instant::now() + idle;
-    match read_ahead(stream, timer, deadline, READ_AHEAD_CHUNK, |b| !b.is_empty()).await {
+    let at = Instant::now() + idle;
+    match read_ahead(stream, deadline, at, READ_AHEAD_CHUNK, |b| !b.is_empty()).await {
         ReadAhead::Done(stream, ahead) => (Some(stream), Next::Request, Some(ahead)),
         ReadAhead::Full(stream) => (Some(stream), Next::Request, None),
         ReadAhead::Closed(stream) => (Some(stream), Next::Done, None),
@@ -391,7 +431,7 @@ async fn buffer_header(stream: Stream, deadline: Instant) -> Option<Stream> {
     tokio::pin!(timer);
     match read_ahead(
         stream,
-        timer,
+        &mut SpellTimer::new(timer),
         deadline,
         SHUTDOWN_HEADER_BYTES,
         header_complete,
@@ -443,7 +483,7 @@ impl Carried {
     }
 }
 
-/// One request, under its header and request deadlines (both on the connection's `timer`);
+/// One request, under its header and request deadlines (both on the connection's `deadline`);
 /// boxed by the caller so its state is gone once it returns. `started` is when the header
 /// deadline starts counting; `ahead`, the request's first bytes if the wait for it read them.
 #[allow(clippy::too_many_arguments)] // one request's whole context, passed once
@@ -454,7 +494,7 @@ async fn one(
     carried: Carried,
     started: Instant,
     shutdown: &ShutdownWatch,
-    mut timer: Pin<&mut Sleep>,
+    deadline: &mut SpellTimer<'_>,
     ahead: Option<Vec<u8>>,
 ) -> Ended {
     // The three deadlines this request runs under, copied out of the settings in force.
@@ -478,7 +518,7 @@ async fn one(
         progress.set_request_line(line);
         stream
     } else {
-        match read_request_line(stream, timer.as_mut(), header_deadline).await {
+        match read_request_line(stream, deadline, header_deadline).await {
             LineRead::Read(stream, line) => {
                 if let Some(line) = line {
                     progress.set_request_line(line);
@@ -520,12 +560,12 @@ async fn one(
         r.map_or(Ended::Closed, |r| Ended::KeepAlive(r, progress.consumed()))
     };
     // One timer for both deadlines: the header's, then the whole request's.
-    timer.as_mut().reset(header_deadline);
+    deadline.set(header_deadline);
     tokio::select! {
         biased;
         r = &mut exchange => return ended(r),
         _ = progress.header_done() => {}
-        _ = timer.as_mut() => {}
+        _ = deadline.passed() => {}
     }
     let Some(header_read) = progress.header_read_at() else {
         shared.metrics.client_timeout(Deadline::Header);
@@ -535,11 +575,11 @@ async fn one(
         // Returning drops the request's future, which sends the stream back.
         return Ended::HeaderTimeout(reclaim);
     };
-    timer.as_mut().reset(header_read + request_timeout);
+    deadline.set(header_read + request_timeout);
     tokio::select! {
         biased;
         r = &mut exchange => ended(r),
-        _ = timer.as_mut() => {
+        _ = deadline.passed() => {
             shared.metrics.client_timeout(Deadline::Request);
             log::warn!("request cut off after proxy.request_timeout ({request_timeout:?})");
             Ended::Closed
@@ -638,9 +678,8 @@ async fn arrived(conn: &Conn, stream: Stream) -> Option<(Stream, Instant)> {
 }
 
 /// A connection's busy spell: its requests, one after another, until it closes or idles past
-/// [`PARK_AFTER`]. One timer serves every deadline of the spell (the wait for the next request,
-/// the header's, the request's), reset for each: they never overlap, and a timer made per wait
-/// costs a registration with the runtime and a shared reference count each time.
+/// [`PARK_AFTER`]. One timer serves every deadline of the spell ([`SpellTimer`]): a timer made
+/// per wait costs a registration with the runtime and a shared reference count each time.
 async fn busy(conn: &Conn, resume: Resume) -> Spell {
     let mut ahead = None;
     let (mut stream, mut carried, mut started) = match resume {
@@ -653,10 +692,11 @@ async fn busy(conn: &Conn, resume: Resume) -> Spell {
             }
         }
     };
-    // Armed at the first request's header deadline; every use resets it.
+    // Armed at the first request's header deadline; every use moves it.
     let timer =
         tokio::time::sleep_until(started + conn.shared.with_settings(|s| s.client_header_timeout));
     tokio::pin!(timer);
+    let mut deadline = SpellTimer::new(timer);
     loop {
         // The connection's handles are lent, not cloned: a clone is a write to a reference
         // count every worker thread shares.
@@ -667,7 +707,7 @@ async fn busy(conn: &Conn, resume: Resume) -> Spell {
             carried,
             started,
             &conn.shutdown,
-            timer.as_mut(),
+            &mut deadline,
             ahead.take(),
         );
         let (s, p, consumed) = match Box::pin(request).await {
@@ -693,7 +733,7 @@ async fn busy(conn: &Conn, resume: Resume) -> Spell {
         }
         let idle = conn.shared.with_settings(|s| s.client_keepalive_timeout);
         let first = idle.min(PARK_AFTER);
-        let (waited, mut next, read) = wait_request(stream, timer.as_mut(), first).await;
+        let (waited, mut next, read) = wait_request(stream, &mut deadline, first).await;
         let Some(waited) = waited else {
             return Spell::Closed;
         };
@@ -812,6 +852,36 @@ pub fn handler(shared: Arc<Shared>) -> ProcessCustomSession<Sluice, ()> {
 mod tests {
     use super::*;
     use std::net::Ipv4Addr;
+
+    /// The spell's timer completes at the deadline in force, whether it was moved later
+    /// (the timer fires early, unseen, and is set again) or earlier.
+    #[tokio::test(start_paused = true)]
+    async fn the_spell_timer_passes_at_the_deadline_in_force() {
+        let t0 = Instant::now();
+        let timer = tokio::time::sleep_until(t0 + Duration::from_millis(100));
+        tokio::pin!(timer);
+        let mut deadline = SpellTimer::new(timer);
+        // Later: the timer stays set at 100 ms, the deadline is 1 s.
+        deadline.set(t0 + Duration::from_secs(1));
+        deadline.passed().await;
+        assert_eq!(Instant::now() - t0, Duration::from_secs(1));
+        // Earlier than the timer: set again at once.
+        let t1 = Instant::now();
+        deadline.set(t1 + Duration::from_secs(5));
+        deadline.set(t1 + Duration::from_millis(10));
+        deadline.passed().await;
+        assert_eq!(Instant::now() - t1, Duration::from_millis(10));
+        // Moved later several times before it fires: only the last one counts.
+        let t2 = Instant::now();
+        deadline.set(t2 + Duration::from_millis(50));
+        for ms in [60, 70, 300] {
+            deadline.set(t2 + Duration::from_millis(ms));
+        }
+        let early = tokio::time::timeout(Duration::from_millis(299), deadline.passed()).await;
+        assert!(early.is_err(), "not before the deadline in force");
+        deadline.passed().await;
+        assert_eq!(Instant::now() - t2, Duration::from_millis(300));
+    }
 
     #[test]
     fn refusals_answered_at_once_are_bounded() {

@@ -146,8 +146,14 @@ impl Sluice {
         // Idle time between requests on this connection (pingora carries it to the next
         // request on the same connection). An HTTP/1.0 client that did not ask for keep-alive
         // keeps pingora's default for it: close after the answer. Once shutdown started, this
-        // answer closes the connection too.
-        if request::client_wants_keepalive(req) && !session.is_process_shutting_down() {
+        // answer closes the connection too: pingora turned keep-alive off when it read the
+        // header (its shutdown notice), and its process-wide flag only follows once the
+        // listeners are closed, so both are looked at (a request in between was answered
+        // kept alive).
+        if request::client_wants_keepalive(req)
+            && session.as_downstream().get_keepalive().is_some()
+            && !session.is_process_shutting_down()
+        {
             session
                 .as_downstream_mut()
                 .set_keepalive(Some(settings.client_keepalive_secs));
