@@ -10,7 +10,9 @@
 //! Here each thread keeps its *own copy* of the current value (its own allocation, so its own
 //! reference count), tagged with the generation it was copied at. A read loads the generation
 //! (a plain load of a line nobody writes between reloads) and, when it matches, clones the
-//! thread's own `Arc`. A reload stores the new value and bumps the generation; each thread
+//! thread's own `Arc` ([`Snapshot::get`]) or only reads through it ([`Snapshot::with`]: no
+//! count is written at all, which matters when the clone would travel to another thread with
+//! a request's task). A reload stores the new value and bumps the generation; each thread
 //! copies the new value on its next read. A thread holds on to a superseded copy until its next
 //! read, so a value's `Drop` may run late (or at the thread's exit).
 
@@ -22,7 +24,7 @@ use std::sync::{Arc, RwLock};
 /// Each snapshot's identity, for the per-thread copies.
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
-/// At most this many copies are kept per thread (one per live snapshot; a process runs two,
+/// At most this many copies are kept per thread (one per live snapshot; a process runs three,
 /// tests create many one after another).
 const MAX_COPIES: usize = 16;
 
