@@ -104,8 +104,6 @@ fn learn(b: &Backend) -> Option<LatencyLimitConfig> {
 #[derive(Debug)]
 struct BackendHealth {
     name: String,
-    /// Bumped whenever the backend comes back into service (see [`Admission::generation`]).
-    generation: u64,
     health: Health,
     drained: bool,
     passive_failures: u32,
@@ -122,7 +120,6 @@ impl BackendHealth {
     fn new(name: String, rise: u32, fall: u32) -> Self {
         BackendHealth {
             name,
-            generation: 0,
             health: Health::new(rise, fall),
             drained: false,
             passive_failures: 0,
@@ -152,9 +149,9 @@ pub struct Admission {
     epoch: std::time::Instant,
     /// Times a queued waiter woke the timer.
     timer_wakes: std::sync::atomic::AtomicU64,
-    /// Each backend's connection generation (see [`Admission::generation`]), read by every
-    /// request without the backends lock; replaced under that lock when one changes. A backend
-    /// added since has generation 0.
+    /// Each backend's connection generation (see [`Admission::generation`]), bumped whenever
+    /// the backend comes back into service; read by every request without the backends lock,
+    /// replaced under that lock. A backend never bumped (or added since) has generation 0.
     generations: crate::snapshot::Snapshot<Vec<u64>>,
 }
 
@@ -525,13 +522,12 @@ impl Admission {
             return;
         }
         if state == BackendState::Up {
-            b.generation += 1;
             // Under the backends lock (`b` is borrowed from it): changes do not interleave.
-            let mut generations = Vec::clone(&self.generations.get());
+            let mut generations = self.generations.with(Vec::clone);
             if generations.len() <= backend.0 {
                 generations.resize(backend.0 + 1, 0);
             }
-            generations[backend.0] = b.generation;
+            generations[backend.0] += 1;
             self.generations.replace(generations);
         }
         self.change(|pool, now| pool.set_state(backend, state, now));
