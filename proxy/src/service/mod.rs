@@ -122,10 +122,12 @@ impl Sluice {
     /// Check a request before it may wait for a slot, and receive its body whole (see
     /// [`crate::service::body`]): a slow or stalled sender never holds the backend's capacity, and a
     /// body that cannot be parsed is refused before any of it reaches the backend.
+    /// `no_probe_headers`: the caller found none of sluice's probe headers on the request.
     async fn check(
         &self,
         session: &mut Session,
         settings: &Settings,
+        no_probe_headers: bool,
     ) -> Result<std::result::Result<Upload, Invalid>> {
         let raw = session
             .as_downstream()
@@ -165,8 +167,7 @@ impl Sluice {
                 http10,
                 content_length,
                 body,
-                // Known to the caller, which looked for the probe headers first.
-                no_probe_headers: false,
+                no_probe_headers,
             }))
     }
 
@@ -458,11 +459,8 @@ impl ProxyHttp for Sluice {
         }
         // Borrowed from the request's snapshot, not cloned (see `connected_to_upstream`).
         let settings = ctx.settings.get_or_insert_with(|| self.shared.settings());
-        let upload = match self.check(session, settings).await? {
-            Ok(upload) => Upload {
-                no_probe_headers,
-                ..upload
-            },
+        let upload = match self.check(session, settings, no_probe_headers).await? {
+            Ok(upload) => upload,
             Err(invalid) => {
                 ctx.state = State::Invalid(invalid);
                 answers::invalid(session, invalid, settings.retry_after_secs).await?;
