@@ -175,9 +175,4 @@ impl Shared {
     pub fn with_settings<R>(&self, f: impl FnOnce(&Settings) -> R) -> R {
         self.settings.with(f)
     }
-
-    /// The current access log.
-    pub fn access_log(&self) -> Arc<AccessLog> {
-        self.access_log.get()
-    }
 }

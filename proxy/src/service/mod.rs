@@ -376,8 +376,11 @@ impl Sluice {
             None => metrics.request(NO_BACKEND, disposition),
         }
         metrics.queue_wait(queue_wait.as_secs_f64());
-        let log = self.shared.access_log();
-        if log.enabled() {
+        // Read in this thread's handle, not cloned out of it.
+        self.shared.access_log.with(|log| {
+            if !log.enabled() {
+                return;
+            }
             let req = session.req_header();
             let path = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
             log.log(&access_log::Entry {
@@ -395,7 +398,7 @@ impl Sluice {
                 limit_why: limit.and_then(|l| l.why),
                 error: e,
             });
-        }
+        });
     }
 }
 
