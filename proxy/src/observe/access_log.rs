@@ -260,7 +260,7 @@ pub struct AccessLog {
 /// The batch buffers and the output they go to.
 struct Inner {
     /// One batch buffer per worker thread (threads past [`SHARDS`] share).
-    pending: [Mutex<Vec<u8>>; SHARDS],
+    pending: [Shard; SHARDS],
     out: Mutex<Out>,
     dropped: AtomicU64,
 }
@@ -286,6 +286,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Batch buffers per log: worker threads append to their own, so the request path touches no
 /// memory another worker thread writes.
 const SHARDS: usize = 8;
+
+/// One batch buffer, alone on its cache lines: unpadded, two buffers share a 64-byte line and
+/// the two worker threads would write the same line after all. 128 bytes: a line and the one
+/// prefetched with it.
+#[derive(Default)]
+#[repr(align(128))]
+struct Shard(Mutex<Vec<u8>>);
+
+// Neighbouring buffers never share a line.
+const _: () = assert!(std::mem::size_of::<Shard>() % 128 == 0);
 
 /// The next thread's batch buffer.
 static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
@@ -319,7 +329,7 @@ impl Inner {
         let mut out = lock(&self.out);
         let Out { sink, spare } = &mut *out;
         let mut wrote = false;
-        for pending in &self.pending {
+        for Shard(pending) in &self.pending {
             std::mem::swap(&mut *lock(pending), spare);
             if !spare.is_empty() {
                 let _ = sink.write_all(spare);
@@ -389,7 +399,7 @@ impl AccessLog {
     /// Log one request.
     pub fn log(&self, entry: &Entry<'_>) {
         let Some(inner) = &self.inner else { return };
-        let mut pending = lock(&inner.pending[shard()]);
+        let mut pending = lock(&inner.pending[shard()].0);
         let start = pending.len();
         entry.write_json(&mut pending);
         pending.push(b'\n');
