@@ -8,17 +8,18 @@
 //! (measured: ≈ 30 KiB per idle connection; HAProxy ≈ 1 KiB).
 //!
 //! So sluice takes the connection loop over through pingora's custom-session hook
-//! (`HttpServerOptions::force_custom` + `ProxyServiceBuilder::custom`): each request runs in a
-//! boxed future that is dropped as soon as the request is done, and between requests the
-//! connection waits in a small task of its own for one readable byte (peeked, not consumed),
-//! for at most the client keep-alive timeout. After a second of that, the connection gives
-//! pingora's stream up and waits on a bare duplicate of its socket ([`crate::compat::take_socket`]),
-//! so an idle terminal costs its task and a socket registration, not pingora's stream and
-//! buffers; the next request gets a new pingora stream on the same socket. The requests themselves go
-//! through pingora's `process_new_http`, exactly as in pingora's own loop (persistent
-//! keep-alive settings included). This serves HTTP/1 (plain or over TLS); sluice offers no h2.
-//! A TLS stream cannot be peeked, so a kept-alive TLS connection waits for its next request
-//! in pingora's header read instead (bounded by the keep-alive timeout), holding more memory.
+//! (`HttpServerOptions::force_custom` + `ProxyServiceBuilder::custom`): a connection's requests
+//! run in a boxed future (its busy spell) that is dropped once the connection has idled for
+//! `PARK_AFTER` (100 ms). Until then, between requests, the connection waits for one readable byte
+//! (peeked, not consumed). After that, it gives pingora's stream up and waits, for the rest of
+//! the client keep-alive timeout, on a bare duplicate of its socket
+//! ([`crate::compat::take_socket`]), so an idle terminal costs its task and a socket
+//! registration, not pingora's stream and buffers; the next request gets a new pingora stream
+//! on the same socket. The requests themselves go through pingora's `process_new_http`,
+//! exactly as in pingora's own loop (persistent keep-alive settings included). This serves
+//! HTTP/1 (plain or over TLS); sluice offers no h2. A TLS stream cannot be peeked, so a
+//! kept-alive TLS connection waits for its next request in pingora's header read instead
+//! (bounded by the keep-alive timeout), holding more memory.
 //!
 //! Owning the loop is also what makes three protections sound:
 //! - **Connection caps.** Every connection is counted from accept to close, in total and per
@@ -178,7 +179,7 @@ async fn read_ahead(
                 return Some(false);
             }
             // Straight into the vector: no chunk buffer in this future (it is part of every
-            // request's boxed future).
+            // busy spell's boxed future).
             buf.reserve(READ_AHEAD_CHUNK);
             match l4.read_buf(&mut buf).await {
                 Ok(0) | Err(_) => return None,
@@ -483,8 +484,9 @@ impl Carried {
     }
 }
 
-/// One request, under its header and request deadlines (both on the connection's `deadline`);
-/// boxed by the caller so its state is gone once it returns. `started` is when the header
+/// One request, under its header and request deadlines (both on the connection's `deadline`).
+/// Its state lives in the spell's own box ([`busy`]), not a box of its own: a box per request
+/// cost an allocation and a copy of this state each time. `started` is when the header
 /// deadline starts counting; `ahead`, the request's first bytes if the wait for it read them.
 #[allow(clippy::too_many_arguments)] // one request's whole context, passed once
 async fn one(
@@ -509,22 +511,15 @@ async fn one(
         persistent,
         pipelined,
     } = carried;
-    let progress = Arc::new(Progress::default());
     // The request line as sent, before pingora's parser escapes it; under the header deadline.
     let header_deadline = started + header_timeout;
-    let stream = if pipelined {
-        stream
+    let (stream, request_line) = if pipelined {
+        (stream, None)
     } else if let Some(line) = ahead.and_then(first_line) {
-        progress.set_request_line(line);
-        stream
+        (stream, Some(line))
     } else {
         match read_request_line(stream, deadline, header_deadline).await {
-            LineRead::Read(stream, line) => {
-                if let Some(line) = line {
-                    progress.set_request_line(line);
-                }
-                stream
-            }
+            LineRead::Read(stream, line) => (stream, line),
             LineRead::Lost => return Ended::Closed,
             LineRead::TimedOut(stream) => {
                 shared.metrics.client_timeout(Deadline::Header);
@@ -537,6 +532,7 @@ async fn one(
             }
         }
     };
+    let progress = Arc::new(Progress::new(request_line));
     // Lent to pingora for this request; handed back if the header deadline drops the request.
     let (stream, reclaim) = Reclaimable::wrap(stream);
     let mut session = ServerSession::new_http1(stream);
@@ -710,7 +706,7 @@ async fn busy(conn: &Conn, resume: Resume) -> Spell {
             &mut deadline,
             ahead.take(),
         );
-        let (s, p, consumed) = match Box::pin(request).await {
+        let (s, p, consumed) = match request.await {
             Ended::KeepAlive(reused, consumed) => {
                 let (s, p) = reused.consume();
                 (s, p, consumed)

@@ -5,12 +5,17 @@
 //! hooks find none and do nothing.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use tokio::time::Instant;
 
-/// Progress of one request.
-#[derive(Debug, Default)]
+/// A byte count not recorded yet.
+const UNSET: u64 = u64::MAX;
+
+/// Progress of one request. Written and read by one task (the connection's), so its counts
+/// need no ordering; they are atomics only because the task-local must be `Sync`.
+#[derive(Debug)]
 pub struct Progress {
     /// When the request header was complete.
     header_read: OnceLock<Instant>,
@@ -18,11 +23,12 @@ pub struct Progress {
     header_done: tokio::sync::Notify,
     /// The request line exactly as the client sent it, when it could be read before pingora's
     /// parser (which percent-encodes illegal bytes in the target instead of refusing them).
-    request_line: OnceLock<Vec<u8>>,
+    request_line: Option<Vec<u8>>,
     /// The bytes of the request's header, and of its body that pingora read (by the end of
     /// the request): what the request took from the stream, if nothing else was read.
-    header_bytes: OnceLock<u64>,
-    body_bytes: OnceLock<u64>,
+    /// [`UNSET`] until recorded.
+    header_bytes: AtomicU64,
+    body_bytes: AtomicU64,
 }
 
 tokio::task_local! {
@@ -30,9 +36,16 @@ tokio::task_local! {
 }
 
 impl Progress {
-    /// Keep the request line as the client sent it (up to and including its LF).
-    pub fn set_request_line(&self, line: Vec<u8>) {
-        let _ = self.request_line.set(line);
+    /// A request's progress, with its request line as the client sent it (up to and including
+    /// its LF) if it was read before pingora's parser.
+    pub fn new(request_line: Option<Vec<u8>>) -> Self {
+        Progress {
+            header_read: OnceLock::new(),
+            header_done: tokio::sync::Notify::new(),
+            request_line,
+            header_bytes: AtomicU64::new(UNSET),
+            body_bytes: AtomicU64::new(UNSET),
+        }
     }
 
     /// When the request header was complete, if it is.
@@ -43,7 +56,8 @@ impl Progress {
     /// The bytes the request took from the client stream as the service saw them (header and
     /// body), once the request is over; `None` if the service did not see both.
     pub fn consumed(&self) -> Option<u64> {
-        Some(self.header_bytes.get()? + self.body_bytes.get()?)
+        let recorded = |n: &AtomicU64| Some(n.load(Ordering::Relaxed)).filter(|&n| n != UNSET);
+        Some(recorded(&self.header_bytes)? + recorded(&self.body_bytes)?)
     }
 
     /// Completes once the request header is complete (at once if it already is).
@@ -73,21 +87,28 @@ pub fn header_read() {
 /// connection loop read it before pingora: a plain TCP connection's request that was not
 /// pipelined behind the previous one. `None` otherwise, and outside the connection loop.
 /// Lent to `f`, not copied.
-pub fn with_request_line<T>(f: impl FnOnce(Option<&[u8]>) -> T) -> T {
-    let progress = PROGRESS.try_with(Arc::clone).ok();
-    f(progress
-        .as_deref()
-        .and_then(|p| p.request_line.get())
-        .map(Vec::as_slice))
+pub fn with_request_line<T>(mut f: impl FnMut(Option<&[u8]>) -> T) -> T {
+    match PROGRESS.try_with(|p| f(p.request_line.as_deref())) {
+        Ok(t) => t,
+        Err(_) => f(None),
+    }
 }
 
 /// Record the size of the current request's header as parsed (see [`Progress::consumed`]).
 pub fn header_bytes(n: usize) {
-    let _ = PROGRESS.try_with(|p| p.header_bytes.set(n as u64));
+    let _ = PROGRESS.try_with(|p| record(&p.header_bytes, n));
 }
 
 /// Record the bytes of the current request's body read by its end (see
 /// [`Progress::consumed`]).
 pub fn body_bytes(n: usize) {
-    let _ = PROGRESS.try_with(|p| p.body_bytes.set(n as u64));
+    let _ = PROGRESS.try_with(|p| record(&p.body_bytes, n));
+}
+
+/// Record a count the first time only.
+fn record(count: &AtomicU64, n: usize) {
+    let n = u64::try_from(n).unwrap_or(UNSET - 1).min(UNSET - 1);
+    if count.load(Ordering::Relaxed) == UNSET {
+        count.store(n, Ordering::Relaxed);
+    }
 }
