@@ -74,10 +74,12 @@ pub struct Entry<'a> {
     pub path: &'a str,
     /// Status sent to the client (0: none, the client was gone).
     pub status: u16,
-    /// Time waiting for a backend slot, milliseconds.
-    pub queue_ms: f64,
-    /// Time at the backend, milliseconds (absent if never sent).
-    pub upstream_ms: Option<f64>,
+    /// Time waiting for a backend slot (written in milliseconds, to the microsecond).
+    #[serde(rename = "queue_ms", serialize_with = "as_millis")]
+    pub queue: Duration,
+    /// Time at the backend (written in milliseconds; absent if never sent).
+    #[serde(rename = "upstream_ms", serialize_with = "as_millis")]
+    pub upstream: Option<Duration>,
     /// Response body bytes sent to the client.
     pub bytes: usize,
     /// Backend name (absent if never admitted).
@@ -114,9 +116,9 @@ impl Entry<'_> {
         out.extend_from_slice(b",\"status\":");
         write_int(self.status, out);
         out.extend_from_slice(b",\"queue_ms\":");
-        write_f64(self.queue_ms, out);
+        write_millis(self.queue, out);
         out.extend_from_slice(b",\"upstream_ms\":");
-        write_or_null(self.upstream_ms, out, write_f64);
+        write_or_null(self.upstream, out, write_millis);
         out.extend_from_slice(b",\"bytes\":");
         write_int(self.bytes, out);
         out.extend_from_slice(b",\"backend\":");
@@ -142,6 +144,42 @@ impl Entry<'_> {
 /// A duration in milliseconds, to the microsecond (`0.748`, not `0.7481869999999999`).
 pub fn millis(d: Duration) -> f64 {
     d.as_micros() as f64 / 1000.0
+}
+
+/// A duration (or none) as the JSON number [`millis`] gives, through `serde`: the reference
+/// [`write_millis`] is held to.
+fn as_millis<S: serde::Serializer, D: Into<Option<Duration>> + Copy>(
+    d: &D,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match (*d).into() {
+        Some(d) => s.serialize_f64(millis(d)),
+        None => s.serialize_none(),
+    }
+}
+
+/// Above this many microseconds (31 years) a duration is written through `f64` formatting;
+/// below it, digit by digit, the same text.
+const MILLIS_BY_DIGITS: u128 = 1_000_000_000_000_000;
+
+/// A duration in milliseconds to the microsecond, as `serde_json` writes [`millis`] of it
+/// (`748.186`, `20.0`), without float formatting: the whole milliseconds, a point, and the
+/// microseconds with trailing zeros dropped (one digit at least).
+fn write_millis(d: Duration, out: &mut Vec<u8>) {
+    let micros = d.as_micros();
+    if micros >= MILLIS_BY_DIGITS {
+        return write_f64(millis(d), out);
+    }
+    write_int(micros / 1000, out);
+    let mut frac = (micros % 1000) as u16;
+    let mut digits = [b'0'; 3];
+    for d in digits.iter_mut().rev() {
+        *d = b'0' + (frac % 10) as u8;
+        frac /= 10;
+    }
+    let keep = digits.iter().rposition(|&d| d != b'0').map_or(1, |i| i + 1);
+    out.push(b'.');
+    out.extend_from_slice(&digits[..keep]);
 }
 
 /// Whether JSON needs `s` escaped (what `serde_json` escapes: quotes, backslashes and control
@@ -446,8 +484,8 @@ mod tests {
             method: "POST",
             path: "/pay?txn=1",
             status: 200,
-            queue_ms: 1.5,
-            upstream_ms: Some(20.0),
+            queue: Duration::from_micros(1_500),
+            upstream: Some(Duration::from_millis(20)),
             bytes: 6,
             backend: Some("iis-1"),
             outcome: "ok",
@@ -500,8 +538,8 @@ mod tests {
                             method: "GET",
                             path: &path,
                             status: 200,
-                            queue_ms: 0.0,
-                            upstream_ms: None,
+                            queue: Duration::ZERO,
+                            upstream: None,
                             bytes: 0,
                             backend: None,
                             outcome: "ok",
@@ -551,8 +589,8 @@ mod tests {
             method: "POST",
             path: "/pay?txn=1",
             status: 200,
-            queue_ms: millis(Duration::from_nanos(748_186_999)),
-            upstream_ms: Some(20.0),
+            queue: Duration::from_nanos(748_186_999),
+            upstream: Some(Duration::from_millis(20)),
             bytes: 6,
             backend: Some("iis-1"),
             outcome: "ok",
@@ -565,12 +603,12 @@ mod tests {
             Entry {
                 client: Some(&unix),
                 path: "/a\\b\u{1}\"c\"/é",
-                upstream_ms: None,
+                upstream: None,
                 backend: None,
                 limit: None,
                 limit_why: None,
                 error: Some(&error),
-                queue_ms: f64::NAN,
+                queue: Duration::MAX,
                 time: SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_001_999),
                 ..base
             },
@@ -594,6 +632,33 @@ mod tests {
             millis(Duration::from_nanos(748_186_999)).to_string(),
             "748.186"
         );
+    }
+
+    /// Durations written digit by digit read exactly as `serde_json` writes them as numbers:
+    /// every microsecond of the first two seconds, then a spread up to far past the cut-over
+    /// to float formatting.
+    #[test]
+    fn millis_by_digits_are_what_serde_json_writes() {
+        let spread = (0..200u32).map(|i| Duration::from_micros(7u64.pow(i % 20) * u64::from(i)));
+        let edges = [
+            MILLIS_BY_DIGITS - 1,
+            MILLIS_BY_DIGITS,
+            MILLIS_BY_DIGITS + 1,
+            u128::from(u64::MAX),
+        ]
+        .map(|m| Duration::from_micros(u64::try_from(m).unwrap_or(u64::MAX)));
+        let all = (0..2_000_000u64)
+            .map(Duration::from_micros)
+            .chain(spread)
+            .chain(edges)
+            .chain([Duration::MAX, Duration::from_nanos(1_999)]);
+        let mut line = Vec::new();
+        for d in all {
+            line.clear();
+            write_millis(d, &mut line);
+            let want = serde_json::to_string(&millis(d)).expect("serde_json");
+            assert_eq!(String::from_utf8_lossy(&line), want, "{d:?}");
+        }
     }
 
     #[test]
