@@ -539,7 +539,7 @@ async fn one(
     match persistent {
         Some(p) => p.apply_to_session(&mut session),
         None => {
-            let keepalive = (!*shutdown.borrow()).then_some(keepalive.as_secs().max(1));
+            let keepalive = (!shutting_down(shutdown)).then_some(keepalive.as_secs().max(1));
             session.set_keepalive(keepalive);
             // Bytes a client sends after its complete request (a pipelined next request) are
             // kept for the next request instead of failing this one: pingora would otherwise
@@ -555,12 +555,15 @@ async fn one(
     let ended = |r: Option<ReusedHttpStream>| {
         r.map_or(Ended::Closed, |r| Ended::KeepAlive(r, progress.consumed()))
     };
-    // One timer for both deadlines: the header's, then the whole request's.
+    // One timer for both deadlines: the header's, then the whole request's. The header's
+    // completion wakes nobody: the request deadline is taken from it when the header deadline
+    // passes, which a request done before then never reaches. (A request deadline that falls
+    // before the header deadline, with proxy.request_timeout shorter than
+    // proxy.client_header_timeout, is enforced at the header deadline.)
     deadline.set(header_deadline);
     tokio::select! {
         biased;
         r = &mut exchange => return ended(r),
-        _ = progress.header_done() => {}
         _ = deadline.passed() => {}
     }
     let Some(header_read) = progress.header_read_at() else {
@@ -587,9 +590,28 @@ async fn one(
 struct Conn {
     proxy: Arc<Proxy>,
     shared: Arc<Shared>,
+    /// Read through [`shutting_down`] (made by [`watch_shutdown`]).
     shutdown: ShutdownWatch,
     /// Holds the connection's place under the connection caps until it is dropped.
     _counted: Counted,
+}
+
+/// A connection's own receiver of the shutdown signal, for [`shutting_down`]: it has seen the
+/// value in force now, and is marked changed if that is already `true`.
+fn watch_shutdown(shutdown: &ShutdownWatch) -> ShutdownWatch {
+    let mut watch = shutdown.clone();
+    if *watch.borrow_and_update() {
+        watch.mark_changed();
+    }
+    watch
+}
+
+/// Whether shutdown has started, read on a receiver made by [`watch_shutdown`]. Unchanged, the
+/// receiver still holds `false`, so the value is read under the channel's lock only once it has
+/// changed: until then this is a load, not a write to the lock's count that every worker
+/// thread shares (twice per request).
+fn shutting_down(watch: &ShutdownWatch) -> bool {
+    !matches!(watch.has_changed(), Ok(false)) && *watch.borrow()
 }
 
 /// How a busy spell of a connection begins.
@@ -663,7 +685,7 @@ fn serve(conn: Conn, stream: Stream, accepted: Instant) -> impl Future<Output = 
 /// never completes), so the answer can say `Connection: close` before anything is admitted.
 async fn arrived(conn: &Conn, stream: Stream) -> Option<(Stream, Instant)> {
     let started = Instant::now();
-    if !*conn.shutdown.borrow() {
+    if !shutting_down(&conn.shutdown) {
         return Some((stream, started));
     }
     let deadline = started + conn.shared.with_settings(|s| s.client_header_timeout);
@@ -818,7 +840,7 @@ pub fn handler(shared: Arc<Shared>) -> ProcessCustomSession<Sluice, ()> {
                     let conn = Conn {
                         proxy,
                         shared: shared.clone(),
-                        shutdown: shutdown.clone(),
+                        shutdown: watch_shutdown(shutdown),
                         _counted: counted,
                     };
                     tokio::spawn(serve(conn, stream, accepted));
@@ -848,6 +870,32 @@ pub fn handler(shared: Arc<Shared>) -> ProcessCustomSession<Sluice, ()> {
 mod tests {
     use super::*;
     use std::net::Ipv4Addr;
+
+    /// A connection's shutdown receiver says `true` once shutdown started, whether the
+    /// connection came before the signal or after it, and whoever else read the channel.
+    #[test]
+    fn a_connection_sees_shutdown_whenever_it_came() {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let before = watch_shutdown(&rx);
+        assert!(!shutting_down(&before));
+        assert!(
+            !shutting_down(&before),
+            "reading does not change the answer"
+        );
+        tx.send(true).expect("send");
+        assert!(shutting_down(&before));
+        assert!(shutting_down(&before), "reading does not change the answer");
+        let after = watch_shutdown(&rx);
+        assert!(shutting_down(&after));
+        let mut seen = rx.clone();
+        assert!(*seen.borrow_and_update());
+        assert!(shutting_down(&watch_shutdown(&seen)));
+        drop(tx);
+        assert!(
+            shutting_down(&before),
+            "the sender gone, the last value stands"
+        );
+    }
 
     /// The spell's timer completes at the deadline in force, whether it was moved later
     /// (the timer fires early, unseen, and is set again) or earlier.

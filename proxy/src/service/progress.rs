@@ -17,10 +17,9 @@ const UNSET: u64 = u64::MAX;
 /// need no ordering; they are atomics only because the task-local must be `Sync`.
 #[derive(Debug)]
 pub struct Progress {
-    /// When the request header was complete.
+    /// When the request header was complete. Nobody is woken when it is: the connection loop
+    /// reads it when the header deadline passes.
     header_read: OnceLock<Instant>,
-    /// Woken when it is.
-    header_done: tokio::sync::Notify,
     /// The request line exactly as the client sent it, when it could be read before pingora's
     /// parser (which percent-encodes illegal bytes in the target instead of refusing them).
     request_line: Option<Vec<u8>>,
@@ -41,7 +40,6 @@ impl Progress {
     pub fn new(request_line: Option<Vec<u8>>) -> Self {
         Progress {
             header_read: OnceLock::new(),
-            header_done: tokio::sync::Notify::new(),
             request_line,
             header_bytes: AtomicU64::new(UNSET),
             body_bytes: AtomicU64::new(UNSET),
@@ -59,11 +57,6 @@ impl Progress {
         let recorded = |n: &AtomicU64| Some(n.load(Ordering::Relaxed)).filter(|&n| n != UNSET);
         Some(recorded(&self.header_bytes)? + recorded(&self.body_bytes)?)
     }
-
-    /// Completes once the request header is complete (at once if it already is).
-    pub async fn header_done(&self) {
-        self.header_done.notified().await
-    }
 }
 
 /// Run a request's future with its progress visible to the service's hooks.
@@ -75,12 +68,7 @@ pub fn scope<F: Future>(progress: Arc<Progress>, f: F) -> impl Future<Output = F
 /// request deadline starts. Called by the service once the header has been parsed; a no-op
 /// outside sluice's connection loop.
 pub fn header_read() {
-    let _ = PROGRESS.try_with(|p| {
-        if p.header_read.set(Instant::now()).is_ok() {
-            // A stored permit if nobody waits yet: the connection loop sees it either way.
-            p.header_done.notify_one();
-        }
-    });
+    let _ = PROGRESS.try_with(|p| p.header_read.set(Instant::now()));
 }
 
 /// The current request's line as the client sent it (up to and including its LF), if sluice's
