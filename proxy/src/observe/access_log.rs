@@ -166,10 +166,11 @@ const MILLIS_BY_DIGITS: u128 = 1_000_000_000_000_000;
 /// (`748.186`, `20.0`), without float formatting: the whole milliseconds, a point, and the
 /// microseconds with trailing zeros dropped (one digit at least).
 fn write_millis(d: Duration, out: &mut Vec<u8>) {
-    let micros = d.as_micros();
-    if micros >= MILLIS_BY_DIGITS {
-        return write_f64(millis(d), out);
-    }
+    // In 64 bits: a 128-bit division is a call, not an instruction.
+    let micros = match u64::try_from(d.as_micros()) {
+        Ok(m) if u128::from(m) < MILLIS_BY_DIGITS => m,
+        _ => return write_f64(millis(d), out),
+    };
     write_int(micros / 1000, out);
     let mut frac = (micros % 1000) as u16;
     let mut digits = [b'0'; 3];

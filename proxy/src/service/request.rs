@@ -69,6 +69,14 @@ fn raw_has_header(raw: &[u8], name: &[u8]) -> bool {
     })
 }
 
+/// The length of `uri` as written (its `Display` form), without writing it.
+fn uri_len(uri: &http::Uri) -> usize {
+    uri.scheme_str().map_or(0, |s| s.len() + "://".len())
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path().len()
+        + uri.query().map_or(0, |q| "?".len() + q.len())
+}
+
 /// Check a request's framing and size before it may wait for, or reach, a backend; returns its
 /// declared Content-Length, if any.
 ///
@@ -80,7 +88,7 @@ pub fn validate(
     raw: Option<&[u8]>,
     settings: &Settings,
 ) -> std::result::Result<Option<u64>, Invalid> {
-    let header_bytes: usize = req.uri.to_string().len()
+    let header_bytes: usize = uri_len(&req.uri)
         + req
             .headers
             .iter()
@@ -321,6 +329,23 @@ pub fn rewrite_upstream(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn uri_len_is_the_length_written() {
+        for u in [
+            "/",
+            "/pay?txn=1",
+            "/a%20b?x=%01&y",
+            "*",
+            "http://iis.example:8080/pay?txn=1",
+            "https://iis.example",
+            "iis.example:443",
+            "/?",
+        ] {
+            let uri: http::Uri = u.parse().expect("uri");
+            assert_eq!(uri_len(&uri), uri.to_string().len(), "{u}");
+        }
+    }
 
     /// The settings of a minimal config, with a 2,048-byte header and a 100-byte body limit.
     fn settings() -> Settings {
