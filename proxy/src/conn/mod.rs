@@ -556,23 +556,31 @@ async fn one(
         r.map_or(Ended::Closed, |r| Ended::KeepAlive(r, progress.consumed()))
     };
     // One timer for both deadlines: the header's, then the whole request's. The header's
-    // completion wakes nobody: the request deadline is taken from it when the header deadline
-    // passes, which a request done before then never reaches. (A request deadline that falls
-    // before the header deadline, with proxy.request_timeout shorter than
-    // proxy.client_header_timeout, is enforced at the header deadline.)
-    deadline.set(header_deadline);
-    tokio::select! {
-        biased;
-        r = &mut exchange => return ended(r),
-        _ = deadline.passed() => {}
-    }
-    let Some(header_read) = progress.header_read_at() else {
-        shared.metrics.client_timeout(Deadline::Header);
-        log::debug!(
-            "client cut off: no complete request header within proxy.client_header_timeout"
-        );
-        // Returning drops the request's future, which sends the stream back.
-        return Ended::HeaderTimeout(reclaim);
+    // completion wakes nobody: the timer is looked at when it fires. The request deadline
+    // (the complete header + proxy.request_timeout) is never before `started` +
+    // proxy.request_timeout, so the timer first fires at that or at the header deadline,
+    // whichever is first; a request done before then never wakes it.
+    let mut waiting_until = header_deadline.min(started + request_timeout);
+    deadline.set(waiting_until);
+    let header_read = loop {
+        tokio::select! {
+            biased;
+            r = &mut exchange => return ended(r),
+            _ = deadline.passed() => {}
+        }
+        if let Some(header_read) = progress.header_read_at() {
+            break header_read;
+        }
+        if waiting_until >= header_deadline {
+            shared.metrics.client_timeout(Deadline::Header);
+            log::debug!(
+                "client cut off: no complete request header within proxy.client_header_timeout"
+            );
+            // Returning drops the request's future, which sends the stream back.
+            return Ended::HeaderTimeout(reclaim);
+        }
+        waiting_until = header_deadline;
+        deadline.set(waiting_until);
     };
     deadline.set(header_read + request_timeout);
     tokio::select! {
