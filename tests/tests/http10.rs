@@ -18,6 +18,18 @@ use common::{emulator_and_proxy, start, NO_RAMP_NO_CHECKS};
 use sluice_tests::client::{Conn, Response};
 use sluice_tests::emulator::{Emulator, EmulatorConfig};
 
+/// A 1 ms emulator behind sluice with a cap of 4 and a queue of 100 (10 s), nothing else set.
+async fn fast_backend_and_proxy() -> (Emulator, sluice::run::RunningProxy) {
+    emulator_and_proxy(
+        Duration::from_millis(1),
+        4,
+        100,
+        Duration::from_secs(10),
+        "",
+    )
+    .await
+}
+
 /// The count of requests sluice counted as `bad_request`.
 fn bad_requests(proxy: &sluice::run::RunningProxy) -> u64 {
     let text = proxy.shared().metrics.render(proxy.admission());
@@ -56,14 +68,7 @@ fn assert_not_chunked(r: &Response, what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http10_clients_never_get_chunked_and_close_as_rfc9112_says() {
-    let (emu, proxy) = emulator_and_proxy(
-        Duration::from_millis(1),
-        4,
-        100,
-        Duration::from_secs(10),
-        "",
-    )
-    .await;
+    let (emu, proxy) = fast_backend_and_proxy().await;
     let addr = proxy.addr();
     for framing in ["chunked", "close"] {
         // Without keep-alive: the whole body, then the connection closes.
@@ -175,14 +180,7 @@ async fn backend_connections_are_reused_after_answers_with_a_length_only() {
 /// connection; that must not keep this one open).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http11_connection_close_is_answered_with_close() {
-    let (emu, proxy) = emulator_and_proxy(
-        Duration::from_millis(1),
-        4,
-        100,
-        Duration::from_secs(10),
-        "",
-    )
-    .await;
+    let (emu, proxy) = fast_backend_and_proxy().await;
     let mut c = Conn::connect(proxy.addr()).await.expect("connect");
     let r = exchange(
         &mut c,
@@ -206,14 +204,7 @@ async fn http11_connection_close_is_answered_with_close() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http10_request_without_host_reaches_the_backend_with_one() {
     // No `host` setting: the backend's address.
-    let (emu, proxy) = emulator_and_proxy(
-        Duration::from_millis(1),
-        4,
-        100,
-        Duration::from_secs(10),
-        "",
-    )
-    .await;
+    let (emu, proxy) = fast_backend_and_proxy().await;
     let mut c = Conn::connect(proxy.addr()).await.expect("connect");
     let r = exchange(&mut c, &get10("h-1", "length", false)).await;
     assert_eq!(r.status, 200);
@@ -245,14 +236,7 @@ async fn http10_request_without_host_reaches_the_backend_with_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_requests_get_400_and_never_reach_the_backend() {
-    let (emu, proxy) = emulator_and_proxy(
-        Duration::from_millis(1),
-        4,
-        100,
-        Duration::from_secs(10),
-        "",
-    )
-    .await;
+    let (emu, proxy) = fast_backend_and_proxy().await;
     let addr = proxy.addr();
     let cases: &[(&str, &[u8])] = &[
         (
@@ -323,14 +307,7 @@ async fn malformed_requests_get_400_and_never_reach_the_backend() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_identical_content_length_reaches_the_backend_once() {
-    let (emu, proxy) = emulator_and_proxy(
-        Duration::from_millis(1),
-        4,
-        100,
-        Duration::from_secs(10),
-        "",
-    )
-    .await;
+    let (emu, proxy) = fast_backend_and_proxy().await;
     let addr = proxy.addr();
     for (id, cl) in [
         ("cl-two", "Content-Length: 3\r\nContent-Length: 3\r\n"),

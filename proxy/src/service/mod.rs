@@ -515,14 +515,16 @@ impl ProxyHttp for Sluice {
         // Refresh the snapshot now that the request is admitted if a reload came while it
         // waited (it may have added the backend the request was admitted to). Checked without
         // taking a reference: every copy of a snapshot shares its config.
-        let current = ctx.settings.as_ref().is_some_and(|held| {
-            self.shared
-                .with_settings(|now| Arc::ptr_eq(&now.config, &held.config))
-        });
-        if !current {
-            ctx.settings = Some(self.shared.settings());
-        }
-        let settings = ctx.settings.get_or_insert_with(|| self.shared.settings());
+        let settings = match &mut ctx.settings {
+            Some(held)
+                if self
+                    .shared
+                    .with_settings(|now| Arc::ptr_eq(&now.config, &held.config)) =>
+            {
+                held
+            }
+            slot => slot.insert(self.shared.settings()),
+        };
         let up = settings.upstreams.get(backend.0).ok_or_else(|| {
             Error::explain(ErrorType::InternalError, "permit for an unknown backend")
         })?;

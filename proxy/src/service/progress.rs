@@ -18,7 +18,7 @@ const UNSET: u64 = u64::MAX;
 #[derive(Debug)]
 pub struct Progress {
     /// When the request header was complete. Nobody is woken when it is: the connection loop
-    /// reads it when the header deadline passes.
+    /// reads it when its timer fires (see `conn::one`).
     header_read: OnceLock<Instant>,
     /// The request line exactly as the client sent it, when it could be read before pingora's
     /// parser (which percent-encodes illegal bytes in the target instead of refusing them).
