@@ -79,9 +79,11 @@ http {{
     return p, f"127.0.0.1:{port}"
 
 
-def start_target(kind, work, backend, binary_dir, run, baseline_dir=None, prefix=(), ready_timeout=15.0):
+def start_target(kind, work, backend, binary_dir, run, baseline_dir=None, prefix=(), ready_timeout=15.0,
+                 sluice_extra=""):
     """Start one target on a free port; `prefix` goes before the command of a sluice or bare
-    pingora target (e.g. valgrind). Returns the process and the address it listens on."""
+    pingora target (e.g. valgrind), `sluice_extra` after a sluice target's config. Returns the
+    process and the address it listens on."""
     name = f"{kind}-r{run}"
     d = os.path.join(work, name)
     os.makedirs(d, exist_ok=True)
@@ -115,7 +117,7 @@ access = "off"
 check = "none"
 [slow_start]
 duration = "0s"
-""" if quiet else ""))
+""" if quiet else "") + sluice_extra)
         # The defaults' access log goes to stdout: written to a file, as an operator would.
         sluice = os.path.join(baseline_dir if kind == "sluice-baseline" else binary_dir, "sluice")
         p = start([*prefix, sluice, "run", "--config", conf], work, name,
