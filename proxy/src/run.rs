@@ -74,6 +74,15 @@ pub fn server_conf(cfg: &Config) -> ServerConf {
     // Connect failures are retried after waiting for a backend that is up again (see
     // `Sluice::fail_to_connect`); the request's queue deadline bounds them too.
     conf.max_retries = 5;
+    // pingora's I/O timeouts (the backend's read, write and pool idle timeouts, the client's
+    // write and keep-alive timeouts) run on tokio's timer, not pingora's "fast" timer, when
+    // they are longer than this: 0 s, so every timeout of a second or more (all of sluice's).
+    // pingora's timer reads the clock and checks its clock thread each time a timeout is made,
+    // about six times per proxied request, though most (a write that completes at once) never
+    // wait; a timeout that does wait (the backend's answer, an idle pooled connection) stays
+    // in a per-thread tree until its deadline passes, done or not. tokio's timer costs nothing
+    // until a timeout waits, and forgets it as soon as it is dropped.
+    conf.fast_timeout_to_tokio_threshold_seconds = Some(0);
     conf
 }
 
