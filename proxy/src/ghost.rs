@@ -51,6 +51,7 @@
 //! the TLS session, and their slots keep the fixed hold.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::net::SocketAddr;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -92,7 +93,7 @@ pub const CLOSING_WAIT: Duration = Duration::from_secs(1);
 #[derive(Debug, Default)]
 pub struct Conns {
     /// By pingora's descriptor: looked up when a request gets its connection.
-    by_fd: Mutex<HashMap<RawFd, Arc<Conn>>>,
+    by_fd: Mutex<HashMap<RawFd, Arc<Conn>, BuildHasherDefault<FdHasher>>>,
     /// Keep-alive connections whose late answer was read whole.
     parked: Mutex<Vec<Parked>>,
     /// The process is draining: nothing is parked any more.
@@ -123,9 +124,37 @@ struct Parked {
     rescued: bool,
 }
 
+/// Hashes a file descriptor by one multiplication (Fibonacci hashing, which spreads small
+/// integers over the high bits the map's probing uses). Descriptors are not chosen by
+/// clients, so SipHash's protection against chosen keys buys nothing here, and the map is
+/// looked up on every request.
+#[derive(Debug, Default, Clone, Copy)]
+struct FdHasher(u64);
+
+impl Hasher for FdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_i32(&mut self, n: i32) {
+        // The descriptor's bits, not its sign-extended value.
+        self.0 = u64::from(n as u32).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
 /// One dialed connection.
 #[derive(Debug)]
 struct Conn {
+    /// The process's connections, to close this one's spare when its last claim ends after
+    /// pingora dropped it (rare; a weak reference, so a claim writes no count shared with
+    /// every other request).
+    conns: std::sync::Weak<Conns>,
     fd: RawFd,
     addr: SocketAddr,
     /// Taken out of the park rather than dialed: for the request path it is a reused
@@ -167,10 +196,7 @@ impl Conns {
             st.used = true;
         }
         self.changed();
-        Some(Claim {
-            conn,
-            conns: self.clone(),
-        })
+        Some(Claim { conn })
     }
 
     /// Tell the waiting dials that connections changed. Nothing to do, and no shared memory
@@ -200,7 +226,7 @@ impl Conns {
 
     /// A request's claim on `conn` ended; once pingora has dropped the connection too, and no
     /// other request holds it, its spare is closed ([`Conns::close`]).
-    fn unclaim(self: &Arc<Self>, conn: &Conn) {
+    fn unclaim(conn: &Conn) {
         let spare = {
             let mut st = lock(&conn.state);
             st.claims = st.claims.saturating_sub(1);
@@ -211,7 +237,10 @@ impl Conns {
             }
         };
         if let Some(sock) = spare {
-            self.close(conn.addr, sock);
+            match conn.conns.upgrade() {
+                Some(conns) => conns.close(conn.addr, sock),
+                None => drop(sock), // the process is ending: just close
+            }
         }
     }
 
@@ -434,7 +463,6 @@ impl Conns {
 #[derive(Debug)]
 pub struct Claim {
     conn: Arc<Conn>,
-    conns: Arc<Conns>,
 }
 
 impl Claim {
@@ -456,7 +484,7 @@ impl Claim {
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        self.conns.unclaim(&self.conn);
+        Conns::unclaim(&self.conn);
     }
 }
 
@@ -570,6 +598,7 @@ impl L4Connect for Dialer {
         let tcp = tokio::net::TcpStream::from_std(sock)
             .or_err(ErrorType::SocketError, "cannot register the backend socket")?;
         let conn = Arc::new(Conn {
+            conns: Arc::downgrade(&self.conns),
             fd: tcp.as_raw_fd(),
             addr: *addr,
             recycled,
