@@ -288,7 +288,16 @@ impl Admission {
         deadline: Instant,
         requeue: bool,
     ) -> Result<Permit, Shed> {
-        let now = Instant::now();
+        self.acquire_from(Instant::now(), deadline, requeue).await
+    }
+
+    /// [`Admission::acquire_until`], for a caller that has just read the clock (`now`).
+    pub async fn acquire_from(
+        self: &Arc<Self>,
+        now: Instant,
+        deadline: Instant,
+        requeue: bool,
+    ) -> Result<Permit, Shed> {
         // The channel a grant comes through, made only if the request is queued.
         let mut rx = None;
         let (acquired, wake_timer) = {
@@ -374,7 +383,17 @@ impl Admission {
     /// request's last `sample` (as [`Admission::record_outcome`] would), under the same lock.
     /// Returns the backend's limit in force after the release (read under that lock too).
     fn release(&self, backend: BackendId, sample: Option<Sample>) -> Option<LimitNow> {
-        let now = Instant::now().into_std();
+        self.release_at(backend, sample, Instant::now())
+    }
+
+    /// [`Admission::release`] at `now`, read by the caller.
+    fn release_at(
+        &self,
+        backend: BackendId,
+        sample: Option<Sample>,
+        now: Instant,
+    ) -> Option<LimitNow> {
+        let now = now.into_std();
         let mut pool = self.pool();
         if let Some(sample) = sample {
             let grants = pool.record(backend, sample, now);
@@ -799,9 +818,18 @@ impl Permit {
 
     /// Record the request's last `sample` (see [`Admission::record_outcome`]) and release the
     /// slot, under one lock; say the backend's limit after it.
-    pub fn release_recording(mut self, sample: Option<Sample>) -> Option<LimitNow> {
+    pub fn release_recording(self, sample: Option<Sample>) -> Option<LimitNow> {
+        self.release_recording_at(sample, Instant::now())
+    }
+
+    /// [`Permit::release_recording`] at `now`, read by the caller.
+    pub fn release_recording_at(
+        mut self,
+        sample: Option<Sample>,
+        now: Instant,
+    ) -> Option<LimitNow> {
         self.released = true;
-        self.admission.release(self.backend, sample)
+        self.admission.release_at(self.backend, sample, now)
     }
 }
 

@@ -31,7 +31,7 @@
 //!   client trickling one byte at a time holds its connection for ever. Here the whole request
 //!   runs in a future raced against `proxy.client_header_timeout`, counted from the accept (first
 //!   request) or from the first byte (later requests). The service marks the moment the header
-//!   is complete ([`progress::header_read`], from `early_request_filter`, through a task-local); if the
+//!   is complete ([`progress::header_read`], at the start of `request_filter`, through a task-local); if the
 //!   deadline passes before that, the future is dropped and the connection closed. Nothing has
 //!   been admitted or sent upstream at that point, so dropping it is safe.
 //! - **Request deadline.** From the complete header, the exchange has `proxy.request_timeout`
@@ -55,6 +55,7 @@ use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
@@ -67,7 +68,7 @@ use prometheus::IntGauge;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{Instant, Sleep};
 
-use crate::conn::reclaim::{Reclaim, Reclaimable};
+use crate::conn::reclaim::Reclaimable;
 use crate::observe::metrics::{Deadline, Metrics, Refused};
 use crate::service::progress::{self, Progress};
 use crate::service::{answers, Sluice};
@@ -89,10 +90,11 @@ const REFUSE_MAX_PENDING: usize = 256;
 const REQUEST_LINE_MAX: usize = 16 * 1024;
 
 /// How reading ahead of pingora ended. Whatever was read is put back into the stream (except
-/// after a timeout, when the stream is only good for a last answer).
+/// after a timeout, when the stream is only good for a last answer), and left in the caller's
+/// buffer.
 enum ReadAhead {
-    /// What was read so far satisfied the caller's test; the bytes read.
-    Done(Stream, Vec<u8>),
+    /// What was read so far satisfied the caller's test.
+    Done(Stream),
     /// The limit was reached without that.
     Full(Stream),
     /// The client closed, or a read failed, first.
@@ -118,13 +120,22 @@ struct SpellTimer<'a> {
     timer: Pin<&'a mut Sleep>,
     /// The deadline in force; the timer is set at it or earlier.
     at: Instant,
+    /// The waker the timer was last polled with, while it stays set. The connection's task is
+    /// woken several times per request by its sockets; polling the timer each time would only
+    /// register the same waker with it again, so [`Passed`] asks the timer whether it fired
+    /// (a load) instead.
+    armed_for: Option<Waker>,
 }
 
 impl<'a> SpellTimer<'a> {
     /// A deadline at the instant `timer` is set for.
     fn new(timer: Pin<&'a mut Sleep>) -> Self {
         let at = timer.deadline();
-        SpellTimer { timer, at }
+        SpellTimer {
+            timer,
+            at,
+            armed_for: None,
+        }
     }
 
     /// Move the deadline to `at` (earlier or later).
@@ -132,27 +143,58 @@ impl<'a> SpellTimer<'a> {
         self.at = at;
         if at < self.timer.deadline() {
             self.timer.as_mut().reset(at);
+            self.armed_for = None;
         }
     }
 
     /// Completes once the deadline in force has passed.
-    async fn passed(&mut self) {
+    fn passed(&mut self) -> Passed<'_, 'a> {
+        Passed(self)
+    }
+}
+
+/// The future of [`SpellTimer::passed`].
+struct Passed<'t, 'a>(&'t mut SpellTimer<'a>);
+
+impl Future for Passed<'_, '_> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let t = &mut *self.get_mut().0;
         loop {
-            self.timer.as_mut().await;
-            if self.timer.deadline() >= self.at {
-                return;
+            // Set, polled with this task's waker already, and not fired: nothing has changed.
+            if t.armed_for
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()))
+                && !t.timer.is_elapsed()
+            {
+                return Poll::Pending;
             }
-            let at = self.at;
-            self.timer.as_mut().reset(at);
+            match t.timer.as_mut().poll(cx) {
+                Poll::Pending => {
+                    t.armed_for = Some(cx.waker().clone());
+                    return Poll::Pending;
+                }
+                Poll::Ready(()) => {
+                    t.armed_for = None;
+                    if t.timer.deadline() >= t.at {
+                        return Poll::Ready(());
+                    }
+                    let at = t.at;
+                    t.timer.as_mut().reset(at);
+                }
+            }
         }
     }
 }
 
-/// Read a plain TCP connection's next bytes, by `at` (on the connection's `deadline`),
-/// until `done` holds for what was read or `max` bytes came, and put them back into the stream
-/// for pingora to parse as usual.
+/// Read a plain TCP connection's next bytes into `buf` (emptied first; a busy spell reuses one
+/// buffer for all its requests), by `at` (on the connection's `deadline`), until `done` holds
+/// for what was read or `max` bytes came, and put them back into the stream for pingora to
+/// parse as usual.
 async fn read_ahead(
     stream: Stream,
+    buf: &mut Vec<u8>,
     deadline: &mut SpellTimer<'_>,
     at: Instant,
     max: usize,
@@ -168,11 +210,11 @@ async fn read_ahead(
             return ReadAhead::Lost;
         }
     };
-    let mut buf = Vec::new();
+    buf.clear();
     deadline.set(at);
     let read = async {
         loop {
-            if done(&buf) {
+            if done(buf) {
                 return Some(true);
             }
             if buf.len() >= max {
@@ -181,7 +223,7 @@ async fn read_ahead(
             // Straight into the vector: no chunk buffer in this future (it is part of every
             // busy spell's boxed future).
             buf.reserve(READ_AHEAD_CHUNK);
-            match l4.read_buf(&mut buf).await {
+            match l4.read_buf(&mut *buf).await {
                 Ok(0) | Err(_) => return None,
                 Ok(_) => {}
             }
@@ -195,9 +237,9 @@ async fn read_ahead(
     let Some(ended) = read else {
         return ReadAhead::TimedOut(l4 as Stream);
     };
-    l4.rewind(&buf);
+    l4.rewind(buf);
     match ended {
-        Some(true) => ReadAhead::Done(l4 as Stream, buf),
+        Some(true) => ReadAhead::Done(l4 as Stream),
         Some(false) => ReadAhead::Full(l4 as Stream),
         None => ReadAhead::Closed(l4 as Stream),
     }
@@ -205,9 +247,10 @@ async fn read_ahead(
 
 /// What reading a request line gave.
 enum LineRead {
-    /// The stream, with every byte read put back, and the line (`None` for a TLS stream, or
-    /// when the client closed or sent more than [`REQUEST_LINE_MAX`] bytes without a LF).
-    Read(Stream, Option<Vec<u8>>),
+    /// The stream, with every byte read put back, and whether the buffer holds the line (not
+    /// for a TLS stream, or when the client closed or sent more than [`REQUEST_LINE_MAX`] bytes
+    /// without a LF).
+    Read(Stream, bool),
     /// The header deadline passed first; the stream, to be answered `408`.
     TimedOut(Stream),
     /// The stream could not be recovered (not expected: its type is checked first).
@@ -215,23 +258,27 @@ enum LineRead {
 }
 
 /// The first line of `bytes` (up to and including its LF), if they hold one.
-fn first_line(mut bytes: Vec<u8>) -> Option<Vec<u8>> {
+fn first_line(bytes: &[u8]) -> Option<&[u8]> {
     let end = bytes.iter().position(|&c| c == b'\n')?;
-    bytes.truncate(end + 1);
-    Some(bytes)
+    Some(&bytes[..=end])
 }
 
-/// Read a plain TCP connection's next request line (until its LF), by `deadline`, and put every
-/// byte read back into the stream, for pingora to parse as usual.
-async fn read_request_line(stream: Stream, deadline: &mut SpellTimer<'_>, at: Instant) -> LineRead {
-    match read_ahead(stream, deadline, at, REQUEST_LINE_MAX, |b| {
+/// Read a plain TCP connection's next request line (until its LF) into `buf`, by `deadline`,
+/// and put every byte read back into the stream, for pingora to parse as usual.
+async fn read_request_line(
+    stream: Stream,
+    buf: &mut Vec<u8>,
+    deadline: &mut SpellTimer<'_>,
+    at: Instant,
+) -> LineRead {
+    match read_ahead(stream, buf, deadline, at, REQUEST_LINE_MAX, |b| {
         b.contains(&b'\n')
     })
     .await
     {
-        ReadAhead::Done(stream, buf) => LineRead::Read(stream, first_line(buf)),
+        ReadAhead::Done(stream) => LineRead::Read(stream, true),
         ReadAhead::Full(stream) | ReadAhead::Closed(stream) | ReadAhead::Unsupported(stream) => {
-            LineRead::Read(stream, None)
+            LineRead::Read(stream, false)
         }
         ReadAhead::TimedOut(stream) => LineRead::TimedOut(stream),
         ReadAhead::Lost => LineRead::Lost,
@@ -366,25 +413,30 @@ async fn wait_readable(stream: &mut Stream, idle: Duration) -> Next {
 /// `deadline`). On a plain TCP stream its first bytes are read ahead (and put back into the stream
 /// for the request) rather than peeked: one system call per request instead of two. The read
 /// ahead ends as soon as anything came, so a timeout means nothing was read and the stream is
-/// whole. The bytes read come back too: they usually hold the whole request line, which then
-/// need not be read again. The stream is `None` only if it could not be recovered (not
-/// expected: its type is checked first).
+/// whole. The bytes read stay in `buf`, and the last value says whether they did: they usually
+/// hold the whole request line, which then need not be read again. The stream is `None` only if
+/// it could not be recovered (not expected: its type is checked first).
 async fn wait_request(
     stream: Stream,
+    buf: &mut Vec<u8>,
     deadline: &mut SpellTimer<'_>,
     idle: Duration,
-) -> (Option<Stream>, Next, Option<Vec<u8>>) {
+) -> (Option<Stream>, Next, bool) {
     let at = Instant::now() + idle;
-    match read_ahead(stream, deadline, at, READ_AHEAD_CHUNK, |b| !b.is_empty()).await {
-        ReadAhead::Done(stream, ahead) => (Some(stream), Next::Request, Some(ahead)),
-        ReadAhead::Full(stream) => (Some(stream), Next::Request, None),
-        ReadAhead::Closed(stream) => (Some(stream), Next::Done, None),
-        ReadAhead::TimedOut(stream) => (Some(stream), Next::Idle, None),
+    match read_ahead(stream, buf, deadline, at, READ_AHEAD_CHUNK, |b| {
+        !b.is_empty()
+    })
+    .await
+    {
+        ReadAhead::Done(stream) => (Some(stream), Next::Request, true),
+        ReadAhead::Full(stream) => (Some(stream), Next::Request, false),
+        ReadAhead::Closed(stream) => (Some(stream), Next::Done, false),
+        ReadAhead::TimedOut(stream) => (Some(stream), Next::Idle, false),
         ReadAhead::Unsupported(mut stream) => {
             let next = wait_readable(&mut stream, idle).await;
-            (Some(stream), next, None)
+            (Some(stream), next, false)
         }
-        ReadAhead::Lost => (None, Next::Done, None),
+        ReadAhead::Lost => (None, Next::Done, false),
     }
 }
 
@@ -432,6 +484,7 @@ async fn buffer_header(stream: Stream, deadline: Instant) -> Option<Stream> {
     tokio::pin!(timer);
     match read_ahead(
         stream,
+        &mut Vec::new(),
         &mut SpellTimer::new(timer),
         deadline,
         SHUTDOWN_HEADER_BYTES,
@@ -439,7 +492,7 @@ async fn buffer_header(stream: Stream, deadline: Instant) -> Option<Stream> {
     )
     .await
     {
-        ReadAhead::Done(stream, _) | ReadAhead::Full(stream) | ReadAhead::Unsupported(stream) => {
+        ReadAhead::Done(stream) | ReadAhead::Full(stream) | ReadAhead::Unsupported(stream) => {
             Some(stream)
         }
         ReadAhead::Closed(_) | ReadAhead::TimedOut(_) | ReadAhead::Lost => None,
@@ -453,9 +506,18 @@ enum Ended {
     KeepAlive(ReusedHttpStream, Option<u64>),
     /// The connection is closed.
     Closed,
-    /// The header deadline passed: the client stream comes back through this channel once the
-    /// request's future is gone, to be answered `408` and closed.
-    HeaderTimeout(Reclaim),
+    /// The header deadline passed: the client stream, to be answered `408` and closed, if
+    /// the request's future never had it; otherwise the future, now dropped, handed it back to
+    /// the spell's progress record ([`Progress::take_back`]).
+    HeaderTimeout(Option<Stream>),
+}
+
+/// What a busy spell keeps from one request to the next, so that a request allocates neither:
+/// the buffer requests' first bytes are read ahead into, and the progress record, renewed for
+/// each request ([`Progress::renew`]). Both go with the spell's box when the connection parks.
+struct SpellState {
+    buf: Vec<u8>,
+    progress: Arc<Progress>,
 }
 
 /// The connection's state pingora carries from one request to the next, and whether it holds
@@ -487,7 +549,8 @@ impl Carried {
 /// One request, under its header and request deadlines (both on the connection's `deadline`).
 /// Its state lives in the spell's own box ([`busy`]), not a box of its own: a box per request
 /// cost an allocation and a copy of this state each time. `started` is when the header
-/// deadline starts counting; `ahead`, the request's first bytes if the wait for it read them.
+/// deadline starts counting; `ahead`, whether the wait for the request read its first bytes
+/// (into the spell's buffer).
 #[allow(clippy::too_many_arguments)] // one request's whole context, passed once
 async fn one(
     proxy: &Arc<Proxy>,
@@ -497,7 +560,8 @@ async fn one(
     started: Instant,
     shutdown: &ShutdownWatch,
     deadline: &mut SpellTimer<'_>,
-    ahead: Option<Vec<u8>>,
+    spell: &mut SpellState,
+    ahead: bool,
 ) -> Ended {
     // The three deadlines this request runs under, copied out of the settings in force.
     let (header_timeout, keepalive, request_timeout) = shared.with_settings(|s| {
@@ -513,12 +577,12 @@ async fn one(
     } = carried;
     // The request line as sent, before pingora's parser escapes it; under the header deadline.
     let header_deadline = started + header_timeout;
-    let (stream, request_line) = if pipelined {
-        (stream, None)
-    } else if let Some(line) = ahead.and_then(first_line) {
-        (stream, Some(line))
+    let (stream, has_line) = if pipelined {
+        (stream, false)
+    } else if ahead && first_line(&spell.buf).is_some() {
+        (stream, true)
     } else {
-        match read_request_line(stream, deadline, header_deadline).await {
+        match read_request_line(stream, &mut spell.buf, deadline, header_deadline).await {
             LineRead::Read(stream, line) => (stream, line),
             LineRead::Lost => return Ended::Closed,
             LineRead::TimedOut(stream) => {
@@ -526,15 +590,24 @@ async fn one(
                 log::debug!(
                     "client cut off: no complete request line within proxy.client_header_timeout"
                 );
-                let (back, reclaim) = tokio::sync::oneshot::channel();
-                let _ = back.send(stream);
-                return Ended::HeaderTimeout(reclaim);
+                return Ended::HeaderTimeout(Some(stream));
             }
         }
     };
-    let progress = Arc::new(Progress::new(request_line));
+    let line = if has_line {
+        first_line(&spell.buf)
+    } else {
+        None
+    };
+    // The spell's record, renewed; a new one only if the last request's were still referenced
+    // (not expected: its future and stream wrapper are gone).
+    match Arc::get_mut(&mut spell.progress) {
+        Some(progress) => progress.renew(line),
+        None => spell.progress = Arc::new(Progress::new(line)),
+    }
+    let progress = &spell.progress;
     // Lent to pingora for this request; handed back if the header deadline drops the request.
-    let (stream, reclaim) = Reclaimable::wrap(stream);
+    let stream = Reclaimable::wrap(stream, progress.clone());
     let mut session = ServerSession::new_http1(stream);
     match persistent {
         Some(p) => p.apply_to_session(&mut session),
@@ -576,8 +649,8 @@ async fn one(
             log::debug!(
                 "client cut off: no complete request header within proxy.client_header_timeout"
             );
-            // Returning drops the request's future, which sends the stream back.
-            return Ended::HeaderTimeout(reclaim);
+            // Returning drops the request's future, which hands the stream back.
+            return Ended::HeaderTimeout(None);
         }
         waiting_until = header_deadline;
         deadline.set(waiting_until);
@@ -707,7 +780,11 @@ async fn arrived(conn: &Conn, stream: Stream) -> Option<(Stream, Instant)> {
 /// [`PARK_AFTER`]. One timer serves every deadline of the spell ([`SpellTimer`]): a timer made
 /// per wait costs a registration with the runtime and a shared reference count each time.
 async fn busy(conn: &Conn, resume: Resume) -> Spell {
-    let mut ahead = None;
+    let mut spell = SpellState {
+        buf: Vec::new(),
+        progress: Arc::new(Progress::default()),
+    };
+    let mut ahead = false;
     let (mut stream, mut carried, mut started) = match resume {
         Resume::Accepted(stream, accepted) => (stream, Carried::FRESH, accepted),
         Resume::Unparked(Parked { sock }) => {
@@ -734,7 +811,8 @@ async fn busy(conn: &Conn, resume: Resume) -> Spell {
             started,
             &conn.shutdown,
             &mut deadline,
-            ahead.take(),
+            &mut spell,
+            std::mem::take(&mut ahead),
         );
         let (s, p, consumed) = match request.await {
             Ended::KeepAlive(reused, consumed) => {
@@ -742,8 +820,8 @@ async fn busy(conn: &Conn, resume: Resume) -> Spell {
                 (s, p, consumed)
             }
             Ended::Closed => return Spell::Closed,
-            Ended::HeaderTimeout(mut reclaim) => {
-                if let Ok(stream) = reclaim.try_recv() {
+            Ended::HeaderTimeout(stream) => {
+                if let Some(stream) = stream.or_else(|| spell.progress.take_back()) {
                     // Boxed: its write must not grow every connection's spell.
                     Box::pin(answer_and_close(stream, answers::HEADER_TIMEOUT.as_bytes())).await;
                 }
@@ -759,7 +837,8 @@ async fn busy(conn: &Conn, resume: Resume) -> Spell {
         }
         let idle = conn.shared.with_settings(|s| s.client_keepalive_timeout);
         let first = idle.min(PARK_AFTER);
-        let (waited, mut next, read) = wait_request(stream, &mut deadline, first).await;
+        let (waited, mut next, read) =
+            wait_request(stream, &mut spell.buf, &mut deadline, first).await;
         let Some(waited) = waited else {
             return Spell::Closed;
         };
@@ -878,6 +957,48 @@ pub fn handler(shared: Arc<Shared>) -> ProcessCustomSession<Sluice, ()> {
 mod tests {
     use super::*;
     use std::net::Ipv4Addr;
+
+    /// The spell timer completes at the deadline in force, moved later or earlier, however
+    /// often its task is woken by something else meanwhile (each wake asks the timer whether
+    /// it fired instead of polling it).
+    #[tokio::test(start_paused = true)]
+    async fn the_spell_timer_passes_at_its_deadline_whatever_wakes_the_task() {
+        let start = Instant::now();
+        let timer = tokio::time::sleep_until(start + Duration::from_secs(10));
+        tokio::pin!(timer);
+        let mut deadline = SpellTimer::new(timer);
+        let mut wakes = 0u32;
+        // Later than the timer is set for: it fires at 10 s, and is set again for 20 s.
+        deadline.set(start + Duration::from_secs(20));
+        let ticks = async {
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                wakes += 1;
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = ticks => unreachable!("the ticks never end"),
+            _ = deadline.passed() => {}
+        }
+        assert_eq!(start.elapsed(), Duration::from_secs(20));
+        assert!(wakes >= 190, "the task was woken {wakes} times");
+        // Earlier: set again at once.
+        let now = Instant::now();
+        deadline.set(now + Duration::from_secs(30));
+        deadline.set(now + Duration::from_secs(1));
+        let ticks = async {
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = ticks => unreachable!("the ticks never end"),
+            _ = deadline.passed() => {}
+        }
+        assert_eq!(now.elapsed(), Duration::from_secs(1));
+    }
 
     /// A connection's shutdown receiver says `true` once shutdown started, whether the
     /// connection came before the signal or after it, and whoever else read the channel.

@@ -3,8 +3,10 @@
 //! sluice hands each request's client stream to pingora, which owns it inside the request's
 //! future. When the header deadline passes, that future is dropped, and with it the stream:
 //! the client would see a bare close. [`Reclaimable`] wraps the stream for the duration of one
-//! request; if the wrapper is dropped while it still holds the stream, the stream is sent back
-//! to the connection loop through a oneshot channel, which can then answer `408` before closing.
+//! request; if the wrapper is dropped while it still holds the stream, the stream is handed back
+//! to the connection loop through the request's [`Progress`] record (which the loop keeps for
+//! the whole spell, so this costs no allocation per request), and the loop can then answer
+//! `408` before closing.
 //! When the request ends normally, the loop unwraps the stream with [`Reclaimable::unwrap`], so
 //! wrappers never nest.
 //!
@@ -22,30 +24,28 @@ use pingora::protocols::{
     UniqueIDType,
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::oneshot;
 
-/// A stream lent to one request; returned through a channel if dropped while holding it.
+use crate::service::progress::Progress;
+
+/// A stream lent to one request; handed back to the request's [`Progress`] if dropped while
+/// holding it ([`Progress::take_back`] gets it).
 #[derive(Debug)]
 pub struct Reclaimable {
     inner: Option<Stream>,
-    back: Option<oneshot::Sender<Stream>>,
+    back: Option<Arc<Progress>>,
     /// Bytes read through the wrapper.
     read: u64,
 }
 
-/// The receiving end: the stream, if its request was dropped with it.
-pub type Reclaim = oneshot::Receiver<Stream>;
-
 impl Reclaimable {
-    /// Wrap `stream` for one request.
-    pub fn wrap(stream: Stream) -> (Stream, Reclaim) {
-        let (tx, rx) = oneshot::channel();
-        let wrapped = Reclaimable {
+    /// Wrap `stream` for one request, whose progress record takes it back if the request is
+    /// dropped holding it.
+    pub fn wrap(stream: Stream, back: Arc<Progress>) -> Stream {
+        Box::new(Reclaimable {
             inner: Some(stream),
-            back: Some(tx),
+            back: Some(back),
             read: 0,
-        };
-        (Box::new(wrapped), rx)
+        })
     }
 
     /// The stream inside a wrapped stream (or the stream itself if it is not wrapped), and
@@ -83,8 +83,8 @@ fn closed() -> Stream {
 impl Drop for Reclaimable {
     fn drop(&mut self) {
         if let (Some(inner), Some(back)) = (self.inner.take(), self.back.take()) {
-            // The connection loop may have stopped listening: then the stream just closes.
-            let _ = back.send(inner);
+            // The connection loop takes it, or drops it (closing it) with the record.
+            back.give_back(inner);
         }
     }
 }

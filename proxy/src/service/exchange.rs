@@ -201,14 +201,14 @@ impl Exchange {
     /// the backend.
     pub async fn admit<G: Future>(
         admission: &Arc<Admission>,
-        arrived: Instant,
+        (arrived, now): (Instant, Instant),
         deadline: Instant,
         hold: Duration,
         gone: G,
     ) -> (Result<Exchange, NotAdmitted>, Duration) {
         tokio::pin!(gone);
         let acquired = {
-            let acquire = admission.acquire_until(deadline, false);
+            let acquire = admission.acquire_from(now, deadline, false);
             tokio::pin!(acquire);
             tokio::select! {
                 biased;
@@ -216,7 +216,12 @@ impl Exchange {
                 _ = &mut gone => return (Err(NotAdmitted::ClientGone), arrived.elapsed()),
             }
         };
-        let queue_wait = arrived.elapsed();
+        // Admitted at once, the request waited from its arrival until `now`, the clock read
+        // the admission used.
+        let queue_wait = match &acquired {
+            Ok(permit) if !permit.was_queued() => now.saturating_duration_since(arrived),
+            _ => arrived.elapsed(),
+        };
         let permit = match acquired {
             Ok(permit) => permit,
             Err(shed) => return (Err(NotAdmitted::Shed(shed)), queue_wait),
@@ -289,7 +294,12 @@ impl Exchange {
 
     /// How long since the request was sent to the backend, if it was.
     pub fn upstream_elapsed(&self) -> Option<Duration> {
-        self.sent.map(|t| t.elapsed())
+        self.upstream_elapsed_at(Instant::now())
+    }
+
+    /// How long from the request's sending to `now`, if it was sent.
+    pub fn upstream_elapsed_at(&self, now: Instant) -> Option<Duration> {
+        self.sent.map(|t| now.saturating_duration_since(t))
     }
 
     /// Why the request was refused after a refused connect, if it was.
@@ -373,6 +383,11 @@ impl Exchange {
     /// The request is over: feed the backend's health and learned limit, then release the slot
     /// or, when the backend is most likely still working on it, keep it taken.
     pub fn finish(&mut self, outcome: Outcome) -> Finished {
+        self.finish_at(outcome, Instant::now())
+    }
+
+    /// [`Exchange::finish`] at `now`, read by the caller.
+    pub fn finish_at(&mut self, outcome: Outcome, now: Instant) -> Finished {
         // The last sample goes with the release, under the same lock; recorded alone when the
         // slot is not released now.
         let last = if self.probe {
@@ -409,7 +424,7 @@ impl Exchange {
         // The connection is no longer this request's before its slot goes to the next one,
         // whose dial must see it as idle (see `ghost`).
         self.conn = None;
-        Finished::Released(permit.release_recording(last))
+        Finished::Released(permit.release_recording_at(last, now))
     }
 
     /// The health and limit samples of a request that ended with `outcome`: all recorded but
@@ -486,10 +501,11 @@ mod tests {
     const QUEUE: Duration = Duration::from_secs(10);
 
     async fn admitted(a: &Arc<Admission>) -> Exchange {
+        let now = Instant::now();
         let (ex, _) = Exchange::admit(
             a,
-            Instant::now(),
-            Instant::now() + QUEUE,
+            (now, now),
+            now + QUEUE,
             HOLD,
             std::future::pending::<()>(),
         )
@@ -508,7 +524,8 @@ mod tests {
     {
         let a = a.clone();
         tokio::spawn(async move {
-            Exchange::admit(&a, Instant::now(), Instant::now() + QUEUE, HOLD, gone)
+            let now = Instant::now();
+            Exchange::admit(&a, (now, now), now + QUEUE, HOLD, gone)
                 .await
                 .0
         })

@@ -349,6 +349,7 @@ impl Sluice {
         e: Option<&Error>,
         outcome: Outcome,
         limit: Option<crate::admission::LimitNow>,
+        now: Instant,
     ) {
         let status = final_response(session).map_or(0, |h| h.status.as_u16());
         let disposition = disposition(&ctx.state, outcome, status);
@@ -365,7 +366,7 @@ impl Sluice {
             .and_then(|(x, s)| s.upstreams.get(x.backend().0));
         let backend = up.map(|u| u.name.as_str());
         let metrics = &self.shared.metrics;
-        let upstream = exchange.and_then(Exchange::upstream_elapsed);
+        let upstream = exchange.and_then(|x| x.upstream_elapsed_at(now));
         match up {
             Some(u) => {
                 metrics.backend_request(&u.metrics, &u.name, disposition);
@@ -441,18 +442,12 @@ impl ProxyHttp for Sluice {
         RequestCtx::default()
     }
 
-    async fn early_request_filter(
-        &self,
-        _session: &mut Session,
-        _ctx: &mut RequestCtx,
-    ) -> Result<()> {
-        // The header is complete: its deadline is met, the request deadline starts.
-        progress::header_read();
-        Ok(())
-    }
-
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let arrived = Instant::now();
+        // The header is complete: its deadline is met, the request deadline starts. (pingora
+        // does no I/O between reading the header and this hook: only `early_request_filter`
+        // and its modules' header filters run in between.)
+        progress::header_read(arrived);
         let no_probe_headers = request::without_probe_headers(session.req_header());
         if !no_probe_headers {
             if let Some(probe) = session.req_header().headers.get(PROBE_HEADER) {
@@ -477,10 +472,17 @@ impl ProxyHttp for Sluice {
         );
         // The whole request has been received, so any readable event on the socket means the
         // client hung up (or broke protocol): stop waiting for it.
+        // The queue deadline counts from the request's arrival, or from the end of its body
+        // (the clock read again only then).
+        let now = if upload.body.is_some() {
+            Instant::now()
+        } else {
+            arrived
+        };
         let gone = session.as_downstream_mut().read_body_or_idle(true);
-        let deadline = Instant::now() + queue_timeout;
+        let deadline = now + queue_timeout;
         let (admitted, queue_wait) =
-            Exchange::admit(&self.admission, arrived, deadline, hold, gone).await;
+            Exchange::admit(&self.admission, (arrived, now), deadline, hold, gone).await;
         let exchange = match admitted {
             Ok(exchange) => exchange,
             Err(why) => return self.not_admitted(session, ctx, why, queue_wait).await,
@@ -711,6 +713,8 @@ impl ProxyHttp for Sluice {
         // The slot first: the response has been delivered or the request is over, and the next
         // waiter should not wait for bookkeeping.
         let outcome = e.map_or(Outcome::Answered, classify);
+        // One clock read for the release, the latency sample and the log line.
+        let now = Instant::now();
         if let Some(h1) = session.as_downstream().as_http1() {
             progress::body_bytes(h1.body_bytes_read());
         }
@@ -718,7 +722,7 @@ impl ProxyHttp for Sluice {
         let RequestCtx { settings, state } = &mut *ctx;
         match state {
             State::Admitted(a) => {
-                match a.exchange.finish(outcome) {
+                match a.exchange.finish_at(outcome, now) {
                     Finished::Released(now) => limit = now,
                     // An admitted request took its settings first (dropped with its hold
                     // otherwise, which cannot happen).
@@ -736,7 +740,7 @@ impl ProxyHttp for Sluice {
             State::ProbeBusy => return,
             _ => {}
         }
-        self.observe(session, ctx, e, outcome, limit);
+        self.observe(session, ctx, e, outcome, limit, now);
     }
 }
 
