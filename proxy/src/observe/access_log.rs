@@ -258,6 +258,27 @@ thread_local! {
     static SECOND: RefCell<(u64, [u8; 19])> = const { RefCell::new((u64::MAX, [0; 19])) };
 }
 
+thread_local! {
+    /// A wall-clock reading and the monotonic instant it was taken at (see [`wall_clock`]).
+    static ANCHOR: std::cell::Cell<Option<(std::time::Instant, SystemTime)>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// The wall-clock time at the monotonic instant `now` (read by the caller for its own use):
+/// the wall clock is read once a second per thread, not once per line. A wall-clock step
+/// (NTP, an operator) shows in the log within a second.
+pub fn wall_clock(now: tokio::time::Instant) -> SystemTime {
+    let now = now.into_std();
+    ANCHOR.with(|anchor| match anchor.get() {
+        Some((at, wall)) if now >= at && now - at < Duration::from_secs(1) => wall + (now - at),
+        _ => {
+            let wall = SystemTime::now();
+            anchor.set(Some((now, wall)));
+            wall
+        }
+    })
+}
+
 /// `t` in RFC 3339 with milliseconds, as `humantime` writes it, without the quotes.
 fn write_time(t: SystemTime, out: &mut Vec<u8>) {
     let written = t
@@ -471,6 +492,26 @@ fn writer(log: Weak<Inner>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The wall clock derived from a monotonic reading stays within a few milliseconds of the
+    /// wall clock read around it, across a re-reading of the wall clock.
+    #[test]
+    fn wall_clock_follows_the_wall_clock() {
+        let start = std::time::Instant::now();
+        let mut readings = 0;
+        // Bounded: past one second (a re-reading) or 50 million readings, whichever is first.
+        while start.elapsed() < Duration::from_millis(1100) && readings < 50_000_000 {
+            let before = SystemTime::now();
+            let derived = wall_clock(tokio::time::Instant::now());
+            let after = SystemTime::now();
+            let slack = Duration::from_millis(5);
+            assert!(
+                derived + slack >= before && derived <= after + slack,
+                "{derived:?}"
+            );
+            readings += 1;
+        }
+    }
 
     #[test]
     fn writes_json_lines_to_a_file() {

@@ -385,7 +385,7 @@ impl Sluice {
             let req = session.req_header();
             let path = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
             log.log(&access_log::Entry {
-                time: std::time::SystemTime::now(),
+                time: access_log::wall_clock(now),
                 client: session.client_addr(),
                 method: req.method.as_str(),
                 path,
