@@ -332,7 +332,7 @@ impl Admission {
             self.timer.notify_one();
         }
         let mut waiting = Waiting {
-            admission: self.clone(),
+            admission: self,
             ticket,
             rx,
         };
@@ -740,14 +740,15 @@ fn hand_over(pool: &mut Pool, grants: Vec<Grant<oneshot::Sender<BackendId>>>) {
     }
 }
 
-/// A place in the queue. Dropping it leaves the queue.
-struct Waiting {
-    admission: Arc<Admission>,
+/// A place in the queue. Dropping it leaves the queue. The admission is borrowed: a waiter
+/// lives inside its own call of [`Admission::acquire_from`].
+struct Waiting<'a> {
+    admission: &'a Admission,
     ticket: Ticket,
     rx: Option<oneshot::Receiver<BackendId>>,
 }
 
-impl Waiting {
+impl Waiting<'_> {
     /// Leave the queue. Returns the backend if a slot was granted before we could leave; the
     /// caller then owns that slot.
     fn leave(&mut self) -> Option<BackendId> {
@@ -761,7 +762,7 @@ impl Waiting {
     }
 }
 
-impl Drop for Waiting {
+impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         if let Some(backend) = self.leave() {
             let _ = self.admission.release(backend, None);

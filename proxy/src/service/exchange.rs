@@ -172,7 +172,6 @@ pub struct Held {
 /// One admitted request (or health probe) and its backend slot.
 #[derive(Debug)]
 pub struct Exchange {
-    admission: Arc<Admission>,
     slot: Slot,
     backend: BackendId,
     probe: bool,
@@ -236,7 +235,7 @@ impl Exchange {
                 return (Err(NotAdmitted::ClientGone), queue_wait);
             }
         }
-        let mut exchange = Exchange::new(admission.clone(), permit, false, deadline, hold);
+        let mut exchange = Exchange::new(permit, false, deadline, hold);
         exchange.queue_wait = queue_wait;
         (Ok(exchange), queue_wait)
     }
@@ -246,24 +245,11 @@ impl Exchange {
     pub fn probe(admission: &Arc<Admission>, backend: BackendId) -> Option<Exchange> {
         let permit = admission.acquire_probe(backend)?;
         let now = Instant::now();
-        Some(Exchange::new(
-            admission.clone(),
-            permit,
-            true,
-            now,
-            Duration::ZERO,
-        ))
+        Some(Exchange::new(permit, true, now, Duration::ZERO))
     }
 
-    fn new(
-        admission: Arc<Admission>,
-        permit: Permit,
-        probe: bool,
-        deadline: Instant,
-        hold: Duration,
-    ) -> Exchange {
+    fn new(permit: Permit, probe: bool, deadline: Instant, hold: Duration) -> Exchange {
         Exchange {
-            admission,
             backend: permit.backend(),
             slot: Slot::Held(permit),
             probe,
@@ -312,13 +298,13 @@ impl Exchange {
 
     /// The backend to send the request to: the slot's, after waiting for a new one (ahead of
     /// the queue, within the original deadline) if the last connect was refused.
-    pub async fn readmit(&mut self) -> Result<BackendId, Shed> {
+    pub async fn readmit(&mut self, admission: &Arc<Admission>) -> Result<BackendId, Shed> {
         match self.slot {
             Slot::Held(_) => return Ok(self.backend),
             Slot::Shed(shed) => return Err(shed),
             Slot::GivenBack | Slot::Finished => {}
         }
-        match self.admission.acquire_until(self.deadline, true).await {
+        match admission.acquire_until(self.deadline, true).await {
             Ok(permit) => {
                 self.backend = permit.backend();
                 self.slot = Slot::Held(permit);
@@ -334,12 +320,12 @@ impl Exchange {
     /// The backend did not take the connection (`why`, for the health log). Nothing reached
     /// it: the slot goes back at once. Returns whether to try again: the request then waits
     /// for a slot again ([`Exchange::readmit`]) while its deadline allows.
-    pub fn connect_refused(&mut self, why: &'static str) -> bool {
+    pub fn connect_refused(&mut self, admission: &Admission, why: &'static str) -> bool {
         if self.probe {
             return false;
         }
-        self.admission.record_outcome(self.backend, Sample::Lost);
-        self.admission.observe_passive(self.backend, Some(why));
+        admission.record_outcome(self.backend, Sample::Lost);
+        admission.observe_passive(self.backend, Some(why));
         if self.deadline <= Instant::now() {
             return false;
         }
@@ -382,22 +368,22 @@ impl Exchange {
 
     /// The request is over: feed the backend's health and learned limit, then release the slot
     /// or, when the backend is most likely still working on it, keep it taken.
-    pub fn finish(&mut self, outcome: Outcome) -> Finished {
-        self.finish_at(outcome, Instant::now())
+    pub fn finish(&mut self, admission: &Admission, outcome: Outcome) -> Finished {
+        self.finish_at(admission, outcome, Instant::now())
     }
 
     /// [`Exchange::finish`] at `now`, read by the caller.
-    pub fn finish_at(&mut self, outcome: Outcome, now: Instant) -> Finished {
+    pub fn finish_at(&mut self, admission: &Admission, outcome: Outcome, now: Instant) -> Finished {
         // The last sample goes with the release, under the same lock; recorded alone when the
         // slot is not released now.
         let last = if self.probe {
             None
         } else {
-            self.record(outcome)
+            self.record(admission, outcome)
         };
         let record_alone = |x: &Self| {
             if let Some(sample) = last {
-                x.admission.record_outcome(x.backend, sample);
+                admission.record_outcome(x.backend, sample);
             }
         };
         let permit = match std::mem::replace(&mut self.slot, Slot::Finished) {
@@ -429,8 +415,8 @@ impl Exchange {
 
     /// The health and limit samples of a request that ended with `outcome`: all recorded but
     /// the last, which is returned (for the caller to record with the release).
-    fn record(&self, outcome: Outcome) -> Option<Sample> {
-        let (admission, backend) = (&self.admission, self.backend);
+    fn record(&self, admission: &Admission, outcome: Outcome) -> Option<Sample> {
+        let backend = self.backend;
         let answered = self.answer.map(|answer| {
             admission.observe_passive(backend, None);
             if answer.status >= 500 {
@@ -540,12 +526,15 @@ mod tests {
         ex.sent();
         ex.answered(200);
         assert!(matches!(
-            ex.finish(Outcome::Answered),
+            ex.finish(&a, Outcome::Answered),
             Finished::Released(_)
         ));
         assert_eq!(inflight(&a), 0);
         // Finishing twice releases nothing more.
-        assert!(matches!(ex.finish(Outcome::Answered), Finished::Nothing));
+        assert!(matches!(
+            ex.finish(&a, Outcome::Answered),
+            Finished::Nothing
+        ));
         assert_eq!(inflight(&a), 0);
     }
 
@@ -554,7 +543,7 @@ mod tests {
         let a = Admission::new(&[1], 4);
         let mut ex = admitted(&a).await;
         ex.sent();
-        let held = match ex.finish(Outcome::UpstreamTimeout { reading: true }) {
+        let held = match ex.finish(&a, Outcome::UpstreamTimeout { reading: true }) {
             Finished::Held(held) => held,
             other => panic!("expected a hold, got {other:?}"),
         };
@@ -570,7 +559,7 @@ mod tests {
         for outcome in [Outcome::Cut, Outcome::ClientGone, Outcome::BadAnswer] {
             let mut ex = admitted(&a).await;
             ex.sent();
-            assert!(matches!(ex.finish(outcome), Finished::Released(_)));
+            assert!(matches!(ex.finish(&a, outcome), Finished::Released(_)));
             assert_eq!(inflight(&a), 0, "{outcome:?}");
         }
     }
@@ -591,11 +580,11 @@ mod tests {
         tokio::task::yield_now().await;
         assert_eq!(a.snapshot().queued, 2);
         // The connect is refused: the slot goes to the first waiter at once.
-        assert!(ex.connect_refused("connection refused"));
+        assert!(ex.connect_refused(&a, "connection refused"));
         let first = first.await.expect("join").expect("first admitted");
         assert_eq!(inflight(&a), 1);
         // The refused request waits again, ahead of the second waiter.
-        let mut readmit = Box::pin(ex.readmit());
+        let mut readmit = Box::pin(ex.readmit(&a));
         assert!(futures_poll(&mut readmit).is_none());
         drop(first);
         let backend = readmit.await.expect("readmitted");
@@ -603,7 +592,7 @@ mod tests {
         assert_eq!(a.snapshot().queued, 1, "the second waiter still waits");
         assert!(!second.is_finished());
         assert!(matches!(
-            ex.finish(Outcome::Answered),
+            ex.finish(&a, Outcome::Answered),
             Finished::Released(_)
         ));
         assert_eq!(second.await.expect("join"), Ok(BackendId(0)));
@@ -614,14 +603,14 @@ mod tests {
         let a = Admission::new(&[1], 4);
         let mut ex = admitted(&a).await;
         tokio::time::sleep(QUEUE + Duration::from_secs(1)).await;
-        assert!(!ex.connect_refused("connection refused"));
+        assert!(!ex.connect_refused(&a, "connection refused"));
         assert_eq!(
             inflight(&a),
             1,
             "the slot stays with the request until it ends"
         );
         assert!(matches!(
-            ex.finish(Outcome::ConnectFailed { timed_out: false }),
+            ex.finish(&a, Outcome::ConnectFailed { timed_out: false }),
             Finished::Released(_)
         ));
         assert_eq!(inflight(&a), 0);
@@ -641,7 +630,7 @@ mod tests {
         // A probe that timed out is not held: the checker's request is not a payment.
         probe.sent();
         assert!(matches!(
-            probe.finish(Outcome::UpstreamTimeout { reading: true }),
+            probe.finish(&a, Outcome::UpstreamTimeout { reading: true }),
             Finished::Released(_)
         ));
         let admitted = waiter.await.expect("join").map(|ex| ex.backend());

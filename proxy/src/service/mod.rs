@@ -508,12 +508,16 @@ impl ProxyHttp for Sluice {
             ));
         };
         // After a refused connect, nothing reached the backend: wait for a slot again.
-        let backend = admitted.exchange.readmit().await.map_err(|_| {
-            Error::explain(
-                ErrorType::HTTPStatus(503),
-                "no backend could take the request before its deadline",
-            )
-        })?;
+        let backend = admitted
+            .exchange
+            .readmit(&self.admission)
+            .await
+            .map_err(|_| {
+                Error::explain(
+                    ErrorType::HTTPStatus(503),
+                    "no backend could take the request before its deadline",
+                )
+            })?;
         // Refresh the snapshot now that the request is admitted if a reload came while it
         // waited (it may have added the backend the request was admitted to). Checked without
         // taking a reference: every copy of a snapshot shares its config.
@@ -609,7 +613,9 @@ impl ProxyHttp for Sluice {
         mut e: Box<Error>,
     ) -> Box<Error> {
         if let State::Admitted(a) = &mut ctx.state {
-            if a.exchange.connect_refused(failure_text(e.etype())) {
+            if a.exchange
+                .connect_refused(&self.admission, failure_text(e.etype()))
+            {
                 e.set_retry(true);
             }
         }
@@ -722,7 +728,7 @@ impl ProxyHttp for Sluice {
         let RequestCtx { settings, state } = &mut *ctx;
         match state {
             State::Admitted(a) => {
-                match a.exchange.finish_at(outcome, now) {
+                match a.exchange.finish_at(&self.admission, outcome, now) {
                     Finished::Released(now) => limit = now,
                     // An admitted request took its settings first (dropped with its hold
                     // otherwise, which cannot happen).
