@@ -113,9 +113,9 @@ pub fn scope<F: Future>(progress: Arc<Progress>, f: F) -> impl Future<Output = F
     PROGRESS.scope(progress, f)
 }
 
-/// Mark the current request's header as complete: its header deadline no longer applies, its
-/// request deadline starts. Called by the service once the header has been parsed; a no-op
-/// outside sluice's connection loop.
+/// Mark the current request's header as complete at `at`: its header deadline no longer
+/// applies, its request deadline starts. Called by the service once the header has been parsed
+/// (the first mark counts); a no-op outside sluice's connection loop.
 pub fn header_read(at: Instant) {
     let _ = PROGRESS.try_with(|p| {
         let nanos = at.saturating_duration_since(p.epoch).as_nanos();
