@@ -342,6 +342,16 @@ def main():
              "file, from its own run: [`RESULTS-slowdown.md`](RESULTS-slowdown.md)."]
             + [f"![{f}]({f})" for f in plots])
 
+    # Cost per request is measured by throughput.py in its own runs; its latest summary (with
+    # where bare pingora's own time goes) is linked when it is there.
+    if os.path.exists(os.path.join(out_dir, "results", "cost-per-request.md")):
+        tables_md += "\n\n" + "\n\n".join(
+            ["## Results: cost per request",
+             "Throughput and CPU per request through sluice with its defaults, a bare pingora "
+             "proxy and HAProxy, side by side in the same runs (`throughput.py`), and what bare "
+             "pingora's own time is spent on: "
+             "[`results/cost-per-request.md`](results/cost-per-request.md)."])
+
     # ---- the document
     configs = []
     for name, lang in [("sluice.command.txt", "sh"), ("sluice-noramp.command.txt", "sh"),
