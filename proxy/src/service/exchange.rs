@@ -278,11 +278,6 @@ impl Exchange {
         self.queue_wait
     }
 
-    /// How long since the request was sent to the backend, if it was.
-    pub fn upstream_elapsed(&self) -> Option<Duration> {
-        self.upstream_elapsed_at(Instant::now())
-    }
-
     /// How long from the request's sending to `now`, if it was sent.
     pub fn upstream_elapsed_at(&self, now: Instant) -> Option<Duration> {
         self.sent.map(|t| now.saturating_duration_since(t))
@@ -379,7 +374,7 @@ impl Exchange {
         let last = if self.probe {
             None
         } else {
-            self.record(admission, outcome)
+            self.record(admission, outcome, now)
         };
         let record_alone = |x: &Self| {
             if let Some(sample) = last {
@@ -415,7 +410,7 @@ impl Exchange {
 
     /// The health and limit samples of a request that ended with `outcome`: all recorded but
     /// the last, which is returned (for the caller to record with the release).
-    fn record(&self, admission: &Admission, outcome: Outcome) -> Option<Sample> {
+    fn record(&self, admission: &Admission, outcome: Outcome, now: Instant) -> Option<Sample> {
         let backend = self.backend;
         let answered = self.answer.map(|answer| {
             admission.observe_passive(backend, None);
@@ -439,7 +434,9 @@ impl Exchange {
             // A fresh connection cut after the request was sent; on a pooled one it is most
             // likely the backend's idle close racing the reuse: no evidence.
             Outcome::Cut => (!self.reused()).then_some(Sample::Lost),
-            Outcome::BadAnswer => Some(Sample::Failed(self.upstream_elapsed().unwrap_or_default())),
+            Outcome::BadAnswer => Some(Sample::Failed(
+                self.upstream_elapsed_at(now).unwrap_or_default(),
+            )),
             // Connect failures were counted as they happened; the rest says nothing about the
             // backend.
             _ => None,

@@ -63,9 +63,7 @@ impl Progress {
     /// its LF) if it was read before pingora's parser.
     pub fn new(request_line: Option<&[u8]>) -> Self {
         let mut progress = Progress::default();
-        progress
-            .request_line
-            .extend_from_slice(request_line.unwrap_or_default());
+        progress.renew(request_line);
         progress
     }
 
@@ -118,11 +116,10 @@ pub fn scope<F: Future>(progress: Arc<Progress>, f: F) -> impl Future<Output = F
 /// (the first mark counts); a no-op outside sluice's connection loop.
 pub fn header_read(at: Instant) {
     let _ = PROGRESS.try_with(|p| {
-        let nanos = at.saturating_duration_since(p.epoch).as_nanos();
-        let nanos = u64::try_from(nanos).unwrap_or(UNSET - 1).min(UNSET - 1);
-        if p.header_read.load(Ordering::Relaxed) == UNSET {
-            p.header_read.store(nanos, Ordering::Relaxed);
-        }
+        record(
+            &p.header_read,
+            at.saturating_duration_since(p.epoch).as_nanos(),
+        )
     });
 }
 
@@ -148,10 +145,11 @@ pub fn body_bytes(n: usize) {
     let _ = PROGRESS.try_with(|p| record(&p.body_bytes, n));
 }
 
-/// Record a count the first time only.
-fn record(count: &AtomicU64, n: usize) {
-    let n = u64::try_from(n).unwrap_or(UNSET - 1).min(UNSET - 1);
-    if count.load(Ordering::Relaxed) == UNSET {
-        count.store(n, Ordering::Relaxed);
+/// Record a count (or an instant, in nanoseconds) the first time only; one too large to tell
+/// from [`UNSET`] is recorded as the largest that can be.
+fn record(slot: &AtomicU64, n: impl TryInto<u64>) {
+    let n = n.try_into().unwrap_or(UNSET - 1).min(UNSET - 1);
+    if slot.load(Ordering::Relaxed) == UNSET {
+        slot.store(n, Ordering::Relaxed);
     }
 }
